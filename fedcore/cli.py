@@ -1,0 +1,182 @@
+"""The ``fedcore`` command line.
+
+::
+
+    fedcore simulate [CONFIG] [--out DIR] [--rounds N] [--clients N] [--seed S] [--workers W]
+
+Exit codes: 0 success, 2 a configuration or data error (the message names the
+key, the value and what is allowed), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import Config, load_config, to_flat
+from .errors import ConfigError, DataError, FedcoreError
+
+__all__ = ["main"]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "simulations" / "default.toml"
+
+
+def _default_config_path() -> Path | None:
+    for candidate in (Path("simulations/default.toml"), DEFAULT_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
+    run: dict[str, int] = {}
+    if args.rounds is not None:
+        run["rounds"] = args.rounds
+    if args.clients is not None:
+        run["clients"] = args.clients
+    if args.seed is not None:
+        run["seed"] = args.seed
+    sections: dict[str, dict[str, int]] = {"run": run} if run else {}
+    if args.workers is not None:
+        sections["engine"] = {"workers": args.workers}
+    return cfg.replace(**sections) if sections else cfg
+
+
+def preflight(cfg: Config) -> None:
+    """Everything that can be checked before training: data, partitions, model, loops."""
+    from .data import simulation_split
+    from .models import build_model
+    from .training import resolve_loops
+
+    split = simulation_split(cfg.data, seed=cfg.run.seed, num_clients=cfg.run.clients)
+    build_model(cfg.model, input_shape=split.test.input_shape, num_classes=split.test.num_classes)
+    resolve_loops(cfg.model)
+
+
+def centralized_baseline(cfg: Config) -> dict[str, float]:
+    """The same model trained centrally on the union of the clients' training data.
+
+    Same optimizer settings and the same number of passes over each example
+    (``rounds * local-epochs`` epochs); evaluated on the same held-out test set.
+    """
+    import numpy as np
+    import torch
+
+    from .data import Dataset, client_data, holdout
+    from .seeds import derive_seed
+    from .server import initial_model
+    from .training import TrainSettings, evaluate, make_loader, train
+
+    _, test = holdout(cfg.data, seed=cfg.run.seed)
+    parts = [
+        client_data(cfg.data, seed=cfg.run.seed, partition_id=i, num_partitions=cfg.run.clients)
+        for i in range(cfg.run.clients)
+    ]
+    union = Dataset(
+        np.concatenate([p.train.x for p in parts]),
+        np.concatenate([p.train.y for p in parts]),
+        test.num_classes,
+    )
+    model = initial_model(cfg, test)
+    seed = derive_seed(cfg.run.seed, "baseline")
+    settings = TrainSettings.from_config(cfg.train, seed=seed)
+    settings = TrainSettings(**{**settings.__dict__, "epochs": cfg.run.rounds * cfg.train.local_epochs})
+    torch.manual_seed(seed)
+    train(model, make_loader(union, batch_size=settings.batch_size, shuffle=True, seed=seed), settings)
+    return evaluate(model, make_loader(test, batch_size=512, shuffle=False))
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """``fedcore simulate``."""
+    from .engine.embedded import run_embedded
+    from .report import write_json
+
+    t0 = time.perf_counter()
+    path = Path(args.config) if args.config else _default_config_path()
+    cfg = _apply_overrides(load_config(path), args)
+    preflight(cfg)
+    if args.out:
+        run_dir = Path(args.out)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError("--out", str(run_dir), "exists and is not empty; choose a new directory")
+    else:
+        from .server import default_run_dir
+
+        run_dir = default_run_dir(cfg)
+    print(
+        f"fedcore simulate: {path or 'built-in defaults'} | {cfg.run.clients} clients, "
+        f"{cfg.run.rounds} rounds, {cfg.data.source}/{cfg.data.partition}, model {cfg.model.factory}, "
+        f"seed {cfg.run.seed}",
+        flush=True,
+    )
+    from server.app import app as server_app
+
+    run_embedded(
+        server_app,
+        client_app="clients.app:app",
+        run_config=to_flat(cfg),
+        num_clients=cfg.run.clients,
+        workers=cfg.engine.workers,
+        server_node_config={"run-dir": str(run_dir), "progress": True},
+    )
+    import json
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    fed_acc = summary["final_test_accuracy"]
+    line = f"federated test accuracy {fed_acc:.4f}"
+    if cfg.run.centralized_baseline:
+        base = centralized_baseline(cfg)
+        summary["centralized_baseline"] = {
+            "test_accuracy": base["accuracy"],
+            "test_loss": base["loss"],
+            "epochs": cfg.run.rounds * cfg.train.local_epochs,
+        }
+        write_json(run_dir / "summary.json", summary)
+        line += f" | centralized baseline (same model, data, epochs) {base['accuracy']:.4f}"
+    print(line)
+    print(f"wall time {time.perf_counter() - t0:.1f} s")
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    parser = argparse.ArgumentParser(prog="fedcore", description="Federated learning on Flower.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run a simulation on the embedded engine")
+    sim.add_argument("config", nargs="?", help="TOML config (default: simulations/default.toml)")
+    sim.add_argument("--out", help="run directory to create (default: <run.out-dir>/<timestamp>)")
+    sim.add_argument("--rounds", type=int, help="override run.rounds")
+    sim.add_argument("--clients", type=int, help="override run.clients")
+    sim.add_argument("--seed", type=int, help="override run.seed")
+    sim.add_argument("--workers", type=int, help="override engine.workers (0 = one per core)")
+    sim.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedcore`` console script."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, DataError) as exc:
+        print(f"fedcore: error: {exc}", file=sys.stderr)
+        return 2
+    except FedcoreError as exc:
+        print(f"fedcore: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fedcore: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

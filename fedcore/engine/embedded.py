@@ -1,0 +1,346 @@
+"""The embedded simulation engine: an in-process ``flwr.serverapp.Grid``.
+
+The unchanged ServerApp runs in this process against :class:`EmbeddedGrid`; the
+unchanged ClientApp runs in a pool of worker processes (one per core by
+default). Virtual client ``i`` always lives on worker ``i % workers``, which
+keeps its own ``Context`` (node config ``partition-id``/``num-partitions``,
+persistent ``state``) and loads only its clients' partitions. No Ray, no
+SuperLink, no sockets.
+
+Messages cross the process boundary as Flower's own protobuf bytes
+(``message_to_proto``), never pickled. Replies come back to the ServerApp in
+the order the messages were pushed (streamed: each one is yielded as soon as
+every earlier one has arrived), which keeps aggregation order, and therefore
+the model, deterministic.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Iterator, Mapping
+from multiprocessing.connection import Connection, wait
+from typing import Any
+from uuid import uuid4
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+__all__ = ["EmbeddedGrid", "node_id_for", "run_embedded"]
+
+log = logging.getLogger("fedcore")
+
+_NODE_ID_BASE = 1_000
+
+
+def node_id_for(partition_id: int) -> int:
+    """Node id of virtual client ``partition_id`` (stable across runs)."""
+    return _NODE_ID_BASE + partition_id
+
+
+def _load_app(path: str) -> Any:
+    module_name, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _worker_main(
+    conn: Connection,
+    app_path: str,
+    run_config: dict[str, Any],
+    partitions: list[int],
+    num_partitions: int,
+    run_id: int,
+    torch_threads: int,
+) -> None:
+    """Worker loop: receive a message, run the ClientApp for its node, send the reply."""
+    try:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    TaskIdentity.run_id = run_id
+    TaskIdentity.task_id = 1
+    app = _load_app(app_path)
+    contexts = {
+        node_id_for(p): Context(
+            run_id=run_id,
+            node_id=node_id_for(p),
+            node_config={"partition-id": p, "num-partitions": num_partitions},
+            state=RecordDict(),
+            run_config=dict(run_config),
+        )
+        for p in partitions
+    }
+    conn.send_bytes(b"ready")
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except EOFError:
+            return
+        if not data:
+            return
+        proto = ProtoMessage()
+        proto.ParseFromString(data)
+        msg = message_from_proto(proto)
+        context = contexts[msg.metadata.dst_node_id]
+        TaskIdentity.node_id = context.node_id
+        try:
+            reply = app(msg, context)
+        except Exception as exc:  # noqa: BLE001 - a failing client is data, not a crash
+            reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+        conn.send_bytes(message_to_proto(reply).SerializeToString())
+
+
+class _Worker:
+    """One worker process, with a sender thread so pushes never block on a full pipe."""
+
+    def __init__(self, ctx: Any, index: int, args: tuple[Any, ...]) -> None:
+        self.index = index
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(
+            target=_worker_main, args=(child, *args), name=f"fedcore-worker-{index}", daemon=True
+        )
+        self.process.start()
+        child.close()
+        self.outbox: queue.Queue[bytes | None] = queue.Queue()
+        self.sender = threading.Thread(target=self._send_loop, daemon=True)
+        self.sender.start()
+        self.pending: list[str] = []  # message ids sent, in order, not yet answered
+        self.ready = False
+
+    def _send_loop(self) -> None:
+        while (item := self.outbox.get()) is not None:
+            try:
+                self.conn.send_bytes(item)
+            except (OSError, ValueError):
+                return
+
+    def stop(self) -> None:
+        self.outbox.put(b"")
+        self.outbox.put(None)
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=5)
+        self.conn.close()
+
+
+class EmbeddedGrid(Grid):
+    """A Grid whose nodes are virtual clients in local worker processes.
+
+    Parameters
+    ----------
+    client_app : str
+        Import path of the ClientApp, e.g. ``"clients.app:app"``.
+    run_config : Mapping[str, Any]
+        Flower run config (flat) every client's ``Context`` receives.
+    num_clients : int
+        Number of virtual clients (partitions).
+    workers : int (default: 0)
+        Worker processes; 0 means one per CPU core (at most ``num_clients``).
+    run_id : int (default: 1)
+        Run id written into messages and contexts.
+    """
+
+    def __init__(
+        self,
+        *,
+        client_app: str,
+        run_config: Mapping[str, Any],
+        num_clients: int,
+        workers: int = 0,
+        run_id: int = 1,
+    ) -> None:
+        self._run = Run.create_empty(run_id)
+        n_workers = workers or (os.cpu_count() or 1)
+        n_workers = max(1, min(n_workers, num_clients))
+        self._ctx = mp.get_context("spawn")
+        self._num_clients = num_clients
+        self._args_for = lambda i: (
+            client_app,
+            dict(run_config),
+            list(range(i, num_clients, n_workers)),
+            num_clients,
+            run_id,
+            1,
+        )
+        self._workers = [_Worker(self._ctx, i, self._args_for(i)) for i in range(n_workers)]
+        self._replies: dict[str, Message] = {}
+        self._owner: dict[str, _Worker] = {}
+        self._messages: dict[str, Message] = {}
+
+    # -- Grid API -------------------------------------------------------------
+    def set_run(self, run: Run) -> None:
+        """Set the run (the embedded engine has exactly one)."""
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        """Run information."""
+        return self._run
+
+    def create_message(  # noqa: D102 - deprecated in Flower; kept for the ABC
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        """Ids of all virtual clients."""
+        return [node_id_for(p) for p in range(self._num_clients)]
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Hand each message to the worker that owns its destination node."""
+        ids: list[str] = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            partition = node - _NODE_ID_BASE
+            if not 0 <= partition < self._num_clients:
+                raise ValueError(f"unknown node id {node}")
+            msg_id = uuid4().hex
+            msg.metadata.__dict__["_message_id"] = msg_id
+            worker = self._workers[partition % len(self._workers)]
+            worker.outbox.put(message_to_proto(msg).SerializeToString())
+            worker.pending.append(msg_id)
+            self._owner[msg_id] = worker
+            self._messages[msg_id] = msg
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """Replies that have arrived for ``message_ids`` (non-blocking)."""
+        self._drain(timeout=0.0)
+        out = []
+        for mid in message_ids:
+            if mid in self._replies:
+                out.append(self._take(mid))
+        return out
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterator[Message]:
+        """Push, then yield replies in push order as they arrive, until ``timeout``."""
+        ids = self.push_messages(messages)
+        return self._ordered(ids, timeout)
+
+    # -- internals ------------------------------------------------------------
+    def _take(self, mid: str) -> Message:
+        self._owner.pop(mid, None)
+        self._messages.pop(mid, None)
+        return self._replies.pop(mid)
+
+    def _ordered(self, ids: list[str], timeout: float | None) -> Iterator[Message]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for mid in ids:
+            while mid not in self._replies:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    self._abandon(ids)
+                    return
+                self._drain(timeout=left if left is not None else 1.0)
+            yield self._take(mid)
+
+    def _abandon(self, ids: list[str]) -> None:
+        """Forget messages whose replies missed the deadline (late replies are dropped)."""
+        for mid in ids:
+            self._replies.pop(mid, None)
+            self._owner.pop(mid, None)
+            self._messages.pop(mid, None)
+
+    def _drain(self, timeout: float | None) -> None:
+        """Read every reply available within ``timeout`` seconds."""
+        conns = {w.conn: w for w in self._workers}
+        for conn in wait(list(conns), timeout=timeout):
+            worker = conns[conn]  # type: ignore[index]
+            try:
+                data = conn.recv_bytes()  # type: ignore[union-attr]
+            except (EOFError, OSError):
+                self._worker_died(worker)
+                continue
+            if data == b"ready":
+                worker.ready = True
+                continue
+            proto = ProtoMessage()
+            proto.ParseFromString(data)
+            reply = message_from_proto(proto)
+            mid = reply.metadata.reply_to_message_id
+            if mid in worker.pending:
+                worker.pending.remove(mid)
+            if mid in self._messages:  # else: a late reply to an abandoned message
+                self._replies[mid] = reply
+
+    def _worker_died(self, worker: _Worker) -> None:
+        """Turn the dead worker's pending messages into error replies and restart it."""
+        code = worker.process.exitcode
+        log.warning("worker %d exited (code %s); restarting it", worker.index, code)
+        for mid in worker.pending:
+            msg = self._messages.get(mid)
+            if msg is not None:
+                self._replies[mid] = Message(
+                    Error(ErrorCode.CLIENT_APP_CRASHED, f"client process exited with code {code}"),
+                    reply_to=msg,
+                )
+        worker.pending.clear()
+        worker.stop()
+        replacement = _Worker(self._ctx, worker.index, self._args_for(worker.index))
+        self._workers[worker.index] = replacement
+
+    def close(self) -> None:
+        """Stop every worker process."""
+        for w in self._workers:
+            w.stop()
+        self._workers = []
+
+    def __enter__(self) -> EmbeddedGrid:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_embedded(
+    server_app: Any,
+    *,
+    client_app: str,
+    run_config: Mapping[str, Any],
+    num_clients: int,
+    workers: int = 0,
+    server_node_config: Mapping[str, Any] | None = None,
+    run_id: int = 1,
+) -> None:
+    """Run ``server_app`` (a ``ServerApp``) against ``num_clients`` virtual clients."""
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    TaskIdentity.task_id = 1
+    with EmbeddedGrid(
+        client_app=client_app,
+        run_config=run_config,
+        num_clients=num_clients,
+        workers=workers,
+        run_id=run_id,
+    ) as grid:
+        context = Context(
+            run_id=run_id,
+            node_id=SUPERLINK_NODE_ID,
+            node_config=dict(server_node_config or {}),
+            state=RecordDict(),
+            run_config=dict(run_config),
+        )
+        server_app(grid, context)

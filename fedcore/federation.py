@@ -1,0 +1,166 @@
+"""The round loop: sample, send, stream-aggregate, evaluate, report.
+
+It owns the grid and the clock; everything it decides with is a strategy hook.
+What happens each round is reported to an :class:`Observer` (progress bars, run
+directory, checkpoints), so the loop itself never prints or writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from .errors import RoundFailedError
+from .strategies.base import Rejection, Strategy
+
+__all__ = ["Observer", "RoundRecord", "run_federation", "wait_for_nodes"]
+
+log = logging.getLogger("fedcore")
+
+CentralEvaluate = Callable[[ArrayRecord], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One row of ``metrics.csv``: what a round produced.
+
+    ``eval_loss``/``accuracy`` are the server's centralized evaluation on the
+    held-out test set; ``fed_eval_loss``/``fed_accuracy`` the example-weighted
+    federated evaluation on the clients' validation data. ``nan`` where a stage
+    was skipped or got no valid reply.
+    """
+
+    round: int
+    train_loss: float
+    eval_loss: float
+    accuracy: float
+    fed_eval_loss: float
+    fed_accuracy: float
+    clients: int
+    failures: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        """Plain dict (for CSV/JSON)."""
+        return asdict(self)
+
+
+class Observer:
+    """Receives progress events; the default does nothing. Subclass what you need."""
+
+    def stage_started(self, server_round: int, stage: str, num_messages: int) -> None:
+        """Messages for ``stage`` ("train"/"evaluate") have been sent."""
+
+    def reply_received(self, server_round: int, stage: str) -> None:
+        """One reply (valid or not) has been read."""
+
+    def round_finished(
+        self, record: RoundRecord, arrays: ArrayRecord, rejected: Sequence[Rejection]
+    ) -> None:
+        """A round is complete; ``arrays`` is the global model after it."""
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 0.2) -> list[int]:
+    """Node ids once at least ``minimum`` are connected; ``RoundFailedError`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise RoundFailedError(
+                f"only {len(nodes)} client(s) connected after {timeout:.0f} s; "
+                f"strategy.min-available-clients = {minimum}"
+            )
+        time.sleep(poll)
+
+
+def _observed(
+    replies: Iterable[Message], observer: Observer, server_round: int, stage: str,
+    seen: set[int],
+) -> Iterator[Message]:
+    for msg in replies:
+        seen.add(msg.metadata.src_node_id)
+        observer.reply_received(server_round, stage)
+        yield msg
+
+
+def _timeouts(msgs: Sequence[Message], seen: set[int], stage: str, timeout: float) -> list[Rejection]:
+    return [
+        Rejection(m.metadata.dst_node_id, stage, f"no reply within {timeout:g} s")
+        for m in msgs
+        if m.metadata.dst_node_id not in seen
+    ]
+
+
+def run_federation(
+    grid: Grid,
+    strategy: Strategy,
+    *,
+    arrays: ArrayRecord,
+    rounds: int,
+    train_config: ConfigRecord,
+    evaluate_config: ConfigRecord,
+    round_timeout: float,
+    min_available: int,
+    central_evaluate: CentralEvaluate | None = None,
+    observer: Observer | None = None,
+    start_round: int = 1,
+) -> ArrayRecord:
+    """Run rounds ``start_round..rounds`` and return the final global arrays.
+
+    A round in which no training reply is valid keeps the previous model and is
+    reported with ``clients = 0``.
+    """
+    obs = observer or Observer()
+    nan = float("nan")
+    for rnd in range(start_round, rounds + 1):
+        t0 = time.perf_counter()
+        node_ids = wait_for_nodes(grid, min_available, round_timeout)
+        rejected: list[Rejection] = []
+
+        # -- train --
+        msgs = strategy.configure_train(rnd, arrays, train_config, node_ids)
+        obs.stage_started(rnd, "train", len(msgs))
+        seen: set[int] = set()
+        replies = grid.send_and_receive(msgs, timeout=round_timeout)
+        tr = strategy.aggregate_train(rnd, _observed(replies, obs, rnd, "train", seen))
+        rejected += list(tr.rejected) + _timeouts(msgs, seen, "train", round_timeout)
+        if tr.arrays is not None:
+            arrays = tr.arrays
+        elif msgs:
+            log.warning("round %d: no valid training reply; keeping the previous model", rnd)
+
+        # -- federated evaluation --
+        msgs = strategy.configure_evaluate(rnd, arrays, evaluate_config, node_ids)
+        fed: dict[str, float] = {}
+        if msgs:
+            obs.stage_started(rnd, "evaluate", len(msgs))
+            seen = set()
+            replies = grid.send_and_receive(msgs, timeout=round_timeout)
+            ev = strategy.aggregate_evaluate(rnd, _observed(replies, obs, rnd, "evaluate", seen))
+            rejected += list(ev.rejected) + _timeouts(msgs, seen, "evaluate", round_timeout)
+            fed = ev.metrics
+
+        # -- centralized evaluation --
+        central = central_evaluate(arrays) if central_evaluate else {}
+        for r in rejected:
+            log.warning("round %d: rejected %s", rnd, r)
+        record = RoundRecord(
+            round=rnd,
+            train_loss=tr.metrics.get("train_loss", nan),
+            eval_loss=central.get("loss", nan),
+            accuracy=central.get("accuracy", nan),
+            fed_eval_loss=fed.get("eval_loss", nan),
+            fed_accuracy=fed.get("eval_acc", nan),
+            clients=tr.num_clients,
+            failures=len(rejected),
+            seconds=time.perf_counter() - t0,
+        )
+        obs.round_finished(record, arrays, rejected)
+    return arrays

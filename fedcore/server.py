@@ -1,0 +1,202 @@
+"""Server-side logic behind ``server/app.py``: config -> strategy -> rounds -> report.
+
+:func:`serve` is what the ServerApp's ``main`` calls on every engine. The
+server's ``node_config`` may carry ``run-dir`` (where to write) and
+``progress`` (draw progress bars); under ``flwr run`` neither is set and the run
+goes to ``<run.out-dir>/<timestamp>``, reported through logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid
+
+from .config import Config, config_from_flat, to_toml
+from .data import Dataset, holdout
+from .federation import Observer, RoundRecord, run_federation
+from .models import build_model
+from .records import load_arrays, model_to_arrays
+from .report import arrays_to_safetensors, atomic_write, write_json, write_metrics, write_plot
+from .seeds import derive_seed
+from .strategies import FedAvg, Rejection, Strategy
+from .training import evaluate, make_loader
+
+__all__ = ["RunObserver", "RunSummary", "build_strategy", "serve"]
+
+log = logging.getLogger("fedcore")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a finished run reports."""
+
+    run_dir: Path
+    rounds: int
+    final_accuracy: float
+    final_loss: float
+    seconds: float
+
+
+def build_strategy(cfg: Config) -> Strategy:
+    """The strategy named by ``strategy.name``."""
+    s = cfg.strategy
+    return FedAvg(
+        seed=cfg.run.seed,
+        fraction_train=s.fraction_train,
+        fraction_evaluate=s.fraction_evaluate,
+        min_train_clients=s.min_train_clients,
+        min_evaluate_clients=s.min_evaluate_clients,
+        accumulation_block=s.accumulation_block,
+    )
+
+
+def initial_model(cfg: Config, test: Dataset) -> torch.nn.Module:
+    """The model with its seeded initial weights (checked against the data's classes)."""
+    torch.manual_seed(derive_seed(cfg.run.seed, "init"))
+    return build_model(cfg.model, input_shape=test.input_shape, num_classes=test.num_classes)
+
+
+class RunObserver(Observer):
+    """Writes metrics after every round; prints progress bars and one line per round."""
+
+    def __init__(self, run_dir: Path, rounds: int, *, progress: bool) -> None:
+        self.run_dir = run_dir
+        self.rounds = rounds
+        self.progress = progress
+        self.rows: list[dict[str, Any]] = []
+        self._bar: Any = None
+
+    def stage_started(self, server_round: int, stage: str, num_messages: int) -> None:
+        """Open a progress bar for the stage."""
+        self._close_bar()
+        if self.progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=num_messages,
+                desc=f"round {server_round}/{self.rounds} {stage}",
+                unit="client",
+                leave=False,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+
+    def reply_received(self, server_round: int, stage: str) -> None:
+        """Advance the bar."""
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def round_finished(
+        self, record: RoundRecord, arrays: ArrayRecord, rejected: Sequence[Rejection]
+    ) -> None:
+        """Record the row, rewrite metrics files, print the summary line."""
+        self._close_bar()
+        self.rows.append(record.as_dict())
+        write_metrics(self.run_dir, self.rows)
+        line = format_round(record, self.rounds)
+        if self.progress:
+            print(line, flush=True)
+            for r in rejected:
+                print(f"    dropped {r}", flush=True)
+        else:
+            log.info(line)
+
+
+def _f(value: float, spec: str = ".4f") -> str:
+    return "-" if math.isnan(value) else format(value, spec)
+
+
+def format_round(r: RoundRecord, rounds: int) -> str:
+    """The one-line summary of a round."""
+    width = len(str(rounds))
+    return (
+        f"round {r.round:>{width}}/{rounds}  train_loss {_f(r.train_loss)}  "
+        f"test_loss {_f(r.eval_loss)}  test_acc {_f(r.accuracy)}  "
+        f"fed_acc {_f(r.fed_accuracy)}  clients {r.clients}  dropped {r.failures}  "
+        f"{r.seconds:.2f} s"
+    )
+
+
+def default_run_dir(cfg: Config) -> Path:
+    """``<run.out-dir>/<UTC timestamp>-seed<seed>`` (unique per start)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    base = Path(cfg.run.out_dir) / f"{stamp}-seed{cfg.run.seed}"
+    path, i = base, 1
+    while path.exists():
+        i += 1
+        path = base.with_name(f"{base.name}-{i}")
+    return path
+
+
+def serve(grid: Grid, context: Context) -> RunSummary:
+    """Run the whole federated training described by ``context.run_config``."""
+    t0 = time.perf_counter()
+    cfg = config_from_flat(context.run_config)
+    node_config = context.node_config
+    run_dir = Path(str(node_config["run-dir"])) if "run-dir" in node_config else default_run_dir(cfg)
+    progress = bool(node_config.get("progress", False))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "config.toml", to_toml(cfg).encode())
+
+    _, test = holdout(cfg.data, seed=cfg.run.seed)
+    model = initial_model(cfg, test)
+    test_loader = make_loader(test, batch_size=512, shuffle=False)
+
+    def central_evaluate(arrays: ArrayRecord) -> dict[str, float]:
+        load_arrays(model, arrays)
+        return evaluate(model, test_loader)
+
+    observer = RunObserver(run_dir, cfg.run.rounds, progress=progress)
+    train_config = ConfigRecord(
+        {"lr": cfg.train.lr, "local-epochs": cfg.train.local_epochs,
+         "batch-size": cfg.train.batch_size}
+    )
+    final = run_federation(
+        grid,
+        build_strategy(cfg),
+        arrays=model_to_arrays(model),
+        rounds=cfg.run.rounds,
+        train_config=train_config,
+        evaluate_config=ConfigRecord(),
+        round_timeout=cfg.strategy.round_timeout,
+        min_available=cfg.strategy.min_available_clients,
+        central_evaluate=central_evaluate,
+        observer=observer,
+    )
+    atomic_write(
+        run_dir / "model.safetensors",
+        arrays_to_safetensors(final, {"format": "fedcore", "rounds": str(cfg.run.rounds)}),
+    )
+    write_plot(run_dir, observer.rows)
+    last = observer.rows[-1]
+    summary = RunSummary(
+        run_dir=run_dir,
+        rounds=cfg.run.rounds,
+        final_accuracy=float(last["accuracy"]),
+        final_loss=float(last["eval_loss"]),
+        seconds=time.perf_counter() - t0,
+    )
+    write_json(
+        run_dir / "summary.json",
+        {
+            "rounds": summary.rounds,
+            "final_test_accuracy": summary.final_accuracy,
+            "final_test_loss": summary.final_loss,
+        },
+    )
+    return summary

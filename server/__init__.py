@@ -1,0 +1,1 @@
+"""fedcore's Flower ServerApp."""
