@@ -11,6 +11,7 @@ key, the value and what is allowed), 1 anything else.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -144,6 +145,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Modules that add sub-commands: each has ``register(subparsers)`` which adds its
+#: parsers and sets ``func`` (a callable taking the parsed args, returning the exit code).
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
     parser = argparse.ArgumentParser(prog="fedcore", description="Federated learning on Flower.")
@@ -156,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, help="override run.seed")
     sim.add_argument("--workers", type=int, help="override engine.workers (0 = one per core)")
     sim.set_defaults(func=cmd_simulate)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 

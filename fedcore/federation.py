@@ -10,15 +10,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from .errors import RoundFailedError
-from .strategies.base import Rejection, Strategy
+from .strategies.base import Rejection, Strategy, TrainResult
 
-__all__ = ["Observer", "RoundRecord", "run_federation", "wait_for_nodes"]
+__all__ = [
+    "Observer",
+    "RoundRecord",
+    "TrainStage",
+    "plain_train_stage",
+    "run_federation",
+    "wait_for_nodes",
+]
 
 log = logging.getLogger("fedcore")
 
@@ -98,6 +106,48 @@ def _timeouts(msgs: Sequence[Message], seen: set[int], stage: str, timeout: floa
     ]
 
 
+class TrainStage(Protocol):
+    """One round's training exchange over the grid (plain, or secure aggregation)."""
+
+    def __call__(
+        self,
+        grid: Grid,
+        strategy: Strategy,
+        *,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        node_ids: Sequence[int],
+        timeout: float,
+        observer: Observer,
+    ) -> TrainResult:
+        """Send, collect and aggregate; return the round's training result."""
+        ...
+
+
+def plain_train_stage(
+    grid: Grid,
+    strategy: Strategy,
+    *,
+    server_round: int,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    node_ids: Sequence[int],
+    timeout: float,
+    observer: Observer,
+) -> TrainResult:
+    """One message per sampled client, replies streamed into ``aggregate_train``."""
+    msgs = strategy.configure_train(server_round, arrays, config, node_ids)
+    observer.stage_started(server_round, "train", len(msgs))
+    seen: set[int] = set()
+    replies = grid.send_and_receive(msgs, timeout=timeout)
+    tr = strategy.aggregate_train(
+        server_round, _observed(replies, observer, server_round, "train", seen)
+    )
+    late = _timeouts(msgs, seen, "train", timeout)
+    return replace(tr, rejected=tr.rejected + tuple(late)) if late else tr
+
+
 def run_federation(
     grid: Grid,
     strategy: Strategy,
@@ -111,6 +161,7 @@ def run_federation(
     central_evaluate: CentralEvaluate | None = None,
     observer: Observer | None = None,
     start_round: int = 1,
+    train_stage: TrainStage = plain_train_stage,
 ) -> ArrayRecord:
     """Run rounds ``start_round..rounds`` and return the final global arrays.
 
@@ -125,15 +176,20 @@ def run_federation(
         rejected: list[Rejection] = []
 
         # -- train --
-        msgs = strategy.configure_train(rnd, arrays, train_config, node_ids)
-        obs.stage_started(rnd, "train", len(msgs))
-        seen: set[int] = set()
-        replies = grid.send_and_receive(msgs, timeout=round_timeout)
-        tr = strategy.aggregate_train(rnd, _observed(replies, obs, rnd, "train", seen))
-        rejected += list(tr.rejected) + _timeouts(msgs, seen, "train", round_timeout)
+        tr = train_stage(
+            grid,
+            strategy,
+            server_round=rnd,
+            arrays=arrays,
+            config=train_config,
+            node_ids=node_ids,
+            timeout=round_timeout,
+            observer=obs,
+        )
+        rejected += list(tr.rejected)
         if tr.arrays is not None:
             arrays = tr.arrays
-        elif msgs:
+        else:
             log.warning("round %d: no valid training reply; keeping the previous model", rnd)
 
         # -- federated evaluation --
@@ -141,7 +197,7 @@ def run_federation(
         fed: dict[str, float] = {}
         if msgs:
             obs.stage_started(rnd, "evaluate", len(msgs))
-            seen = set()
+            seen: set[int] = set()
             replies = grid.send_and_receive(msgs, timeout=round_timeout)
             ev = strategy.aggregate_evaluate(rnd, _observed(replies, obs, rnd, "evaluate", seen))
             rejected += list(ev.rejected) + _timeouts(msgs, seen, "evaluate", round_timeout)

@@ -288,6 +288,7 @@ class EmbeddedGrid(Grid):
 
     def _worker_died(self, worker: _Worker) -> None:
         """Turn the dead worker's pending messages into error replies and restart it."""
+        worker.process.join(timeout=5)
         code = worker.process.exitcode
         log.warning("worker %d exited (code %s); restarting it", worker.index, code)
         for mid in worker.pending:

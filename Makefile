@@ -1,0 +1,39 @@
+# fedcore: two commands do everything on a fresh machine with Python 3.11.
+#   make simulate   set up .venv, run the default simulation
+#   make test       set up .venv, run the whole test suite (what CI runs)
+#   make test-quick the fast subset (no slow end-to-end tests)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedcore-installed
+# The CPU build of torch goes in first, so the project's torch range is already met and
+# pip never pulls a multi-GB CUDA build. Elsewhere: TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+
+.PHONY: setup simulate test test-quick lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+simulate: setup
+	$(BIN)/fedcore simulate
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-quick: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check fedcore server clients tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
