@@ -2,7 +2,9 @@
 
 Each client reads only its own data: its partition in simulation
 (``partition-id`` in the node config), or its own file in deployment
-(``data-path`` in the node config).
+(``data-path`` in the node config). With secure aggregation (the default) the
+server sends ``train.secagg`` messages instead of ``train``: the same training
+runs inside the SecAgg+ exchange and only a masked vector leaves the client.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedcore.client import handle_evaluate, handle_train
+from fedcore.secagg.client import handle_secagg
 
 app = ClientApp()
 
@@ -19,6 +22,12 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on local data."""
     return handle_train(msg, context)
+
+
+@app.train("secagg")
+def train_secagg(msg: Message, context: Context) -> Message:
+    """One stage of a secure-aggregation round (the training happens in its masked stage)."""
+    return handle_secagg(msg, context, train=handle_train)
 
 
 @app.evaluate()

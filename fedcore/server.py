@@ -12,7 +12,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 
 from .config import Config, config_from_flat, to_toml
 from .data import Dataset, holdout
-from .federation import Observer, RoundRecord, run_federation
+from .federation import Observer, RoundRecord, TrainStage, plain_train_stage, run_federation
 from .models import build_model
 from .records import load_arrays, model_to_arrays
 from .report import arrays_to_safetensors, atomic_write, write_json, write_metrics, write_plot
@@ -31,7 +31,7 @@ from .seeds import derive_seed
 from .strategies import FedAvg, Rejection, Strategy
 from .training import evaluate, make_loader
 
-__all__ = ["RunObserver", "RunSummary", "build_strategy", "serve"]
+__all__ = ["RunObserver", "RunSummary", "build_strategy", "build_train_stage", "serve"]
 
 log = logging.getLogger("fedcore")
 
@@ -58,6 +58,41 @@ def build_strategy(cfg: Config) -> Strategy:
         min_evaluate_clients=s.min_evaluate_clients,
         accumulation_block=s.accumulation_block,
     )
+
+
+def build_train_stage(
+    cfg: Config, strategy: Strategy, node_config: Mapping[str, Any] | None = None
+) -> TrainStage:
+    """The round's training exchange: SecAgg+ when ``secagg.enabled``, else plain.
+
+    With secure aggregation on, a strategy that needs individual updates is
+    refused (``ConfigError``). Advert signatures are checked against the CA in
+    ``node_config["ca-cert"]`` when the server has one (provisioned deployment),
+    else each client's first key is pinned (trust on first use).
+    """
+    if not cfg.secagg.enabled:
+        return plain_train_stage
+    from .secagg.client import CA_CERT
+    from .secagg.identity import CaRoster
+    from .secagg.server import SecAggSettings, SecureTrainStage, check_strategy
+
+    check_strategy(strategy)
+    a = cfg.secagg
+    settings = SecAggSettings(
+        neighbours=a.neighbours,
+        threshold=a.threshold,
+        clip=a.clip,
+        bits=a.bits,
+        ring_bits=a.ring_bits,
+        stage_timeout=a.stage_timeout,
+    )
+    nc = node_config or {}
+    roster = None
+    if CA_CERT in nc:
+        import datetime as dt
+
+        roster = CaRoster.from_file(str(nc[CA_CERT]), now=dt.datetime.now(dt.UTC))
+    return SecureTrainStage(settings, seed=cfg.run.seed, roster=roster)
 
 
 def initial_model(cfg: Config, test: Dataset) -> torch.nn.Module:
@@ -166,9 +201,15 @@ def serve(grid: Grid, context: Context) -> RunSummary:
         {"lr": cfg.train.lr, "local-epochs": cfg.train.local_epochs,
          "batch-size": cfg.train.batch_size}
     )
+    strategy = build_strategy(cfg)
+    train_stage = build_train_stage(cfg, strategy, node_config)
+    log.info(
+        "training exchange: %s",
+        "secure aggregation (SecAgg+)" if cfg.secagg.enabled else "plain (secagg.enabled = false)",
+    )
     final = run_federation(
         grid,
-        build_strategy(cfg),
+        strategy,
         arrays=model_to_arrays(model),
         rounds=cfg.run.rounds,
         train_config=train_config,
@@ -177,6 +218,7 @@ def serve(grid: Grid, context: Context) -> RunSummary:
         min_available=cfg.strategy.min_available_clients,
         central_evaluate=central_evaluate,
         observer=observer,
+        train_stage=train_stage,
     )
     atomic_write(
         run_dir / "model.safetensors",

@@ -42,6 +42,7 @@ callable (``os.urandom`` by default).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -70,7 +71,7 @@ from .graph import is_connected
 from .identity import Identity, Roster
 from .quantize import Quantizer
 
-__all__ = ["Advert", "ClientRound", "RoundParams", "ServerRound", "UnmaskReply"]
+__all__ = ["Advert", "ClientRound", "RoundParams", "ServerRound", "UnmaskReply", "rounding_key"]
 
 _SHARE_LABEL = b"share-channel"
 _MASK_LABEL = b"pairwise-mask"
@@ -90,6 +91,11 @@ class RoundParams:
     threshold: int
     quantizer: Quantizer
     metric_keys: tuple[str, ...] = ()
+    rounding_seed: int = 0
+
+    def rounding_key(self, node_id: int) -> bytes:
+        """Key of ``node_id``'s stochastic-rounding stream this round (public, reproducible)."""
+        return rounding_key(self.rounding_seed, self.binding.server_round, node_id)
 
     def to_dict(self) -> dict[str, int | float | str | bytes]:
         """Flat scalar form (a Flower ``ConfigRecord`` holds it)."""
@@ -104,6 +110,7 @@ class RoundParams:
             "ring-bits": q.ring_bits,
             "metric-clip": q.metric_clip,
             "metric-keys": ",".join(self.metric_keys),
+            "rounding-seed": self.rounding_seed,
         }
 
     @classmethod
@@ -125,11 +132,23 @@ class RoundParams:
                     metric_clip=float(d["metric-clip"]),  # type: ignore[arg-type]
                 ),
                 metric_keys=tuple(keys.split(",")) if keys else (),
+                rounding_seed=int(d.get("rounding-seed", 0)),  # type: ignore[call-overload]
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SecureAggregationError(
                 f"malformed secure-aggregation parameters: {exc!r}"
             ) from None
+
+
+def rounding_key(seed: int, server_round: int, node_id: int) -> bytes:
+    """Return the 256-bit stochastic-rounding key of a node in a round.
+
+    Not a secret: rounding only needs to be unbiased, and seeding it from the
+    run seed keeps a secure run reproducible (same seed, same model).
+    """
+    h = hashlib.sha256(b"fedcore/secagg/rounding\x00")
+    h.update(struct.pack(">QQQ", seed & (2**64 - 1), server_round, node_id & (2**64 - 1)))
+    return h.digest()
 
 
 def _pack(*parts: bytes) -> bytes:

@@ -34,6 +34,7 @@ from .protocol import (
     RoundParams,
     ServerRound,
     UnmaskReply,
+    rounding_key,
 )
 from .quantize import Decoded, Quantizer, decode, encode, extra_coordinates
 
@@ -60,13 +61,6 @@ class SimulatedRound:
     rejected: list[Rejection] = field(default_factory=list)
     server_received: dict[int, np.ndarray] = field(default_factory=dict)
     rejected_shares: list[tuple[int, int]] = field(default_factory=list)
-
-
-def rounding_key(seed: int, server_round: int, client: int | str) -> bytes:
-    """Return the 256-bit stochastic-rounding key of a client in a round (public, reproducible)."""
-    h = hashlib.sha256(b"fedcore/secagg/rounding\x00")
-    h.update(f"{seed}/{server_round}/{type(client).__name__}:{client}".encode())
-    return h.digest()
 
 
 def reference_mean(
@@ -141,6 +135,7 @@ def simulate_round(
         threshold=t,
         quantizer=quantizer,
         metric_keys=tuple(f"m{i}" for i in range(num_metrics)),
+        rounding_seed=seed,
     )
     identities = {u: EphemeralIdentity.generate() for u in nodes}
     server = ServerRound(params, graph, dim, roster=PinnedRoster({}))
@@ -185,7 +180,7 @@ def simulate_round(
             sealed = {v: tamper(v, u, box) for v, box in sealed.items()}
         rejected_shares += [(v, u) for v in clients[u].receive_shares(sealed)]
         x = inputs[u]
-        enc = encode(x.delta, x.weight, x.metrics, quantizer, rounding_key(seed, server_round, u))
+        enc = encode(x.delta, x.weight, x.metrics, quantizer, params.rounding_key(u))
         y = clients[u].mask(enc)
         server.add_masked(u, y)
         if keep_received:

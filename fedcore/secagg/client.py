@@ -1,0 +1,271 @@
+"""ClientApp side of secure aggregation: the ``train.secagg`` handler.
+
+Bell et al., CCS 2020 (SecAgg+); Bonawitz et al., CCS 2017.
+
+The server drives four exchanges, all ``message_type = "train.secagg"``, the
+stage named in the ``"secagg"`` ConfigRecord (see
+:mod:`fedcore.secagg.protocol`). Between exchanges the client keeps its round
+secrets in its own ``Context.state`` (record ``"fedcore.secagg"``), which
+Flower keeps on the node on every engine; nothing secret is ever put in a
+reply. In the masked-input exchange the handler runs the ordinary training
+handler, turns ``trained - global`` and ``num-examples`` into the ring vector
+of :mod:`fedcore.secagg.quantize` and masks it; the reply carries no plaintext
+weight, update or per-client metric.
+
+Identity: a provisioned node (node config ``identity-key`` + ``identity-cert``,
+and ``ca-cert`` to verify peers) signs with its provisioned key; otherwise
+(simulation) the client makes an Ed25519 key from the CSPRNG the first time,
+keeps it in its ``Context.state`` and pins its peers' keys on first use.
+
+Register it on any ClientApp::
+
+    app = ClientApp()
+    app.train("secagg")(secagg_handler(my_train_handler))
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import struct
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from ..aggregation import array_view, numpy_to_array
+from ..errors import SecureAggregationError
+from ..records import ARRAYS, METRICS, NUM_EXAMPLES
+from .identity import (
+    CaRoster,
+    CertificateIdentity,
+    EphemeralIdentity,
+    Identity,
+    PinnedRoster,
+    Roster,
+)
+from .protocol import (
+    STAGE_KEYS,
+    STAGE_MASKED,
+    STAGE_SHARES,
+    STAGE_UNMASK,
+    Advert,
+    ClientRound,
+    RoundParams,
+)
+from .quantize import encode
+
+__all__ = [
+    "CA_CERT",
+    "IDENTITY_CERT",
+    "IDENTITY_KEY",
+    "MASKED",
+    "SECAGG",
+    "STATE",
+    "handle_secagg",
+    "pack_ids",
+    "secagg_handler",
+    "unpack_ids",
+]
+
+#: ConfigRecord carrying the protocol fields (both directions).
+SECAGG = "secagg"
+#: ArrayRecord of the masked vector (client -> server, stage 3).
+MASKED = "masked"
+#: Record in ``Context.state`` holding this client's secrets between stages.
+STATE = "fedcore.secagg"
+#: Node-config keys of a provisioned kit (deployment).
+IDENTITY_KEY = "identity-key"
+IDENTITY_CERT = "identity-cert"
+CA_CERT = "ca-cert"
+
+TrainHandler = Callable[[Message, Context], Message]
+
+
+def pack_ids(ids: Any) -> bytes:
+    """Node ids (unsigned 64-bit) as packed big-endian bytes."""
+    ids = list(ids)
+    return struct.pack(f">{len(ids)}Q", *ids)
+
+
+def unpack_ids(data: bytes) -> list[int]:
+    """Inverse of :func:`pack_ids`."""
+    data = bytes(data)
+    if len(data) % 8:
+        raise SecureAggregationError(f"a node-id list of {len(data)} bytes is not a multiple of 8")
+    return list(struct.unpack(f">{len(data) // 8}Q", data))
+
+
+def _record(context: Context) -> ConfigRecord:
+    rec = context.state.config_records.get(STATE)
+    if rec is None:
+        rec = ConfigRecord()
+        context.state[STATE] = rec
+    return rec
+
+
+@functools.lru_cache(maxsize=4)
+def _provisioned_identity(key_path: str, cert_path: str) -> CertificateIdentity:
+    return CertificateIdentity.from_files(key_path, cert_path)
+
+
+def identity_for(context: Context) -> Identity:
+    """Return this node's identity: its provisioned key, or a CSPRNG key kept in its state."""
+    nc = context.node_config
+    if IDENTITY_KEY in nc and IDENTITY_CERT in nc:
+        return _provisioned_identity(str(nc[IDENTITY_KEY]), str(nc[IDENTITY_CERT]))
+    rec = _record(context)
+    raw = rec.get("identity")
+    if isinstance(raw, bytes):
+        return EphemeralIdentity.from_private_bytes(raw)
+    ident = EphemeralIdentity.generate()
+    rec["identity"] = ident.private_bytes()
+    return ident
+
+
+def roster_for(context: Context) -> tuple[Roster, dict[int, bytes] | None]:
+    """Return the roster this node verifies peers with (and the pins to save, if TOFU)."""
+    nc = context.node_config
+    if CA_CERT in nc:
+        return CaRoster.from_file(str(nc[CA_CERT]), now=dt.datetime.now(dt.UTC)), None
+    raw = _record(context).get("pins")
+    pins = {int(k): bytes.fromhex(v) for k, v in json.loads(str(raw)).items()} if raw else {}
+    return PinnedRoster(pins), pins
+
+
+def _load_round(context: Context, fields: Mapping[str, Any]) -> ClientRound:
+    raw = _record(context).get("round")
+    if not isinstance(raw, str):
+        raise SecureAggregationError(
+            "no secure-aggregation round in progress on this node (it restarted, or the "
+            "keys stage never reached it)"
+        )
+    cr = ClientRound.from_json(raw)
+    b = cr.params.binding
+    if (
+        int(fields.get("server-round", -1)) != b.server_round
+        or bytes(fields.get("session", b"")) != b.session
+    ):
+        raise SecureAggregationError(
+            f"message for round {fields.get('server-round')} does not match this node's "
+            f"round in progress ({b.server_round}, another session)"
+        )
+    return cr
+
+
+def _save_round(context: Context, cr: ClientRound) -> None:
+    _record(context)["round"] = cr.to_json()
+
+
+def _reply(msg: Message, fields: dict[str, Any], **records: Any) -> Message:
+    content = RecordDict({SECAGG: ConfigRecord(fields), **records})
+    return Message(content, reply_to=msg)
+
+
+def _flat_update(global_arrays: ArrayRecord, trained: ArrayRecord) -> np.ndarray:
+    if list(trained.keys()) != list(global_arrays.keys()):
+        raise SecureAggregationError(
+            f"trained arrays {list(trained.keys())} differ from the model's "
+            f"{list(global_arrays.keys())}"
+        )
+    parts = []
+    for name, arr in global_arrays.items():
+        g, t = array_view(arr), array_view(trained[name])
+        if g.shape != t.shape:
+            raise SecureAggregationError(
+                f"array '{name}' is {t.shape} after training, {g.shape} before"
+            )
+        parts.append((t.astype(np.float64) - g).ravel())
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def handle_secagg(msg: Message, context: Context, *, train: TrainHandler) -> Message:
+    """One stage of the secure round for this node; ``train`` is the plain training handler."""
+    fields = msg.content.config_records.get(SECAGG)
+    if fields is None:
+        raise SecureAggregationError(f"a train.secagg message needs a '{SECAGG}' ConfigRecord")
+    stage = str(fields.get("stage", ""))
+    node = int(context.node_id)
+
+    if stage == STAGE_KEYS:
+        params = RoundParams.from_dict(fields)
+        if params.binding.run_id != int(context.run_id):
+            raise SecureAggregationError(
+                f"keys stage for run {params.binding.run_id}, but this node is in run "
+                f"{context.run_id}"
+            )
+        cr, advert = ClientRound.start(
+            node, params, unpack_ids(fields["neighbours"]), identity_for(context)
+        )
+        _save_round(context, cr)
+        return _reply(msg, {"advert": advert.to_bytes()})
+
+    cr = _load_round(context, fields)
+    if stage == STAGE_SHARES:
+        roster, pins = roster_for(context)
+        adverts = [Advert.from_bytes(b) for b in fields.get("adverts", [])]
+        boxes = cr.share(adverts, roster)
+        if pins is not None:
+            _record(context)["pins"] = json.dumps({str(k): v.hex() for k, v in pins.items()})
+        _save_round(context, cr)
+        return _reply(msg, {"dst": pack_ids(boxes), "boxes": list(boxes.values())})
+
+    if stage == STAGE_MASKED:
+        sources = unpack_ids(fields.get("src", b""))
+        boxes = list(fields.get("boxes", []))
+        if len(sources) != len(boxes):
+            raise SecureAggregationError("relayed share boxes and their senders do not line up")
+        rejected = cr.receive_shares(dict(zip(sources, boxes, strict=True)))
+        trained = train(msg, context)
+        if trained.has_error():
+            raise SecureAggregationError(f"local training failed: {trained.error.reason}")
+        metrics = trained.content.metric_records.get(METRICS)
+        n = metrics.get(NUM_EXAMPLES) if metrics is not None else None
+        if isinstance(n, float) and n.is_integer():
+            n = int(n)
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise SecureAggregationError(f"training reply has no positive integer '{NUM_EXAMPLES}'")
+        values = []
+        for key in cr.params.metric_keys:
+            if key not in metrics:  # type: ignore[operator]
+                raise SecureAggregationError(f"training reply lacks metric '{key}'")
+            values.append(float(metrics[key]))  # type: ignore[index, arg-type]
+        delta = _flat_update(
+            msg.content.array_records[ARRAYS], trained.content.array_records[ARRAYS]
+        )
+        encoded = encode(delta, n, values, cr.params.quantizer, cr.params.rounding_key(node))
+        masked = cr.mask(encoded)
+        _save_round(context, cr)
+        return _reply(
+            msg,
+            {"rejected-shares": pack_ids(rejected)},
+            **{MASKED: ArrayRecord({"y": numpy_to_array(masked)})},
+        )
+
+    if stage == STAGE_UNMASK:
+        reply = cr.unmask(
+            unpack_ids(fields.get("counted", b"")), unpack_ids(fields.get("dropped", b""))
+        )
+        _save_round(context, cr)
+        return _reply(
+            msg,
+            {
+                "b-ids": pack_ids(reply.b_shares),
+                "b": [v.to_bytes(32, "little") for v in reply.b_shares.values()],
+                "sk-ids": pack_ids(reply.sk_shares),
+                "sk": [v.to_bytes(32, "little") for v in reply.sk_shares.values()],
+            },
+        )
+    raise SecureAggregationError(f"unknown secure-aggregation stage {stage!r}")
+
+
+def secagg_handler(train: TrainHandler) -> TrainHandler:
+    """Wrap a plain training handler into the ``train.secagg`` handler."""
+
+    @functools.wraps(train)
+    def handler(msg: Message, context: Context) -> Message:
+        return handle_secagg(msg, context, train=train)
+
+    return handler

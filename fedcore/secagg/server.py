@@ -1,0 +1,450 @@
+"""ServerApp side of secure aggregation: a ``TrainStage`` driving SecAgg+ over the Grid.
+
+Bell et al., CCS 2020 (SecAgg+); Bonawitz et al., CCS 2017.
+
+:class:`SecureTrainStage` replaces :func:`fedcore.federation.plain_train_stage`
+in the round loop. The strategy still decides who trains and with which
+config (``configure_train``); the stage then runs the four exchanges of
+:mod:`fedcore.secagg.protocol` with ``train.secagg`` messages through
+``grid.send_and_receive`` only (the Message API), so it runs unchanged on the
+embedded engine, Flower's simulation engine and Flower's deployment engine.
+Every exchange has a deadline: ``stage_timeout`` for the three key exchanges,
+the round timeout for the one that trains.
+
+It returns a :class:`~fedcore.strategies.TrainResult` whose arrays are the
+global model plus the securely averaged update; on any protocol failure the
+arrays are ``None`` (the round loop keeps the previous model) and the reason is
+logged. The strategy never sees an individual update, so strategies with
+``needs_individual_updates = True`` are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from ..aggregation import array_view, numpy_to_array, spec_of
+from ..errors import AggregationError, ConfigError, SecureAggregationError
+from ..federation import Observer
+from ..records import ARRAYS, CONFIG
+from ..seeds import derive_seed
+from ..strategies.base import Rejection, Strategy, TrainResult
+from .client import MASKED, SECAGG, pack_ids, unpack_ids
+from .crypto import RandBytes, RoundBinding
+from .graph import harary_graph, resolve
+from .identity import PinnedRoster, Roster
+from .protocol import (
+    STAGE_KEYS,
+    STAGE_MASKED,
+    STAGE_SHARES,
+    STAGE_UNMASK,
+    Advert,
+    RoundParams,
+    ServerRound,
+    UnmaskReply,
+)
+from .quantize import Quantizer, decode, extra_coordinates
+
+__all__ = ["MESSAGE_TYPE", "SecAggSettings", "SecureTrainStage", "check_strategy"]
+
+log = logging.getLogger("fedcore")
+
+#: Flower message type of every secure-aggregation exchange (ClientApp action "secagg").
+MESSAGE_TYPE = "train.secagg"
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """Secure-aggregation parameters (what ``[secagg]`` holds, minus ``enabled``).
+
+    Parameters
+    ----------
+    neighbours, threshold : int (default: 0 = auto)
+        ``k`` and ``t`` (see :func:`fedcore.secagg.graph.resolve`).
+    clip : float (default: 4.0)
+        Each coordinate of an update (trained minus global) is clipped to ``[-clip, clip]``.
+    bits : int (default: 24)
+        Quantization bits (step ``clip / 2^(bits-1)``).
+    ring_bits : int (default: 64)
+        Masking ring ``Z_{2^ring_bits}``.
+    stage_timeout : float (default: 60.0)
+        Deadline in seconds of each key exchange (keys, shares, unmask).
+    metric_keys : tuple of str (default: ``("train_loss",)``)
+        Training metrics averaged securely with the same weights.
+
+    """
+
+    neighbours: int = 0
+    threshold: int = 0
+    clip: float = 4.0
+    bits: int = 24
+    ring_bits: int = 64
+    stage_timeout: float = 60.0
+    metric_keys: tuple[str, ...] = ("train_loss",)
+
+    def quantizer(self) -> Quantizer:
+        """Build the round's :class:`Quantizer`."""
+        return Quantizer(clip=self.clip, bits=self.bits, ring_bits=self.ring_bits)
+
+
+def check_strategy(strategy: Strategy) -> None:
+    """Refuse a strategy that needs each client's update (secure aggregation hides them)."""
+    if getattr(strategy, "needs_individual_updates", False):
+        raise ConfigError(
+            "secagg.enabled",
+            True,
+            f"strategy {type(strategy).__name__} needs each client's individual update, which "
+            "secure aggregation hides from the server; use a strategy that only needs the "
+            "weighted mean (e.g. fedavg), or set [secagg] enabled = false",
+        )
+
+
+class _Failed(Exception):
+    """Internal: the round cannot complete; carries the reason."""
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "no reason given"
+    return line[:limit]
+
+
+class SecureTrainStage:
+    """One round's training exchange with SecAgg+ (a :class:`fedcore.federation.TrainStage`).
+
+    Parameters
+    ----------
+    settings : SecAggSettings
+        Protocol parameters.
+    seed : int (default: 0)
+        Run seed: the neighbour graph and stochastic rounding derive from it and
+        the round (public; the secrets come from ``randbytes``).
+    roster : Roster, optional
+        How the server checks advert signatures (default: pin each node's first
+        key for the life of this object, i.e. trust on first use).
+    randbytes : callable (default: ``os.urandom``)
+        Source of the per-round session nonce.
+
+    """
+
+    def __init__(
+        self,
+        settings: SecAggSettings,
+        *,
+        seed: int = 0,
+        roster: Roster | None = None,
+        randbytes: RandBytes = os.urandom,
+    ) -> None:
+        self.settings = settings
+        self.seed = seed
+        self.roster: Roster = roster if roster is not None else PinnedRoster({})
+        self.randbytes = randbytes
+
+    # -- plumbing -------------------------------------------------------------------
+    def _exchange(
+        self,
+        grid: Grid,
+        msgs: Sequence[Message],
+        stage: str,
+        timeout: float,
+        server_round: int,
+        observer: Observer,
+        rejected: list[Rejection],
+    ) -> dict[int, Message]:
+        """Send, collect valid replies by node until the deadline; reject the rest."""
+        observer.stage_started(server_round, "train" if stage == STAGE_MASKED else stage, len(msgs))
+        t0 = time.perf_counter()
+        expected = {m.metadata.dst_node_id for m in msgs}
+        out: dict[int, Message] = {}
+        for reply in grid.send_and_receive(msgs, timeout=timeout):
+            node = reply.metadata.src_node_id
+            observer.reply_received(server_round, "train" if stage == STAGE_MASKED else stage)
+            if node not in expected or node in out:
+                continue
+            if reply.has_error():
+                rejected.append(
+                    Rejection(node, stage, f"client error: {_first_line(reply.error.reason)}")
+                )
+                expected.discard(node)
+                continue
+            out[node] = reply
+        for node in sorted(expected - set(out)):
+            rejected.append(Rejection(node, stage, f"no reply within {timeout:g} s"))
+        log.debug(
+            "round %d: %s: %d/%d replies in %.3f s",
+            server_round,
+            stage,
+            len(out),
+            len(msgs),
+            time.perf_counter() - t0,
+        )
+        return out
+
+    @staticmethod
+    def _message(
+        node: int, server_round: int, fields: dict[str, object], **records: object
+    ) -> Message:
+        content = RecordDict({SECAGG: ConfigRecord(fields), **records})  # type: ignore[arg-type]
+        return Message(
+            content=content, dst_node_id=node, message_type=MESSAGE_TYPE, group_id=str(server_round)
+        )
+
+    @staticmethod
+    def _parse(
+        replies: dict[int, Message],
+        stage: str,
+        parse: Callable[[ConfigRecord, Message], object],
+        rejected: list[Rejection],
+    ) -> dict[int, object]:
+        out: dict[int, object] = {}
+        for node, msg in replies.items():
+            rec = msg.content.config_records.get(SECAGG)
+            try:
+                if rec is None:
+                    raise SecureAggregationError(f"reply has no '{SECAGG}' ConfigRecord")
+                out[node] = parse(rec, msg)
+            except (
+                SecureAggregationError,
+                KeyError,
+                TypeError,
+                ValueError,
+                AggregationError,
+            ) as exc:
+                rejected.append(Rejection(node, stage, f"malformed reply: {exc}"))
+        return out
+
+    # -- the round --------------------------------------------------------------------
+    def __call__(
+        self,
+        grid: Grid,
+        strategy: Strategy,
+        *,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        node_ids: Sequence[int],
+        timeout: float,
+        observer: Observer,
+    ) -> TrainResult:
+        """Run the four exchanges; the weighted mean of the counted clients, or ``arrays=None``."""
+        check_strategy(strategy)
+        msgs = strategy.configure_train(server_round, arrays, config, node_ids)
+        rejected: list[Rejection] = []
+        try:
+            return self._round(grid, msgs, server_round, arrays, timeout, observer, rejected)
+        except (SecureAggregationError, _Failed) as exc:
+            log.warning(
+                "round %d: secure aggregation failed, keeping the previous model: %s",
+                server_round,
+                exc,
+            )
+            return TrainResult(None, {}, 0, 0, tuple(rejected))
+
+    def _round(
+        self,
+        grid: Grid,
+        msgs: Sequence[Message],
+        server_round: int,
+        arrays: ArrayRecord,
+        timeout: float,
+        observer: Observer,
+        rejected: list[Rejection],
+    ) -> TrainResult:
+        s = self.settings
+        configs = {
+            m.metadata.dst_node_id: m.content.config_records.get(CONFIG, ConfigRecord())
+            for m in msgs
+        }
+        nodes = sorted(configs)
+        if len(nodes) < 3:
+            raise _Failed(
+                f"{len(nodes)} client(s) sampled; secure aggregation needs at least 3 "
+                "(raise strategy.fraction-train / min-train-clients, or connect more clients)"
+            )
+        k, t = resolve(len(nodes), s.neighbours, s.threshold)
+        graph = harary_graph(nodes, k, seed=self.seed, server_round=server_round)
+        params = RoundParams(
+            binding=RoundBinding(int(grid.run.run_id), server_round, self.randbytes(16)),
+            threshold=t,
+            quantizer=s.quantizer(),
+            metric_keys=s.metric_keys,
+            rounding_seed=derive_seed(self.seed, "secagg-rounding"),
+        )
+        spec = spec_of(arrays)
+        d = sum(int(np.prod(a.shape, dtype=np.int64)) for a in spec.values())
+        server = ServerRound(params, graph, d + extra_coordinates(len(s.metric_keys)), self.roster)
+        common = params.to_dict()
+
+        # 1 keys
+        replies = self._exchange(
+            grid,
+            [
+                self._message(
+                    u,
+                    server_round,
+                    {**common, "stage": STAGE_KEYS, "neighbours": pack_ids(graph[u])},
+                )
+                for u in nodes
+            ],
+            STAGE_KEYS,
+            s.stage_timeout,
+            server_round,
+            observer,
+            rejected,
+        )
+        adverts = self._parse(
+            replies, STAGE_KEYS, lambda r, _: Advert.from_bytes(r["advert"]), rejected
+        )
+        try:
+            bundles = server.collect_adverts(adverts)  # type: ignore[arg-type]
+        finally:
+            rejected += server.rejected
+            server.rejected.clear()
+
+        # 2 shares
+        ident = {"server-round": server_round, "session": params.binding.session}
+        replies = self._exchange(
+            grid,
+            [
+                self._message(
+                    u,
+                    server_round,
+                    {**ident, "stage": STAGE_SHARES, "adverts": [a.to_bytes() for a in bundle]},
+                )
+                for u, bundle in bundles.items()
+            ],
+            STAGE_SHARES,
+            s.stage_timeout,
+            server_round,
+            observer,
+            rejected,
+        )
+
+        def parse_boxes(rec: ConfigRecord, _: Message) -> dict[int, bytes]:
+            dst, boxes = unpack_ids(rec["dst"]), list(rec["boxes"])  # type: ignore[arg-type]
+            if len(dst) != len(boxes):
+                raise SecureAggregationError("share boxes and their receivers do not line up")
+            return dict(zip(dst, boxes, strict=True))  # type: ignore[arg-type]
+
+        boxes = self._parse(replies, STAGE_SHARES, parse_boxes, rejected)
+        try:
+            relay = server.collect_shares(boxes)  # type: ignore[arg-type]
+        finally:
+            rejected += server.rejected
+            server.rejected.clear()
+
+        # 3 masked input (the clients train here)
+        stage3 = []
+        for u, inbox in relay.items():
+            fields = {
+                **ident,
+                "stage": STAGE_MASKED,
+                "src": pack_ids(inbox),
+                "boxes": list(inbox.values()),
+            }
+            stage3.append(
+                self._message(u, server_round, fields, **{ARRAYS: arrays, CONFIG: configs[u]})
+            )
+        replies = self._exchange(
+            grid, stage3, STAGE_MASKED, timeout, server_round, observer, rejected
+        )
+        shares_refused = 0
+        for u, msg in replies.items():
+            try:
+                rec = msg.content.array_records.get(MASKED)
+                if rec is None or list(rec.keys()) != ["y"]:
+                    raise SecureAggregationError(
+                        f"reply has no ArrayRecord '{MASKED}' with one array 'y'"
+                    )
+                server.add_masked(u, array_view(rec["y"]))
+                extra = msg.content.config_records.get(SECAGG)
+                if extra is not None and "rejected-shares" in extra:
+                    refused = unpack_ids(extra["rejected-shares"])  # type: ignore[arg-type]
+                    shares_refused += len(refused)
+                    for v in refused:
+                        log.warning(
+                            "round %d: client %d refused the relayed share box of client %d "
+                            "(failed authentication)",
+                            server_round,
+                            u,
+                            v,
+                        )
+            except (SecureAggregationError, AggregationError) as exc:
+                rejected.append(Rejection(u, STAGE_MASKED, f"malformed reply: {exc}"))
+        for v in sorted(server.dropped):
+            if not any(r.node_id == v and r.stage == STAGE_MASKED for r in rejected):
+                rejected.append(Rejection(v, STAGE_MASKED, "masked vector not counted"))
+        requests = server.unmask_requests()
+
+        # 4 unmask
+        replies = self._exchange(
+            grid,
+            [
+                self._message(
+                    u,
+                    server_round,
+                    {
+                        **ident,
+                        "stage": STAGE_UNMASK,
+                        "counted": pack_ids(alive),
+                        "dropped": pack_ids(gone),
+                    },
+                )
+                for u, (alive, gone) in requests.items()
+            ],
+            STAGE_UNMASK,
+            s.stage_timeout,
+            server_round,
+            observer,
+            rejected,
+        )
+
+        def parse_unmask(rec: ConfigRecord, _: Message) -> UnmaskReply:
+            def pairs(ids_key: str, key: str) -> dict[int, int]:
+                ids, vals = unpack_ids(rec[ids_key]), list(rec[key])  # type: ignore[arg-type]
+                if len(ids) != len(vals) or any(len(v) != 32 for v in vals):  # type: ignore[arg-type]
+                    raise SecureAggregationError("malformed share list")
+                return {i: int.from_bytes(v, "little") for i, v in zip(ids, vals, strict=True)}  # type: ignore[arg-type]
+
+            return UnmaskReply(pairs("b-ids", "b"), pairs("sk-ids", "sk"))
+
+        unmask = self._parse(replies, STAGE_UNMASK, parse_unmask, rejected)
+        counted = len(server.u3)
+        total = server.finish(unmask)  # type: ignore[arg-type]
+        decoded = decode(total, params.quantizer, len(s.metric_keys), counted)
+        if decoded.clipped:
+            log.warning(
+                "round %d: %d update coordinate(s) were clipped to +-%g; raise secagg.clip if "
+                "this persists",
+                server_round,
+                decoded.clipped,
+                s.clip,
+            )
+        if shares_refused:
+            log.warning(
+                "round %d: %d relayed share box(es) were refused", server_round, shares_refused
+            )
+        new_arrays = _apply(arrays, decoded.mean)
+        metrics = dict(zip(s.metric_keys, decoded.metrics, strict=True))
+        return TrainResult(new_arrays, metrics, counted, decoded.total_weight, tuple(rejected))
+
+
+def _apply(arrays: ArrayRecord, mean: np.ndarray) -> ArrayRecord:
+    """``global + mean update``, each array in its own dtype (integers rounded)."""
+    out = {}
+    offset = 0
+    for name, arr in arrays.items():
+        g = array_view(arr)
+        size = g.size
+        new = g.astype(np.float64) + mean[offset : offset + size].reshape(g.shape)
+        offset += size
+        if g.dtype.kind in "biu":
+            new = np.round(new)
+        out[name] = numpy_to_array(new.astype(g.dtype, copy=False))
+    return ArrayRecord(out)
