@@ -312,8 +312,9 @@ class SecAggConfig:
 
     ``neighbours``/``threshold`` 0 pick ``k = O(log n)`` and ``t = k/2 + 1``
     (see ``fedcore.secagg.graph``). Updates (trained minus global model) are
-    clipped to ``[-clip, clip]`` and quantized with ``bits`` bits in a ring of
-    ``ring-bits`` bits; the error bound is in docs/security.md.
+    clipped to ``[-clip, clip]`` and quantized with up to ``bits`` bits in a ring
+    of ``ring-bits`` bits (0: 64 in the first round, then 32 whenever the last
+    round's total weight leaves room); the error bound is in docs/security.md.
     ``stage-timeout`` is the deadline of each key exchange; the exchange that
     trains uses ``strategy.round-timeout``.
     """
@@ -323,7 +324,7 @@ class SecAggConfig:
     threshold: int = 0
     clip: float = 4.0
     bits: int = 24
-    ring_bits: int = 64
+    ring_bits: int = 0
     stage_timeout: float = 60.0
 
     def validate(self) -> None:
@@ -353,16 +354,17 @@ class SecAggConfig:
             "must be > 0 (updates are clipped to [-clip, clip] before quantization)",
         )
         _require(
-            self.ring_bits in (32, 64),
+            self.ring_bits in (0, 32, 64),
             "secagg.ring-bits",
             self.ring_bits,
-            "must be 32 or 64",
+            "must be 0 (auto), 32 or 64",
         )
+        top = 24 if self.ring_bits == 32 else 56
         _require(
-            2 <= self.bits <= self.ring_bits - 8,
+            2 <= self.bits <= top,
             "secagg.bits",
             self.bits,
-            f"must be in [2, {self.ring_bits - 8}] for ring-bits = {self.ring_bits} "
+            f"must be in [2, {top}] for ring-bits = {self.ring_bits} "
             "(the ring must also hold the total example count: N * 2^(bits-1) < 2^(ring-bits-1))",
         )
         _require(

@@ -18,6 +18,7 @@ from fedcore.secagg import shamir
 from fedcore.secagg.crypto import (
     FIELD_PRIME,
     RoundBinding,
+    add_keystreams,
     aead_open,
     aead_seal,
     agree,
@@ -29,7 +30,7 @@ from fedcore.secagg.crypto import (
 )
 from fedcore.secagg.graph import auto_neighbours, harary_graph, is_connected, resolve
 from fedcore.secagg.identity import CaRoster, CertificateIdentity, EphemeralIdentity, PinnedRoster
-from fedcore.secagg.quantize import Quantizer, decode, encode
+from fedcore.secagg.quantize import WEIGHT_OVERFLOW, Quantizer, choose_quantizer, decode, encode
 
 B = RoundBinding(run_id=5, server_round=3, session=b"s" * 16)
 
@@ -118,6 +119,20 @@ def test_keystream_is_aes_ctr_little_endian_words():
     assert keystream_words(key, 1000, np.uint64, out=buf).tobytes() == ref
 
 
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_masks_equal_the_sum_of_keystreams(dtype, threads):
+    d = 3 * (1 << 18) // np.dtype(dtype).itemsize + 5  # several blocks, ragged end
+    keys = [bytes([i]) * 32 for i in range(3)]
+    acc = np.arange(d, dtype=dtype)
+    ref = acc.copy()
+    ref += keystream_words(keys[0], d, dtype)
+    ref -= keystream_words(keys[1], d, dtype)
+    ref += keystream_words(keys[2], d, dtype)
+    add_keystreams(acc, [(keys[0], 1), (keys[1], -1), (keys[2], 1)], threads=threads)
+    assert np.array_equal(acc, ref)
+
+
 # -- quantization -----------------------------------------------------------------------
 @pytest.mark.parametrize("ring", [32, 64])
 def test_encode_decode_sum_within_bound(ring):
@@ -159,6 +174,39 @@ def test_encode_refuses_nan_and_oversized_weight_and_decode_refuses_wrap():
         decode(vec + vec, q, 0, 2)  # 4200 * 2^19 > 2^31
     with pytest.raises(SecureAggregationError):
         Quantizer(clip=1.0, bits=30, ring_bits=32)
+
+
+def test_encode_of_array_pairs_equals_encode_of_their_difference():
+    q = Quantizer(clip=1.0, bits=20, ring_bits=64)
+    g = np.random.default_rng(1)
+    new = [g.standard_normal((30, 7)).astype(np.float32), g.standard_normal(5).astype(np.float32)]
+    old = [g.standard_normal((30, 7)).astype(np.float32), g.standard_normal(5).astype(np.float32)]
+    flat = np.concatenate(
+        [(a.astype(np.float64) - b).ravel() for a, b in zip(new, old, strict=True)]
+    )
+    key = b"r" * 32
+    assert np.array_equal(
+        encode(list(zip(new, old, strict=True)), 7, (1.0,), q, key), encode(flat, 7, (1.0,), q, key)
+    )
+
+
+def test_ring_choice_is_64_first_then_32_with_room_and_safe_caps():
+    first = choose_quantizer(clip=4.0, bits=24, ring_bits=0, clients=10, previous_weight=None)
+    assert (first.ring_bits, first.bits) == (64, 24)
+    q = choose_quantizer(clip=4.0, bits=24, ring_bits=0, clients=10, previous_weight=1300)
+    assert q.ring_bits == 32 and q.bits == 19  # 4 * 1300 * 2^18 < 2^31 <= 4 * 1300 * 2^19
+    assert 4 * 1300 * 2 ** (q.bits - 1) + 10 < 2**31
+    assert 10 * q.max_weight() < 2**32  # the weight coordinate cannot wrap
+    big = choose_quantizer(clip=4.0, bits=24, ring_bits=0, clients=10, previous_weight=10**6)
+    assert big.ring_bits == 64  # fewer than MIN_BITS_32 bits would be left
+    many = choose_quantizer(clip=4.0, bits=24, ring_bits=0, clients=2**20, previous_weight=1000)
+    assert many.ring_bits == 64  # no b with 2^20 < 2^b and 4000 * 2^(b-1) < 2^31
+    assert (
+        choose_quantizer(clip=4.0, bits=16, ring_bits=32, clients=3, previous_weight=None).ring_bits
+        == 32
+    )
+    with pytest.raises(SecureAggregationError, match=WEIGHT_OVERFLOW):
+        encode(np.zeros(2), q.max_weight() + 1, (), q, b"k" * 32)
 
 
 # -- graph --------------------------------------------------------------------------------

@@ -100,9 +100,10 @@ def _train_config(cfg):
     return ConfigRecord({"lr": cfg.train.lr, "local-epochs": 1, "batch-size": cfg.train.batch_size})
 
 
-def _secure(grid, arrays, cfg, rnd, settings=SETTINGS, nodes=NODES, timeout=60.0):
-    stage = SecureTrainStage(settings, seed=cfg.run.seed)
-    return stage(
+def _secure(grid, arrays, cfg, rnd, settings=SETTINGS, nodes=NODES, timeout=60.0, stage=None):
+    stage = stage or SecureTrainStage(settings, seed=cfg.run.seed)
+    q = stage.settings.quantizer(len(nodes), stage.last_weight)
+    result = stage(
         grid,
         FedAvg(seed=cfg.run.seed),
         server_round=rnd,
@@ -112,6 +113,17 @@ def _secure(grid, arrays, cfg, rnd, settings=SETTINGS, nodes=NODES, timeout=60.0
         timeout=timeout,
         observer=Observer(),
     )
+    return _WithQuantizer(result, q)
+
+
+class _WithQuantizer:
+    """A TrainResult plus the quantizer its round used (for the error bound)."""
+
+    def __init__(self, result, quantizer):
+        self.result, self.quantizer = result, quantizer
+
+    def __getattr__(self, name):
+        return getattr(self.result, name)
 
 
 def _plain(grid, arrays, cfg, rnd, nodes):
@@ -138,7 +150,7 @@ def _assert_equals_plain(grid, arrays, cfg, rnd, secure, counted):
     plain = _plain(grid, arrays, cfg, rnd, counted)
     assert secure.num_clients == plain.num_clients == len(counted)
     assert secure.num_examples == plain.num_examples  # the total weight, recovered exactly
-    bound = len(counted) * SETTINGS.quantizer().step / secure.num_examples
+    bound = len(counted) * secure.quantizer.step / secure.num_examples
     assert _max_diff(secure.arrays, plain.arrays) < bound + 2e-7  # + float32 rounding of each
     assert _max_diff(secure.arrays, arrays) > 1e-3  # it did train
     assert abs(secure.metrics["train_loss"] - plain.metrics["train_loss"]) < 1e-3
@@ -149,6 +161,16 @@ def test_secure_round_equals_plain_fedavg(setup, grid):
     secure = _secure(grid, arrays, cfg, 1)
     assert secure.rejected == ()
     _assert_equals_plain(grid, arrays, cfg, 1, secure, NODES)
+
+
+def test_second_round_switches_to_the_32_bit_ring_and_stays_exact(setup, grid):
+    _, arrays, cfg = setup
+    stage = SecureTrainStage(SETTINGS, seed=cfg.run.seed)
+    first = _secure(grid, arrays, cfg, 1, stage=stage)
+    assert first.quantizer.ring_bits == 64 and stage.last_weight == first.num_examples
+    second = _secure(grid, arrays, cfg, 9, stage=stage)
+    assert second.quantizer.ring_bits == 32 and second.quantizer.bits >= 12
+    _assert_equals_plain(grid, arrays, cfg, 9, second, NODES)
 
 
 @pytest.mark.parametrize("stage", [STAGE_KEYS, STAGE_SHARES, STAGE_MASKED, STAGE_UNMASK])

@@ -164,21 +164,24 @@ def _reply(msg: Message, fields: dict[str, Any], **records: Any) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _flat_update(global_arrays: ArrayRecord, trained: ArrayRecord) -> np.ndarray:
+def _update_pairs(
+    global_arrays: ArrayRecord, trained: ArrayRecord
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(trained, global)`` views per array, checked to match (no copies)."""
     if list(trained.keys()) != list(global_arrays.keys()):
         raise SecureAggregationError(
             f"trained arrays {list(trained.keys())} differ from the model's "
             f"{list(global_arrays.keys())}"
         )
-    parts = []
+    pairs = []
     for name, arr in global_arrays.items():
         g, t = array_view(arr), array_view(trained[name])
         if g.shape != t.shape:
             raise SecureAggregationError(
                 f"array '{name}' is {t.shape} after training, {g.shape} before"
             )
-        parts.append((t.astype(np.float64) - g).ravel())
-    return np.concatenate(parts) if parts else np.zeros(0)
+        pairs.append((t, g))
+    return pairs
 
 
 def handle_secagg(msg: Message, context: Context, *, train: TrainHandler) -> Message:
@@ -232,10 +235,10 @@ def handle_secagg(msg: Message, context: Context, *, train: TrainHandler) -> Mes
             if key not in metrics:  # type: ignore[operator]
                 raise SecureAggregationError(f"training reply lacks metric '{key}'")
             values.append(float(metrics[key]))  # type: ignore[index, arg-type]
-        delta = _flat_update(
+        pairs = _update_pairs(
             msg.content.array_records[ARRAYS], trained.content.array_records[ARRAYS]
         )
-        encoded = encode(delta, n, values, cr.params.quantizer, cr.params.rounding_key(node))
+        encoded = encode(pairs, n, values, cr.params.quantizer, cr.params.rounding_key(node))
         masked = cr.mask(encoded)
         _save_round(context, cr)
         return _reply(

@@ -25,7 +25,8 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,7 @@ __all__ = [
     "FIELD_PRIME",
     "RandBytes",
     "RoundBinding",
+    "add_keystreams",
     "aead_open",
     "aead_seal",
     "agree",
@@ -234,3 +236,67 @@ def keystream_words(
     if written != nbytes:  # pragma: no cover - CTR is a stream mode
         raise AssertionError("short keystream")
     return out[:nbytes].view(dt)
+
+
+_CHUNK_BYTES = 1 << 18  # 256 KiB of keystream per block: it is added while still in cache
+
+
+def add_keystreams(
+    acc: np.ndarray, streams: Sequence[tuple[bytes, int]], *, threads: int = 1
+) -> None:
+    """``acc += sum(sign * PRG(key))`` modulo ``2^(8 * itemsize)``, in place.
+
+    ``PRG(key)`` is exactly :func:`keystream_words` ``(key, acc.size, acc.dtype)``.
+    All streams are generated block by block and added while the block is in
+    cache (one pass over ``acc``); with ``threads > 1`` disjoint coordinate
+    ranges run in parallel (OpenSSL releases the GIL), each starting its CTR
+    counter at its own offset.
+
+    Parameters
+    ----------
+    acc : numpy.ndarray
+        1-D ``uint32``/``uint64`` array, C-contiguous.
+    streams : Sequence[tuple[bytes, int]]
+        ``(32-byte key, +1 or -1)`` pairs.
+    threads : int (default: 1)
+        Worker threads.
+
+    """
+    if acc.ndim != 1 or acc.dtype not in (np.dtype(np.uint32), np.dtype(np.uint64)):
+        raise ValueError("acc must be a 1-D uint32 or uint64 array")
+    if not streams or acc.size == 0:
+        return
+    item = acc.dtype.itemsize
+    words = _CHUNK_BYTES // item
+    d = acc.size
+    blocks = -(-d // words)
+    per = -(-blocks // max(1, threads))
+    ranges = [(b * words, min(d, (b + per) * words)) for b in range(0, blocks, per)]
+
+    def work(lo: int, hi: int) -> None:
+        counter = (lo * item // 16).to_bytes(16, "big")  # lo * item is a multiple of 16
+        encs = [
+            (Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor(), sign)
+            for key, sign in streams
+        ]
+        buf = np.empty(_CHUNK_BYTES + 15, dtype=np.uint8)
+        zeros = _zeros(_CHUNK_BYTES)
+        for s in range(lo, hi, words):
+            e = min(hi, s + words)
+            nbytes = (e - s) * item
+            a = acc[s:e]
+            for enc, sign in encs:
+                enc.update_into(zeros[:nbytes], buf)
+                w = buf[:nbytes].view(acc.dtype)
+                if sign > 0:
+                    np.add(a, w, out=a)
+                else:
+                    np.subtract(a, w, out=a)
+
+    _zeros(_CHUNK_BYTES)  # filled once, before any thread reads it
+    if len(ranges) == 1:
+        work(*ranges[0])
+        return
+    with ThreadPoolExecutor(len(ranges)) as pool:
+        for f in [pool.submit(work, lo, hi) for lo, hi in ranges]:
+            f.result()

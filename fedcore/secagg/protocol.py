@@ -57,11 +57,11 @@ from . import shamir
 from .crypto import (
     RandBytes,
     RoundBinding,
+    add_keystreams,
     aead_open,
     aead_seal,
     agree,
     commit,
-    keystream_words,
     new_field_secret,
     new_x25519_secret,
     pair_key,
@@ -234,16 +234,6 @@ def _share_bytes(value: int) -> bytes:
     return value.to_bytes(32, "little")
 
 
-def _mask_into(acc: np.ndarray, key: bytes, sign: int, buf: np.ndarray) -> np.ndarray:
-    """``acc += sign * PRG(key)`` modulo 2^R, in place; returns the keystream buffer."""
-    words = keystream_words(key, acc.size, acc.dtype, out=buf)
-    if sign > 0:
-        np.add(acc, words, out=acc)
-    else:
-        np.subtract(acc, words, out=acc)
-    return buf
-
-
 def _self_key(b: int, binding: RoundBinding, node_id: int) -> bytes:
     from .crypto import derive_key
 
@@ -398,12 +388,12 @@ class ClientRound:
         self._expect(STAGE_SHARES)
         binding = self.params.binding
         y = np.array(encoded, dtype=self.params.quantizer.dtype, copy=True)
-        buf = np.empty(y.nbytes + 15, dtype=np.uint8)
-        _mask_into(y, _self_key(self.b, binding, self.node_id), +1, buf)
+        streams = [(_self_key(self.b, binding, self.node_id), +1)]
         for v in self.maskers:
             shared = agree(self.s_sk, self.peers[v].s_pk)
             key = pair_key(shared, _MASK_LABEL, binding, self.node_id, v)
-            _mask_into(y, key, +1 if self.node_id < v else -1, buf)
+            streams.append((key, +1 if self.node_id < v else -1))
+        add_keystreams(y, streams)
         self.stage = STAGE_MASKED
         return y
 
@@ -502,6 +492,8 @@ class ServerRound:
         Length of every (masked) vector, extra coordinates included.
     roster : Roster, optional
         Verifies advert signatures (``None``: the server does not verify; clients still do).
+    threads : int (default: 1)
+        Threads regenerating masks when unmasking.
 
     """
 
@@ -511,12 +503,15 @@ class ServerRound:
         graph: Mapping[int, Sequence[int]],
         dim: int,
         roster: Roster | None = None,
+        *,
+        threads: int = 1,
     ) -> None:
         self.params = params
         self.graph = {int(k): tuple(int(v) for v in vs) for k, vs in graph.items()}
         self.t = params.threshold
         self.dim = dim
         self.roster = roster
+        self.threads = threads
         self.adverts: dict[int, Advert] = {}
         self.u1: set[int] = set()
         self.u2: set[int] = set()
@@ -709,16 +704,14 @@ class ServerRound:
             for v in sorted(self.dropped)
         }
         total = self._acc
-        buf = np.empty(total.nbytes + 15, dtype=np.uint8)
-        for u, b in seeds.items():
-            _mask_into(total, _self_key(b, binding, u), -1, buf)
+        streams = [(_self_key(b, binding, u), -1) for u, b in seeds.items()]
         for v, sk in keys.items():
             for u in self.maskers[v]:
                 if u not in self.u3:
                     continue
                 shared = agree(sk, self.adverts[u].s_pk)
-                key = pair_key(shared, _MASK_LABEL, binding, u, v)
                 # u added +PRG if u < v, -PRG otherwise: take it back out.
-                _mask_into(total, key, -1 if u < v else +1, buf)
+                streams.append((pair_key(shared, _MASK_LABEL, binding, u, v), -1 if u < v else +1))
+        add_keystreams(total, streams, threads=self.threads)
         self._acc = None
         return total

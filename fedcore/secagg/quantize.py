@@ -49,7 +49,21 @@ import numpy as np
 from ..errors import SecureAggregationError
 from .crypto import keystream_words
 
-__all__ = ["Decoded", "Quantizer", "decode", "encode", "extra_coordinates"]
+__all__ = [
+    "MIN_BITS_32",
+    "WEIGHT_OVERFLOW",
+    "Decoded",
+    "Quantizer",
+    "choose_quantizer",
+    "decode",
+    "encode",
+    "extra_coordinates",
+]
+
+#: Fewest quantization bits the automatic ring choice accepts for a 32-bit ring.
+MIN_BITS_32 = 12
+#: Marker in the error a client raises when its weight does not fit the round's ring.
+WEIGHT_OVERFLOW = "does not fit the ring"
 
 #: Coordinates after the model's: the weight and the clipped-coordinate count.
 _WEIGHT, _CLIPPED = 0, 1
@@ -119,18 +133,58 @@ class Quantizer:
         return clients * self.step / total_weight
 
 
-def _stochastic_round(v: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-    """``floor(v) + [u < frac(v)]`` as int64 (``v`` is overwritten)."""
-    floor = np.floor(v)
-    np.subtract(v, floor, out=v)  # v := frac in [0, 1)
-    up = uniforms < v
-    out = floor.astype(np.int64)
-    out += up
-    return out
+_CHUNK = 1 << 16  # coordinates per block: the working set stays in L2 cache
+
+
+def _quantize_into(
+    out: np.ndarray,
+    x: np.ndarray,
+    clip: float,
+    scale: float,
+    uniforms: np.ndarray,
+    base: np.ndarray | None = None,
+) -> int:
+    """``out[i] = SR(clip(x[i] - base[i], clip) * scale)`` as two's-complement words.
+
+    Returns the number of clipped coordinates. ``base`` (optional) is
+    subtracted in float64, exactly for float32 inputs. ``uniforms`` are
+    ``uint32`` words: rounding up when ``u < frac * 2^32`` is rounding up with
+    probability ``frac`` (exactly, up to 2^-32).
+    """
+    n = x.size
+    signed = out.view(np.int64 if out.dtype.itemsize == 8 else np.int32)
+    chunk = min(n, _CHUNK) or 1
+    v = np.empty(chunk, dtype=np.float64)
+    f = np.empty(chunk, dtype=np.float64)
+    up = np.empty(chunk, dtype=bool)
+    clipped = 0
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        m = e - s
+        vv, ff, uu = v[:m], f[:m], up[:m]
+        if base is None:
+            np.copyto(vv, x[s:e], casting="same_kind")
+        else:
+            np.subtract(x[s:e], base[s:e], out=vv, dtype=np.float64)
+        if not np.isfinite(vv.sum()) and not np.isfinite(vv).all():
+            raise SecureAggregationError(
+                "the update or a metric is NaN or infinite; refusing to send it"
+            )
+        np.abs(vv, out=ff)
+        clipped += int(np.count_nonzero(ff > clip))
+        np.clip(vv, -clip, clip, out=vv)
+        vv *= scale
+        np.floor(vv, out=ff)
+        np.subtract(vv, ff, out=vv)  # fractional part in [0, 1)
+        vv *= 2.0**32
+        np.less(uniforms[s:e], vv, out=uu)
+        np.add(ff, uu, out=ff)
+        np.copyto(signed[s:e], ff, casting="unsafe")  # exact: |ff| < 2^53
+    return clipped
 
 
 def encode(
-    delta: np.ndarray,
+    update: np.ndarray | Sequence[tuple[np.ndarray, np.ndarray]],
     weight: int,
     metrics: Sequence[float],
     q: Quantizer,
@@ -140,8 +194,10 @@ def encode(
 
     Parameters
     ----------
-    delta : numpy.ndarray
-        1-D float update (trained minus global), any float dtype.
+    update : numpy.ndarray or sequence of (new, old) array pairs
+        The float update (trained minus global), flattened; or the trained and
+        global arrays themselves, whose difference is taken block by block in
+        float64 (no full-size temporary).
     weight : int
         ``n_i`` (> 0).
     metrics : Sequence[float]
@@ -154,7 +210,7 @@ def encode(
     Returns
     -------
     numpy.ndarray
-        ``q.dtype`` vector of length ``len(delta) + 2 + len(metrics)``.
+        ``q.dtype`` vector of length ``d + 2 + len(metrics)``.
 
     """
     if isinstance(weight, bool) or not isinstance(weight, int | np.integer) or weight <= 0:
@@ -162,30 +218,66 @@ def encode(
     weight = int(weight)
     if weight > q.max_weight():
         raise SecureAggregationError(
-            f"weight {weight} does not fit a {q.ring_bits}-bit ring with {q.bits} bits; "
-            "use secagg.ring-bits = 64 or fewer secagg.bits"
+            f"weight {weight} {WEIGHT_OVERFLOW} ({q.ring_bits} bits, {q.bits} quantization "
+            "bits); use secagg.ring-bits = 64 or fewer secagg.bits"
         )
-    x = np.asarray(delta, dtype=np.float64).ravel()
+    if isinstance(update, np.ndarray):
+        x = update.ravel()
+        parts = [(x if x.dtype.kind == "f" else x.astype(np.float64), None)]
+    else:
+        parts = []
+        for new, old in update:
+            if new.shape != old.shape:
+                raise SecureAggregationError(f"update shapes differ: {new.shape} vs {old.shape}")
+            parts.append((new.ravel(), old.ravel()))
     m = np.asarray(list(metrics), dtype=np.float64)
-    if not (np.isfinite(x).all() and np.isfinite(m).all()):
-        raise SecureAggregationError(
-            "the update or a metric is NaN or infinite; refusing to send it"
-        )
-    d = x.size
-    clipped = int(np.count_nonzero(np.abs(x) > q.clip))
-    v = np.clip(x, -q.clip, q.clip)
-    v *= weight / q.step
-    mv = np.clip(m, -q.metric_clip, q.metric_clip) * (weight / q.metric_step)
-    u = keystream_words(rounding_key, d + m.size, np.uint32).astype(np.float64)
-    u *= 2.0**-32
-    qi = _stochastic_round(v, u[:d])
-    qm = _stochastic_round(mv, u[d:])
+    d = sum(p.size for p, _ in parts)
+    u = keystream_words(rounding_key, d + m.size, np.uint32)
     out = np.empty(d + extra_coordinates(m.size), dtype=q.dtype)
-    out[:d] = qi.astype(q.dtype, casting="unsafe")  # two's complement mod 2^R
+    scale = weight / q.step
+    clipped = offset = 0
+    for new, old in parts:
+        end = offset + new.size
+        clipped += _quantize_into(out[offset:end], new, q.clip, scale, u[offset:end], old)
+        offset = end
+    _quantize_into(out[d + 2 :], m, q.metric_clip, weight / q.metric_step, u[d:])
     out[d + _WEIGHT] = weight
     out[d + _CLIPPED] = clipped
-    out[d + 2 :] = qm.astype(q.dtype, casting="unsafe")
     return out
+
+
+def choose_quantizer(
+    *, clip: float, bits: int, ring_bits: int, clients: int, previous_weight: int | None
+) -> Quantizer:
+    """Pick the round's encoding: a forced ring, or (``ring_bits = 0``) the cheapest safe one.
+
+    Automatic choice: a 32-bit ring (half the bytes of a 64-bit one to mask,
+    send and unmask) when the total weight of the previous round,
+    ``previous_weight``, leaves room for 4x growth at >= ``MIN_BITS_32``
+    quantization bits::
+
+        b = max { b <= min(bits, 24) : 4 * previous_weight * 2^(b-1) + clients < 2^31
+                                       and clients < 2^b }
+
+    otherwise (first round, or no such ``b``) a 64-bit ring with ``bits``. Safety
+    does not rest on the guess: every client refuses a weight above
+    ``max_weight()`` (so ``clients < 2^b`` keeps the total below ``2^32``, and the
+    weight coordinate exact) and :func:`decode` refuses any sum that could have
+    wrapped, so a bad guess fails the round cleanly instead of corrupting it.
+    """
+    if ring_bits == 64 or (ring_bits == 0 and previous_weight is None):
+        return Quantizer(clip=clip, bits=bits, ring_bits=64)
+    if ring_bits == 32:
+        return Quantizer(clip=clip, bits=bits, ring_bits=32)
+    assert previous_weight is not None
+    b = min(bits, 24)
+    while b >= MIN_BITS_32 and (
+        4 * previous_weight * 2 ** (b - 1) + clients >= 2**31 or clients >= 2**b
+    ):
+        b -= 1
+    if b >= MIN_BITS_32:
+        return Quantizer(clip=clip, bits=b, ring_bits=32)
+    return Quantizer(clip=clip, bits=bits, ring_bits=64)
 
 
 @dataclass(frozen=True)

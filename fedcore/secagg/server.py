@@ -50,7 +50,7 @@ from .protocol import (
     ServerRound,
     UnmaskReply,
 )
-from .quantize import Quantizer, decode, extra_coordinates
+from .quantize import WEIGHT_OVERFLOW, Quantizer, choose_quantizer, decode, extra_coordinates
 
 __all__ = ["MESSAGE_TYPE", "SecAggSettings", "SecureTrainStage", "check_strategy"]
 
@@ -72,8 +72,10 @@ class SecAggSettings:
         Each coordinate of an update (trained minus global) is clipped to ``[-clip, clip]``.
     bits : int (default: 24)
         Quantization bits (step ``clip / 2^(bits-1)``).
-    ring_bits : int (default: 64)
-        Masking ring ``Z_{2^ring_bits}``.
+    ring_bits : int (default: 0)
+        Masking ring ``Z_{2^ring_bits}``: 32, 64, or 0 to pick per round (64 in the
+        first round, then 32 whenever the last total weight leaves room; see
+        :func:`fedcore.secagg.quantize.choose_quantizer`).
     stage_timeout : float (default: 60.0)
         Deadline in seconds of each key exchange (keys, shares, unmask).
     metric_keys : tuple of str (default: ``("train_loss",)``)
@@ -85,13 +87,19 @@ class SecAggSettings:
     threshold: int = 0
     clip: float = 4.0
     bits: int = 24
-    ring_bits: int = 64
+    ring_bits: int = 0
     stage_timeout: float = 60.0
     metric_keys: tuple[str, ...] = ("train_loss",)
 
-    def quantizer(self) -> Quantizer:
-        """Build the round's :class:`Quantizer`."""
-        return Quantizer(clip=self.clip, bits=self.bits, ring_bits=self.ring_bits)
+    def quantizer(self, clients: int, previous_weight: int | None) -> Quantizer:
+        """Build the round's :class:`Quantizer` (see ``choose_quantizer``)."""
+        return choose_quantizer(
+            clip=self.clip,
+            bits=self.bits,
+            ring_bits=self.ring_bits,
+            clients=clients,
+            previous_weight=previous_weight,
+        )
 
 
 def check_strategy(strategy: Strategy) -> None:
@@ -145,6 +153,8 @@ class SecureTrainStage:
         self.seed = seed
         self.roster: Roster = roster if roster is not None else PinnedRoster({})
         self.randbytes = randbytes
+        #: Total weight of the last round that unmasked (public: the server learns it).
+        self.last_weight: int | None = None
 
     # -- plumbing -------------------------------------------------------------------
     def _exchange(
@@ -156,31 +166,40 @@ class SecureTrainStage:
         server_round: int,
         observer: Observer,
         rejected: list[Rejection],
+        on_reply: Callable[[int, Message], None] | None = None,
     ) -> dict[int, Message]:
-        """Send, collect valid replies by node until the deadline; reject the rest."""
-        observer.stage_started(server_round, "train" if stage == STAGE_MASKED else stage, len(msgs))
+        """Send; collect valid replies by node until the deadline; reject the rest.
+
+        With ``on_reply`` each valid reply is handed over as it arrives and not
+        kept (the masked vectors are summed in a streaming fashion).
+        """
+        label = "train" if stage == STAGE_MASKED else stage
+        observer.stage_started(server_round, label, len(msgs))
         t0 = time.perf_counter()
         expected = {m.metadata.dst_node_id for m in msgs}
+        seen: set[int] = set()
         out: dict[int, Message] = {}
         for reply in grid.send_and_receive(msgs, timeout=timeout):
             node = reply.metadata.src_node_id
-            observer.reply_received(server_round, "train" if stage == STAGE_MASKED else stage)
-            if node not in expected or node in out:
+            observer.reply_received(server_round, label)
+            if node not in expected or node in seen:
                 continue
+            seen.add(node)
             if reply.has_error():
-                rejected.append(
-                    Rejection(node, stage, f"client error: {_first_line(reply.error.reason)}")
-                )
-                expected.discard(node)
+                reason = f"client error: {_first_line(reply.error.reason)}"
+                rejected.append(Rejection(node, stage, reason))
                 continue
-            out[node] = reply
-        for node in sorted(expected - set(out)):
+            if on_reply is None:
+                out[node] = reply
+            else:
+                on_reply(node, reply)
+        for node in sorted(expected - seen):
             rejected.append(Rejection(node, stage, f"no reply within {timeout:g} s"))
         log.debug(
             "round %d: %s: %d/%d replies in %.3f s",
             server_round,
             stage,
-            len(out),
+            len(seen),
             len(msgs),
             time.perf_counter() - t0,
         )
@@ -272,13 +291,19 @@ class SecureTrainStage:
         params = RoundParams(
             binding=RoundBinding(int(grid.run.run_id), server_round, self.randbytes(16)),
             threshold=t,
-            quantizer=s.quantizer(),
+            quantizer=s.quantizer(len(nodes), self.last_weight),
             metric_keys=s.metric_keys,
             rounding_seed=derive_seed(self.seed, "secagg-rounding"),
         )
         spec = spec_of(arrays)
         d = sum(int(np.prod(a.shape, dtype=np.int64)) for a in spec.values())
-        server = ServerRound(params, graph, d + extra_coordinates(len(s.metric_keys)), self.roster)
+        server = ServerRound(
+            params,
+            graph,
+            d + extra_coordinates(len(s.metric_keys)),
+            self.roster,
+            threads=min(4, os.cpu_count() or 1),
+        )
         common = params.to_dict()
 
         # 1 keys
@@ -351,11 +376,10 @@ class SecureTrainStage:
             stage3.append(
                 self._message(u, server_round, fields, **{ARRAYS: arrays, CONFIG: configs[u]})
             )
-        replies = self._exchange(
-            grid, stage3, STAGE_MASKED, timeout, server_round, observer, rejected
-        )
         shares_refused = 0
-        for u, msg in replies.items():
+
+        def fold(u: int, msg: Message) -> None:
+            nonlocal shares_refused
             try:
                 rec = msg.content.array_records.get(MASKED)
                 if rec is None or list(rec.keys()) != ["y"]:
@@ -377,6 +401,12 @@ class SecureTrainStage:
                         )
             except (SecureAggregationError, AggregationError) as exc:
                 rejected.append(Rejection(u, STAGE_MASKED, f"malformed reply: {exc}"))
+
+        self._exchange(
+            grid, stage3, STAGE_MASKED, timeout, server_round, observer, rejected, on_reply=fold
+        )
+        if any(r.stage == STAGE_MASKED and WEIGHT_OVERFLOW in r.reason for r in rejected):
+            self.last_weight = None  # a client outgrew the 32-bit ring: 64 bits next round
         for v in sorted(server.dropped):
             if not any(r.node_id == v and r.stage == STAGE_MASKED for r in rejected):
                 rejected.append(Rejection(v, STAGE_MASKED, "masked vector not counted"))
@@ -417,6 +447,7 @@ class SecureTrainStage:
         unmask = self._parse(replies, STAGE_UNMASK, parse_unmask, rejected)
         counted = len(server.u3)
         total = server.finish(unmask)  # type: ignore[arg-type]
+        self.last_weight = int(total[d])  # exact: clients' weight caps keep it below 2^R
         decoded = decode(total, params.quantizer, len(s.metric_keys), counted)
         if decoded.clipped:
             log.warning(
