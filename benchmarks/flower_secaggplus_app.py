@@ -57,3 +57,6 @@ def client_fn(context: Context):
 
 
 app = ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+
+#: The same client without the mod: Flower's plain rounds (secaggplus_mod needs its config).
+plain_app = ClientApp(client_fn=client_fn)

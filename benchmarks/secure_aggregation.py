@@ -243,8 +243,14 @@ def _flower_rounds(cfg, arrays, rounds: int, secure: bool) -> list[float]:
         inner(grid, context)
         times.append(time.perf_counter() - t0)
 
-    grid = EmbeddedGrid(
-        client_app="flower_secaggplus_app:app",
+    class ListGrid(EmbeddedGrid):
+        """Flower's workflows iterate the replies twice: hand them a list, not a stream."""
+
+        def send_and_receive(self, messages, *, timeout=None):
+            return list(super().send_and_receive(messages, timeout=timeout))
+
+    grid = ListGrid(
+        client_app="flower_secaggplus_app:app" if secure else "flower_secaggplus_app:plain_app",
         run_config=to_flat(cfg),
         num_clients=clients,
         workers=2,
@@ -257,17 +263,24 @@ def _flower_rounds(cfg, arrays, rounds: int, secure: bool) -> list[float]:
         DefaultWorkflow(fit_workflow=fit, evaluate_workflow=lambda g, c: None)(grid, legacy)
     finally:
         grid.close()
+    from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+
+    final = legacy.state.array_records[MAIN_PARAMS_RECORD]
+    trained = [np.asarray(a.numpy()) for a in final.values()]
+    if all(np.array_equal(a, b) for a, b in zip(trained, init, strict=True)):
+        raise RuntimeError("Flower's rounds produced no update (every client failed?)")
     return times
 
 
-def bench_flower(rounds: int) -> dict:
+def bench_flower(rounds: int, sizes: list[str]) -> dict:
     from fedcore.config import to_flat
     from fedcore.engine.embedded import EmbeddedGrid, node_id_for
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     out: dict = {}
     clients = 10
-    for label, hidden in HIDDEN.items():
+    for label in sizes:
+        hidden = HIDDEN[label]
         cfg = _config(clients, hidden)
         arrays = _initial(cfg)
         nodes = [node_id_for(p) for p in range(clients)]
@@ -426,6 +439,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed rounds per configuration")
     ap.add_argument("--scaling-dim", type=int, default=10_000)
     ap.add_argument("--scaling-n", default="10,100,1000")
+    ap.add_argument("--flower-sizes", default="100k,1M")
     ap.add_argument("--ring-bits", type=int, default=None, help="override secagg.ring-bits")
     ap.add_argument("--bits", type=int, default=None, help="override secagg.bits")
     args = ap.parse_args()
@@ -462,7 +476,7 @@ def main() -> None:
         result["overhead_vs_plain"] = result["embedded_20x1M"]["overhead_vs_plain"]
         print("overhead", json.dumps(result["embedded_20x1M"]), flush=True)
     if "flower" in only:
-        result["vs_flower_10_clients"] = bench_flower(args.reps)
+        result["vs_flower_10_clients"] = bench_flower(args.reps, args.flower_sizes.split(","))
         result["speedup_vs_flower_secaggplus"] = min(
             v["speedup_vs_flower_secaggplus"] for v in result["vs_flower_10_clients"].values()
         )
