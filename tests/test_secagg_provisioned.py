@@ -1,4 +1,4 @@
-"""Provisioned identities: the real ClientApp signs with its kit's key, peers and server check the CA.
+"""Provisioned identities: the ClientApp signs with its kit key; server and peers check the CA.
 
 The exchange runs in-process through a test grid that hands every message, as
 Flower protobuf bytes, to the real fedcore ClientApp with a deployment-style

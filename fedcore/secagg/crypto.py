@@ -52,6 +52,7 @@ __all__ = [
     "keystream_words",
     "new_field_secret",
     "new_x25519_secret",
+    "x25519_private",
     "x25519_public",
 ]
 
@@ -124,11 +125,17 @@ def x25519_public(secret: int) -> bytes:
     return _x25519_private(secret).public_key().public_bytes_raw()
 
 
-def agree(secret: int, peer_public: bytes) -> bytes:
+def x25519_private(secret: int) -> X25519PrivateKey:
+    """Build the key object of a private scalar (once, when agreeing with many peers)."""
+    return _x25519_private(secret)
+
+
+def agree(secret: int | X25519PrivateKey, peer_public: bytes) -> bytes:
     """X25519 shared secret; refuses malformed or low-order peer keys."""
     try:
         peer = X25519PublicKey.from_public_bytes(peer_public)
-        return _x25519_private(secret).exchange(peer)
+        own = _x25519_private(secret) if isinstance(secret, int) else secret
+        return own.exchange(peer)
     except ValueError as exc:
         raise SecureAggregationError(f"unusable X25519 public key: {exc}") from None
 

@@ -65,6 +65,7 @@ from .crypto import (
     new_field_secret,
     new_x25519_secret,
     pair_key,
+    x25519_private,
     x25519_public,
 )
 from .graph import is_connected
@@ -326,8 +327,9 @@ class ClientRound:
             )
         shares = shamir.split([self.b, self.s_sk], self.params.threshold, sorted(peers), randbytes)
         out: dict[int, bytes] = {}
+        c_sk = x25519_private(self.c_sk)
         for v, adv in peers.items():
-            key = pair_key(agree(self.c_sk, adv.c_pk), _SHARE_LABEL, binding, self.node_id, v)
+            key = pair_key(agree(c_sk, adv.c_pk), _SHARE_LABEL, binding, self.node_id, v)
             b_share, sk_share = shares[v]
             out[v] = aead_seal(
                 key,
@@ -354,14 +356,13 @@ class ClientRound:
         binding = self.params.binding
         rejected: list[int] = []
         held: dict[int, tuple[int, int]] = {}
+        c_sk = x25519_private(self.c_sk)
         for v, box in sealed.items():
             if v not in self.peers:
                 raise SecureAggregationError(
                     f"a share box from node {v}, which is not a verified neighbour, was relayed"
                 )
-            key = pair_key(
-                agree(self.c_sk, self.peers[v].c_pk), _SHARE_LABEL, binding, v, self.node_id
-            )
+            key = pair_key(agree(c_sk, self.peers[v].c_pk), _SHARE_LABEL, binding, v, self.node_id)
             try:
                 plain = aead_open(key, box, binding, v, self.node_id)
             except SecureAggregationError:
@@ -389,8 +390,9 @@ class ClientRound:
         binding = self.params.binding
         y = np.array(encoded, dtype=self.params.quantizer.dtype, copy=True)
         streams = [(_self_key(self.b, binding, self.node_id), +1)]
+        s_sk = x25519_private(self.s_sk)
         for v in self.maskers:
-            shared = agree(self.s_sk, self.peers[v].s_pk)
+            shared = agree(s_sk, self.peers[v].s_pk)
             key = pair_key(shared, _MASK_LABEL, binding, self.node_id, v)
             streams.append((key, +1 if self.node_id < v else -1))
         add_keystreams(y, streams)
@@ -706,10 +708,11 @@ class ServerRound:
         total = self._acc
         streams = [(_self_key(b, binding, u), -1) for u, b in seeds.items()]
         for v, sk in keys.items():
+            own = x25519_private(sk)
             for u in self.maskers[v]:
                 if u not in self.u3:
                     continue
-                shared = agree(sk, self.adverts[u].s_pk)
+                shared = agree(own, self.adverts[u].s_pk)
                 # u added +PRG if u < v, -PRG otherwise: take it back out.
                 streams.append((pair_key(shared, _MASK_LABEL, binding, u, v), -1 if u < v else +1))
         add_keystreams(total, streams, threads=self.threads)

@@ -31,11 +31,12 @@ a float64 rounding of about ``2^-52`` relative, and half an ulp of the array's
 dtype when the new global model is cast back (float32: ``2^-24`` relative).
 Metrics obey the same bound with ``M`` (``metric_clip``) in place of ``C``.
 
-No wrap-around. Every coordinate's true sum is at most ``N * 2^(bits-1) + n``
-in absolute value; the decoder refuses (``SecureAggregationError``) unless
+No wrap-around. Every coordinate's true sum is at most ``N * 2^(bits-1) + n`` in
+absolute value; the decoder refuses (``SecureAggregationError``) unless
 ``N * 2^(bits-1) + n < 2^(R-1)``, so a decoded sum is never a wrapped one. With
-``R = 64`` and ``bits = 16`` that allows ``N < 2^47`` examples in a round; with
-``R = 32``, ``N < 2^15``.
+``R = 64`` and ``bits = 24`` that allows ``N < 2^39`` examples in a round. A 32-bit
+ring halves what is masked, sent and unmasked; :func:`choose_quantizer` picks it
+when the previous round's total weight shows it is safe (fewer bits then).
 """
 
 from __future__ import annotations

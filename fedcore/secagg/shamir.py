@@ -113,7 +113,7 @@ def reconstruct(shares: Mapping[int, int], threshold: int) -> int:
     prefix = [1]
     for d in dens:
         prefix.append(prefix[-1] * d % P)
-    inv = pow(prefix[-1], P - 2, P)
+    inv = pow(prefix[-1], -1, P)
     secret = 0
     for j in range(len(xs) - 1, -1, -1):
         inv_j = inv * prefix[j] % P
