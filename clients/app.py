@@ -3,8 +3,9 @@
 Each client reads only its own data: its partition in simulation
 (``partition-id`` in the node config), or its own file in deployment
 (``data-path`` in the node config). With secure aggregation (the default) the
-server sends ``train.secagg`` messages instead of ``train``: the same training
-runs inside the SecAgg+ exchange and only a masked vector leaves the client.
+server sends ``train.secagg``/``evaluate.secagg`` messages instead of
+``train``/``evaluate``: the same training and evaluation run inside the SecAgg+
+exchange and only a masked vector leaves the client.
 """
 
 from __future__ import annotations
@@ -34,3 +35,9 @@ def train_secagg(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on local validation data."""
     return handle_evaluate(msg, context)
+
+
+@app.evaluate("secagg")
+def evaluate_secagg(msg: Message, context: Context) -> Message:
+    """One stage of a securely aggregated evaluation (only masked metrics leave the client)."""
+    return handle_secagg(msg, context, evaluate=handle_evaluate)

@@ -316,10 +316,12 @@ class SecAggConfig:
     of ``ring-bits`` bits (0: 64 in the first round, then 32 whenever the last
     round's total weight leaves room); the error bound is in docs/security.md.
     ``stage-timeout`` is the deadline of each key exchange; the exchange that
-    trains uses ``strategy.round-timeout``.
+    trains uses ``strategy.round-timeout``. ``evaluate`` also aggregates the
+    federated evaluation securely (no per-client accuracy or validation count).
     """
 
     enabled: bool = True
+    evaluate: bool = True
     neighbours: int = 0
     threshold: int = 0
     clip: float = 4.0

@@ -17,12 +17,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from .errors import RoundFailedError
-from .strategies.base import Rejection, Strategy, TrainResult
+from .strategies.base import EvaluateResult, Rejection, Strategy, TrainResult
 
 __all__ = [
+    "EvaluateStage",
     "Observer",
     "RoundRecord",
     "TrainStage",
+    "plain_evaluate_stage",
     "plain_train_stage",
     "run_federation",
     "wait_for_nodes",
@@ -148,6 +150,50 @@ def plain_train_stage(
     return replace(tr, rejected=tr.rejected + tuple(late)) if late else tr
 
 
+class EvaluateStage(Protocol):
+    """One round's federated evaluation over the grid (plain, or secure aggregation)."""
+
+    def __call__(
+        self,
+        grid: Grid,
+        strategy: Strategy,
+        *,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        node_ids: Sequence[int],
+        timeout: float,
+        observer: Observer,
+    ) -> EvaluateResult | None:
+        """Send, collect and aggregate; ``None`` when the strategy evaluates no one."""
+        ...
+
+
+def plain_evaluate_stage(
+    grid: Grid,
+    strategy: Strategy,
+    *,
+    server_round: int,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    node_ids: Sequence[int],
+    timeout: float,
+    observer: Observer,
+) -> EvaluateResult | None:
+    """One message per sampled client, replies streamed into ``aggregate_evaluate``."""
+    msgs = strategy.configure_evaluate(server_round, arrays, config, node_ids)
+    if not msgs:
+        return None
+    observer.stage_started(server_round, "evaluate", len(msgs))
+    seen: set[int] = set()
+    replies = grid.send_and_receive(msgs, timeout=timeout)
+    ev = strategy.aggregate_evaluate(
+        server_round, _observed(replies, observer, server_round, "evaluate", seen)
+    )
+    late = _timeouts(msgs, seen, "evaluate", timeout)
+    return replace(ev, rejected=ev.rejected + tuple(late)) if late else ev
+
+
 def run_federation(
     grid: Grid,
     strategy: Strategy,
@@ -162,6 +208,7 @@ def run_federation(
     observer: Observer | None = None,
     start_round: int = 1,
     train_stage: TrainStage = plain_train_stage,
+    evaluate_stage: EvaluateStage = plain_evaluate_stage,
 ) -> ArrayRecord:
     """Run rounds ``start_round..rounds`` and return the final global arrays.
 
@@ -193,14 +240,19 @@ def run_federation(
             log.warning("round %d: no valid training reply; keeping the previous model", rnd)
 
         # -- federated evaluation --
-        msgs = strategy.configure_evaluate(rnd, arrays, evaluate_config, node_ids)
+        ev = evaluate_stage(
+            grid,
+            strategy,
+            server_round=rnd,
+            arrays=arrays,
+            config=evaluate_config,
+            node_ids=node_ids,
+            timeout=round_timeout,
+            observer=obs,
+        )
         fed: dict[str, float] = {}
-        if msgs:
-            obs.stage_started(rnd, "evaluate", len(msgs))
-            seen: set[int] = set()
-            replies = grid.send_and_receive(msgs, timeout=round_timeout)
-            ev = strategy.aggregate_evaluate(rnd, _observed(replies, obs, rnd, "evaluate", seen))
-            rejected += list(ev.rejected) + _timeouts(msgs, seen, "evaluate", round_timeout)
+        if ev is not None:
+            rejected += list(ev.rejected)
             fed = ev.metrics
 
         # -- centralized evaluation --

@@ -23,7 +23,15 @@ from flwr.serverapp import Grid
 
 from .config import Config, config_from_flat, to_toml
 from .data import Dataset, holdout
-from .federation import Observer, RoundRecord, TrainStage, plain_train_stage, run_federation
+from .federation import (
+    EvaluateStage,
+    Observer,
+    RoundRecord,
+    TrainStage,
+    plain_evaluate_stage,
+    plain_train_stage,
+    run_federation,
+)
 from .models import build_model
 from .records import load_arrays, model_to_arrays
 from .report import arrays_to_safetensors, atomic_write, write_json, write_metrics, write_plot
@@ -31,7 +39,14 @@ from .seeds import derive_seed
 from .strategies import FedAvg, Rejection, Strategy
 from .training import evaluate, make_loader
 
-__all__ = ["RunObserver", "RunSummary", "build_strategy", "build_train_stage", "serve"]
+__all__ = [
+    "RunObserver",
+    "RunSummary",
+    "build_evaluate_stage",
+    "build_strategy",
+    "build_train_stage",
+    "serve",
+]
 
 log = logging.getLogger("fedcore")
 
@@ -60,10 +75,41 @@ def build_strategy(cfg: Config) -> Strategy:
     )
 
 
+def _secagg_settings(cfg: Config) -> Any:
+    from .secagg.server import SecAggSettings
+
+    a = cfg.secagg
+    return SecAggSettings(
+        neighbours=a.neighbours,
+        threshold=a.threshold,
+        clip=a.clip,
+        bits=a.bits,
+        ring_bits=a.ring_bits,
+        stage_timeout=a.stage_timeout,
+    )
+
+
+def _secagg_roster(node_config: Mapping[str, Any] | None) -> Any:
+    """Return the CA roster of ``node_config["ca-cert"]`` (deployment), else TOFU pins."""
+    from .secagg.client import CA_CERT
+    from .secagg.identity import CaRoster, PinnedRoster
+
+    nc = node_config or {}
+    if CA_CERT in nc:
+        import datetime as dt
+
+        return CaRoster.from_file(str(nc[CA_CERT]), now=dt.datetime.now(dt.UTC))
+    return PinnedRoster({})
+
+
 def build_train_stage(
-    cfg: Config, strategy: Strategy, node_config: Mapping[str, Any] | None = None
+    cfg: Config,
+    strategy: Strategy,
+    node_config: Mapping[str, Any] | None = None,
+    *,
+    roster: Any = None,
 ) -> TrainStage:
-    """The round's training exchange: SecAgg+ when ``secagg.enabled``, else plain.
+    """Build the round's training exchange: SecAgg+ when ``secagg.enabled``, else plain.
 
     With secure aggregation on, a strategy that needs individual updates is
     refused (``ConfigError``). Advert signatures are checked against the CA in
@@ -72,27 +118,23 @@ def build_train_stage(
     """
     if not cfg.secagg.enabled:
         return plain_train_stage
-    from .secagg.client import CA_CERT
-    from .secagg.identity import CaRoster
-    from .secagg.server import SecAggSettings, SecureTrainStage, check_strategy
+    from .secagg.server import SecureTrainStage, check_strategy
 
     check_strategy(strategy)
-    a = cfg.secagg
-    settings = SecAggSettings(
-        neighbours=a.neighbours,
-        threshold=a.threshold,
-        clip=a.clip,
-        bits=a.bits,
-        ring_bits=a.ring_bits,
-        stage_timeout=a.stage_timeout,
-    )
-    nc = node_config or {}
-    roster = None
-    if CA_CERT in nc:
-        import datetime as dt
+    roster = roster if roster is not None else _secagg_roster(node_config)
+    return SecureTrainStage(_secagg_settings(cfg), seed=cfg.run.seed, roster=roster)
 
-        roster = CaRoster.from_file(str(nc[CA_CERT]), now=dt.datetime.now(dt.UTC))
-    return SecureTrainStage(settings, seed=cfg.run.seed, roster=roster)
+
+def build_evaluate_stage(
+    cfg: Config, node_config: Mapping[str, Any] | None = None, *, roster: Any = None
+) -> EvaluateStage:
+    """Build federated evaluation: SecAgg+ if ``secagg.enabled`` and ``secagg.evaluate``."""
+    if not (cfg.secagg.enabled and cfg.secagg.evaluate):
+        return plain_evaluate_stage
+    from .secagg.server import SecureEvaluateStage
+
+    roster = roster if roster is not None else _secagg_roster(node_config)
+    return SecureEvaluateStage(_secagg_settings(cfg), seed=cfg.run.seed, roster=roster)
 
 
 def initial_model(cfg: Config, test: Dataset) -> torch.nn.Module:
@@ -202,10 +244,13 @@ def serve(grid: Grid, context: Context) -> RunSummary:
          "batch-size": cfg.train.batch_size}
     )
     strategy = build_strategy(cfg)
-    train_stage = build_train_stage(cfg, strategy, node_config)
+    roster = _secagg_roster(node_config) if cfg.secagg.enabled else None
+    train_stage = build_train_stage(cfg, strategy, node_config, roster=roster)
+    evaluate_stage = build_evaluate_stage(cfg, node_config, roster=roster)
     log.info(
-        "training exchange: %s",
+        "training exchange: %s; federated evaluation: %s",
         "secure aggregation (SecAgg+)" if cfg.secagg.enabled else "plain (secagg.enabled = false)",
+        "secure" if evaluate_stage is not plain_evaluate_stage else "plain",
     )
     final = run_federation(
         grid,
@@ -219,6 +264,7 @@ def serve(grid: Grid, context: Context) -> RunSummary:
         central_evaluate=central_evaluate,
         observer=observer,
         train_stage=train_stage,
+        evaluate_stage=evaluate_stage,
     )
     atomic_write(
         run_dir / "model.safetensors",

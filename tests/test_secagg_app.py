@@ -10,9 +10,9 @@ from safetensors.numpy import load_file
 
 from fedcore.config import config_from_dict, config_from_flat, load_config, to_flat
 from fedcore.errors import ConfigError
-from fedcore.federation import plain_train_stage
-from fedcore.secagg.server import SecureTrainStage
-from fedcore.server import build_strategy, build_train_stage
+from fedcore.federation import plain_evaluate_stage, plain_train_stage
+from fedcore.secagg.server import SecureEvaluateStage, SecureTrainStage
+from fedcore.server import build_evaluate_stage, build_strategy, build_train_stage
 from fedcore.strategies import FedAvg
 
 
@@ -20,8 +20,11 @@ def test_secagg_is_on_by_default_with_auto_graph():
     cfg = config_from_dict({})
     assert cfg.secagg.enabled and cfg.secagg.neighbours == 0 and cfg.secagg.threshold == 0
     assert isinstance(build_train_stage(cfg, build_strategy(cfg)), SecureTrainStage)
+    assert isinstance(build_evaluate_stage(cfg), SecureEvaluateStage)
     off = cfg.replace(secagg={"enabled": False})
     assert build_train_stage(off, build_strategy(off)) is plain_train_stage
+    assert build_evaluate_stage(off) is plain_evaluate_stage
+    assert build_evaluate_stage(cfg.replace(secagg={"evaluate": False})) is plain_evaluate_stage
     assert config_from_flat(to_flat(cfg)) == cfg
     assert load_config("simulations/default.toml").secagg.enabled
 

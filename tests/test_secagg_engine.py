@@ -17,11 +17,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from fedcore.aggregation import array_view
 from fedcore.config import to_flat
 from fedcore.engine.embedded import EmbeddedGrid, node_id_for
-from fedcore.federation import Observer, plain_train_stage, run_federation
+from fedcore.federation import Observer, plain_evaluate_stage, plain_train_stage, run_federation
 from fedcore.records import model_to_arrays
 from fedcore.secagg.client import SECAGG, unpack_ids
 from fedcore.secagg.protocol import STAGE_KEYS, STAGE_MASKED, STAGE_SHARES, STAGE_UNMASK, Advert
-from fedcore.secagg.server import SecAggSettings, SecureTrainStage
+from fedcore.secagg.server import SecAggSettings, SecureEvaluateStage, SecureTrainStage
 from fedcore.strategies import FedAvg
 
 pytestmark = pytest.mark.slow
@@ -303,6 +303,32 @@ def test_too_few_survivors_fails_cleanly_and_keeps_the_model(setup, grid, caplog
     text = caplog.text
     assert "secure aggregation failed, keeping the previous model" in text
     assert "no share was requested" in text
+
+
+def test_secure_evaluation_equals_plain_evaluation_and_hides_per_client_counts(setup, grid):
+    _, arrays, cfg = setup
+    seen_replies = []
+    grid.tamper_in = lambda r: seen_replies.append(r) or r
+    kwargs = dict(
+        server_round=10,
+        arrays=arrays,
+        config=ConfigRecord(),
+        node_ids=NODES,
+        timeout=60.0,
+        observer=Observer(),
+    )
+    stage = SecureEvaluateStage(SETTINGS, seed=cfg.run.seed)
+    secure = stage(grid, FedAvg(seed=cfg.run.seed), **kwargs)
+    grid.tamper_in = None
+    plain = plain_evaluate_stage(grid, FedAvg(seed=cfg.run.seed), **kwargs)
+    assert secure.rejected == () and secure.num_clients == plain.num_clients == CLIENTS
+    assert secure.num_examples == plain.num_examples
+    q = SETTINGS.quantizer(CLIENTS, None)
+    bound = CLIENTS * q.metric_step / secure.num_examples
+    for key in ("eval_loss", "eval_acc"):
+        assert abs(secure.metrics[key] - plain.metrics[key]) < bound + 1e-9
+    # no reply of the secure exchange carried a plaintext metric record
+    assert seen_replies and all("metrics" not in r.content.metric_records for r in seen_replies)
 
 
 def test_unmask_lists_only_name_each_clients_neighbours(setup, grid):

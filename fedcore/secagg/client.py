@@ -20,7 +20,8 @@ keeps it in its ``Context.state`` and pins its peers' keys on first use.
 Register it on any ClientApp::
 
     app = ClientApp()
-    app.train("secagg")(secagg_handler(my_train_handler))
+    app.train("secagg")(secagg_handler(train=my_train_handler))
+    app.evaluate("secagg")(secagg_handler(evaluate=my_evaluate_handler))
 """
 
 from __future__ import annotations
@@ -135,8 +136,8 @@ def roster_for(context: Context) -> tuple[Roster, dict[int, bytes] | None]:
     return PinnedRoster(pins), pins
 
 
-def _load_round(context: Context, fields: Mapping[str, Any]) -> ClientRound:
-    raw = _record(context).get("round")
+def _load_round(context: Context, fields: Mapping[str, Any], slot: str) -> ClientRound:
+    raw = _record(context).get(slot)
     if not isinstance(raw, str):
         raise SecureAggregationError(
             "no secure-aggregation round in progress on this node (it restarted, or the "
@@ -155,8 +156,8 @@ def _load_round(context: Context, fields: Mapping[str, Any]) -> ClientRound:
     return cr
 
 
-def _save_round(context: Context, cr: ClientRound) -> None:
-    _record(context)["round"] = cr.to_json()
+def _save_round(context: Context, cr: ClientRound, slot: str) -> None:
+    _record(context)[slot] = cr.to_json()
 
 
 def _reply(msg: Message, fields: dict[str, Any], **records: Any) -> Message:
@@ -184,11 +185,46 @@ def _update_pairs(
     return pairs
 
 
-def handle_secagg(msg: Message, context: Context, *, train: TrainHandler) -> Message:
-    """One stage of the secure round for this node; ``train`` is the plain training handler."""
+def _weight_and_metrics(
+    reply: Message, keys: tuple[str, ...], what: str
+) -> tuple[int, list[float]]:
+    if reply.has_error():
+        raise SecureAggregationError(f"local {what} failed: {reply.error.reason}")
+    metrics = reply.content.metric_records.get(METRICS)
+    n = metrics.get(NUM_EXAMPLES) if metrics is not None else None
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise SecureAggregationError(f"{what} reply has no positive integer '{NUM_EXAMPLES}'")
+    values = []
+    for key in keys:
+        if key not in metrics:  # type: ignore[operator]
+            raise SecureAggregationError(f"{what} reply lacks metric '{key}'")
+        values.append(float(metrics[key]))  # type: ignore[index, arg-type]
+    return n, values
+
+
+def handle_secagg(
+    msg: Message,
+    context: Context,
+    *,
+    train: TrainHandler | None = None,
+    evaluate: TrainHandler | None = None,
+) -> Message:
+    """One stage of a secure exchange for this node.
+
+    ``train.secagg`` messages run ``train`` (the plain training handler) in the
+    masked stage and mask ``trained - global``; ``evaluate.secagg`` messages run
+    ``evaluate`` and mask only its weighted metrics.
+    """
     fields = msg.content.config_records.get(SECAGG)
+    category = msg.metadata.message_type.split(".")[0]
     if fields is None:
-        raise SecureAggregationError(f"a train.secagg message needs a '{SECAGG}' ConfigRecord")
+        raise SecureAggregationError(f"a {category}.secagg message needs a '{SECAGG}' ConfigRecord")
+    handler = train if category == "train" else evaluate if category == "evaluate" else None
+    if handler is None:
+        raise SecureAggregationError(f"no handler for secure {category!r} messages on this client")
+    slot = f"round-{category}"
     stage = str(fields.get("stage", ""))
     node = int(context.node_id)
 
@@ -202,17 +238,17 @@ def handle_secagg(msg: Message, context: Context, *, train: TrainHandler) -> Mes
         cr, advert = ClientRound.start(
             node, params, unpack_ids(fields["neighbours"]), identity_for(context)
         )
-        _save_round(context, cr)
+        _save_round(context, cr, slot)
         return _reply(msg, {"advert": advert.to_bytes()})
 
-    cr = _load_round(context, fields)
+    cr = _load_round(context, fields, slot)
     if stage == STAGE_SHARES:
         roster, pins = roster_for(context)
         adverts = [Advert.from_bytes(b) for b in fields.get("adverts", [])]
         boxes = cr.share(adverts, roster)
         if pins is not None:
             _record(context)["pins"] = json.dumps({str(k): v.hex() for k, v in pins.items()})
-        _save_round(context, cr)
+        _save_round(context, cr, slot)
         return _reply(msg, {"dst": pack_ids(boxes), "boxes": list(boxes.values())})
 
     if stage == STAGE_MASKED:
@@ -221,26 +257,16 @@ def handle_secagg(msg: Message, context: Context, *, train: TrainHandler) -> Mes
         if len(sources) != len(boxes):
             raise SecureAggregationError("relayed share boxes and their senders do not line up")
         rejected = cr.receive_shares(dict(zip(sources, boxes, strict=True)))
-        trained = train(msg, context)
-        if trained.has_error():
-            raise SecureAggregationError(f"local training failed: {trained.error.reason}")
-        metrics = trained.content.metric_records.get(METRICS)
-        n = metrics.get(NUM_EXAMPLES) if metrics is not None else None
-        if isinstance(n, float) and n.is_integer():
-            n = int(n)
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise SecureAggregationError(f"training reply has no positive integer '{NUM_EXAMPLES}'")
-        values = []
-        for key in cr.params.metric_keys:
-            if key not in metrics:  # type: ignore[operator]
-                raise SecureAggregationError(f"training reply lacks metric '{key}'")
-            values.append(float(metrics[key]))  # type: ignore[index, arg-type]
-        pairs = _update_pairs(
-            msg.content.array_records[ARRAYS], trained.content.array_records[ARRAYS]
-        )
-        encoded = encode(pairs, n, values, cr.params.quantizer, cr.params.rounding_key(node))
+        result = handler(msg, context)
+        n, values = _weight_and_metrics(result, cr.params.metric_keys, category)
+        update: Any = np.zeros(0)
+        if category == "train":
+            update = _update_pairs(
+                msg.content.array_records[ARRAYS], result.content.array_records[ARRAYS]
+            )
+        encoded = encode(update, n, values, cr.params.quantizer, cr.params.rounding_key(node))
         masked = cr.mask(encoded)
-        _save_round(context, cr)
+        _save_round(context, cr, slot)
         return _reply(
             msg,
             {"rejected-shares": pack_ids(rejected)},
@@ -251,7 +277,7 @@ def handle_secagg(msg: Message, context: Context, *, train: TrainHandler) -> Mes
         reply = cr.unmask(
             unpack_ids(fields.get("counted", b"")), unpack_ids(fields.get("dropped", b""))
         )
-        _save_round(context, cr)
+        _save_round(context, cr, slot)
         return _reply(
             msg,
             {
@@ -264,11 +290,12 @@ def handle_secagg(msg: Message, context: Context, *, train: TrainHandler) -> Mes
     raise SecureAggregationError(f"unknown secure-aggregation stage {stage!r}")
 
 
-def secagg_handler(train: TrainHandler) -> TrainHandler:
-    """Wrap a plain training handler into the ``train.secagg`` handler."""
+def secagg_handler(
+    train: TrainHandler | None = None, evaluate: TrainHandler | None = None
+) -> TrainHandler:
+    """Wrap plain handlers into a ``train.secagg`` / ``evaluate.secagg`` handler."""
 
-    @functools.wraps(train)
     def handler(msg: Message, context: Context) -> Message:
-        return handle_secagg(msg, context, train=train)
+        return handle_secagg(msg, context, train=train, evaluate=evaluate)
 
     return handler

@@ -35,7 +35,7 @@ from ..errors import AggregationError, ConfigError, SecureAggregationError
 from ..federation import Observer
 from ..records import ARRAYS, CONFIG
 from ..seeds import derive_seed
-from ..strategies.base import Rejection, Strategy, TrainResult
+from ..strategies.base import EvaluateResult, Rejection, Strategy, TrainResult
 from .client import MASKED, SECAGG, pack_ids, unpack_ids
 from .crypto import RandBytes, RoundBinding
 from .graph import harary_graph, resolve
@@ -50,14 +50,29 @@ from .protocol import (
     ServerRound,
     UnmaskReply,
 )
-from .quantize import WEIGHT_OVERFLOW, Quantizer, choose_quantizer, decode, extra_coordinates
+from .quantize import (
+    WEIGHT_OVERFLOW,
+    Decoded,
+    Quantizer,
+    choose_quantizer,
+    decode,
+    extra_coordinates,
+)
 
-__all__ = ["MESSAGE_TYPE", "SecAggSettings", "SecureTrainStage", "check_strategy"]
+__all__ = [
+    "EVALUATE_MESSAGE_TYPE",
+    "MESSAGE_TYPE",
+    "SecAggSettings",
+    "SecureEvaluateStage",
+    "SecureTrainStage",
+    "check_strategy",
+]
 
 log = logging.getLogger("fedcore")
 
-#: Flower message type of every secure-aggregation exchange (ClientApp action "secagg").
+#: Flower message types of the secure exchanges (ClientApp action "secagg").
 MESSAGE_TYPE = "train.secagg"
+EVALUATE_MESSAGE_TYPE = "evaluate.secagg"
 
 
 @dataclass(frozen=True)
@@ -123,8 +138,8 @@ def _first_line(text: str, limit: int = 300) -> str:
     return line[:limit]
 
 
-class SecureTrainStage:
-    """One round's training exchange with SecAgg+ (a :class:`fedcore.federation.TrainStage`).
+class _SecureSum:
+    """Runs one SecAgg+ exchange over the grid and returns the decoded weighted sums.
 
     Parameters
     ----------
@@ -141,6 +156,11 @@ class SecureTrainStage:
 
     """
 
+    #: Flower message type of the exchange.
+    message_type = MESSAGE_TYPE
+    #: What the rounding streams are derived for (train and evaluate never share one).
+    purpose = "train"
+
     def __init__(
         self,
         settings: SecAggSettings,
@@ -153,7 +173,7 @@ class SecureTrainStage:
         self.seed = seed
         self.roster: Roster = roster if roster is not None else PinnedRoster({})
         self.randbytes = randbytes
-        #: Total weight of the last round that unmasked (public: the server learns it).
+        #: Total weight of the last exchange that unmasked (public: the server learns it).
         self.last_weight: int | None = None
 
     # -- plumbing -------------------------------------------------------------------
@@ -205,13 +225,15 @@ class SecureTrainStage:
         )
         return out
 
-    @staticmethod
     def _message(
-        node: int, server_round: int, fields: dict[str, object], **records: object
+        self, node: int, server_round: int, fields: dict[str, object], **records: object
     ) -> Message:
         content = RecordDict({SECAGG: ConfigRecord(fields), **records})  # type: ignore[arg-type]
         return Message(
-            content=content, dst_node_id=node, message_type=MESSAGE_TYPE, group_id=str(server_round)
+            content=content,
+            dst_node_id=node,
+            message_type=self.message_type,
+            group_id=str(server_round),
         )
 
     @staticmethod
@@ -238,53 +260,29 @@ class SecureTrainStage:
                 rejected.append(Rejection(node, stage, f"malformed reply: {exc}"))
         return out
 
-    # -- the round --------------------------------------------------------------------
-    def __call__(
+    # -- one secure sum ---------------------------------------------------------------
+    def _secure_sum(
         self,
         grid: Grid,
-        strategy: Strategy,
-        *,
+        records: dict[int, dict[str, object]],
+        d: int,
+        metric_keys: tuple[str, ...],
         server_round: int,
-        arrays: ArrayRecord,
-        config: ConfigRecord,
-        node_ids: Sequence[int],
-        timeout: float,
-        observer: Observer,
-    ) -> TrainResult:
-        """Run the four exchanges; the weighted mean of the counted clients, or ``arrays=None``."""
-        check_strategy(strategy)
-        msgs = strategy.configure_train(server_round, arrays, config, node_ids)
-        rejected: list[Rejection] = []
-        try:
-            return self._round(grid, msgs, server_round, arrays, timeout, observer, rejected)
-        except (SecureAggregationError, _Failed) as exc:
-            log.warning(
-                "round %d: secure aggregation failed, keeping the previous model: %s",
-                server_round,
-                exc,
-            )
-            return TrainResult(None, {}, 0, 0, tuple(rejected))
-
-    def _round(
-        self,
-        grid: Grid,
-        msgs: Sequence[Message],
-        server_round: int,
-        arrays: ArrayRecord,
         timeout: float,
         observer: Observer,
         rejected: list[Rejection],
-    ) -> TrainResult:
+    ) -> tuple[Decoded, int]:
+        """Run the four exchanges over ``records`` (what each node gets in the masked stage).
+
+        Returns the decoded sums and the number of counted clients; raises
+        ``SecureAggregationError``/``_Failed`` when the round cannot complete.
+        """
         s = self.settings
-        configs = {
-            m.metadata.dst_node_id: m.content.config_records.get(CONFIG, ConfigRecord())
-            for m in msgs
-        }
-        nodes = sorted(configs)
+        nodes = sorted(records)
         if len(nodes) < 3:
             raise _Failed(
                 f"{len(nodes)} client(s) sampled; secure aggregation needs at least 3 "
-                "(raise strategy.fraction-train / min-train-clients, or connect more clients)"
+                "(raise the strategy's fraction / minimum of clients, or connect more clients)"
             )
         k, t = resolve(len(nodes), s.neighbours, s.threshold)
         graph = harary_graph(nodes, k, seed=self.seed, server_round=server_round)
@@ -292,15 +290,13 @@ class SecureTrainStage:
             binding=RoundBinding(int(grid.run.run_id), server_round, self.randbytes(16)),
             threshold=t,
             quantizer=s.quantizer(len(nodes), self.last_weight),
-            metric_keys=s.metric_keys,
-            rounding_seed=derive_seed(self.seed, "secagg-rounding"),
+            metric_keys=metric_keys,
+            rounding_seed=derive_seed(self.seed, "secagg-rounding", self.purpose),
         )
-        spec = spec_of(arrays)
-        d = sum(int(np.prod(a.shape, dtype=np.int64)) for a in spec.values())
         server = ServerRound(
             params,
             graph,
-            d + extra_coordinates(len(s.metric_keys)),
+            d + extra_coordinates(len(metric_keys)),
             self.roster,
             threads=min(4, os.cpu_count() or 1),
         )
@@ -373,9 +369,7 @@ class SecureTrainStage:
                 "src": pack_ids(inbox),
                 "boxes": list(inbox.values()),
             }
-            stage3.append(
-                self._message(u, server_round, fields, **{ARRAYS: arrays, CONFIG: configs[u]})
-            )
+            stage3.append(self._message(u, server_round, fields, **records[u]))
         shares_refused = 0
 
         def fold(u: int, msg: Message) -> None:
@@ -448,7 +442,7 @@ class SecureTrainStage:
         counted = len(server.u3)
         total = server.finish(unmask)  # type: ignore[arg-type]
         self.last_weight = int(total[d])  # exact: clients' weight caps keep it below 2^R
-        decoded = decode(total, params.quantizer, len(s.metric_keys), counted)
+        decoded = decode(total, params.quantizer, len(metric_keys), counted)
         if decoded.clipped:
             log.warning(
                 "round %d: %d update coordinate(s) were clipped to +-%g; raise secagg.clip if "
@@ -461,9 +455,107 @@ class SecureTrainStage:
             log.warning(
                 "round %d: %d relayed share box(es) were refused", server_round, shares_refused
             )
-        new_arrays = _apply(arrays, decoded.mean)
-        metrics = dict(zip(s.metric_keys, decoded.metrics, strict=True))
-        return TrainResult(new_arrays, metrics, counted, decoded.total_weight, tuple(rejected))
+        return decoded, counted
+
+
+class SecureTrainStage(_SecureSum):
+    """One round's training exchange with SecAgg+ (a :class:`fedcore.federation.TrainStage`).
+
+    The strategy samples and configures (``configure_train``); each sampled
+    client gets the global arrays and its config in the masked stage, trains,
+    and sends ``trained - global`` masked. Returns the global model plus the
+    weighted mean update, or ``arrays=None`` (the previous model is kept) when
+    the round cannot complete; the reason is logged.
+    """
+
+    def __call__(
+        self,
+        grid: Grid,
+        strategy: Strategy,
+        *,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        node_ids: Sequence[int],
+        timeout: float,
+        observer: Observer,
+    ) -> TrainResult:
+        """Run the four exchanges; the weighted mean of the counted clients, or ``arrays=None``."""
+        check_strategy(strategy)
+        msgs = strategy.configure_train(server_round, arrays, config, node_ids)
+        records: dict[int, dict[str, object]] = {
+            m.metadata.dst_node_id: {
+                ARRAYS: arrays,
+                CONFIG: m.content.config_records.get(CONFIG, ConfigRecord()),
+            }
+            for m in msgs
+        }
+        d = sum(int(np.prod(a.shape, dtype=np.int64)) for a in spec_of(arrays).values())
+        keys = self.settings.metric_keys
+        rejected: list[Rejection] = []
+        try:
+            decoded, counted = self._secure_sum(
+                grid, records, d, keys, server_round, timeout, observer, rejected
+            )
+        except (SecureAggregationError, _Failed) as exc:
+            log.warning(
+                "round %d: secure aggregation failed, keeping the previous model: %s",
+                server_round,
+                exc,
+            )
+            return TrainResult(None, {}, 0, 0, tuple(rejected))
+        metrics = dict(zip(keys, decoded.metrics, strict=True))
+        return TrainResult(
+            _apply(arrays, decoded.mean), metrics, counted, decoded.total_weight, tuple(rejected)
+        )
+
+
+class SecureEvaluateStage(_SecureSum):
+    """Federated evaluation with SecAgg+ (a :class:`fedcore.federation.EvaluateStage`).
+
+    Each sampled client evaluates the global model and sends only a masked
+    ``[n_i | n_i * eval_loss | n_i * eval_acc]``: the server learns the
+    example-weighted means and the total count, not one client's accuracy or
+    validation-set size.
+    """
+
+    message_type = EVALUATE_MESSAGE_TYPE
+    purpose = "evaluate"
+    metric_keys = ("eval_loss", "eval_acc")
+
+    def __call__(
+        self,
+        grid: Grid,
+        strategy: Strategy,
+        *,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        node_ids: Sequence[int],
+        timeout: float,
+        observer: Observer,
+    ) -> EvaluateResult | None:
+        """Run the four exchanges; ``None`` when the strategy evaluates no one this round."""
+        msgs = strategy.configure_evaluate(server_round, arrays, config, node_ids)
+        if not msgs:
+            return None
+        records: dict[int, dict[str, object]] = {
+            m.metadata.dst_node_id: {
+                ARRAYS: arrays,
+                CONFIG: m.content.config_records.get(CONFIG, ConfigRecord()),
+            }
+            for m in msgs
+        }
+        rejected: list[Rejection] = []
+        try:
+            decoded, counted = self._secure_sum(
+                grid, records, 0, self.metric_keys, server_round, timeout, observer, rejected
+            )
+        except (SecureAggregationError, _Failed) as exc:
+            log.warning("round %d: secure federated evaluation failed: %s", server_round, exc)
+            return EvaluateResult({}, 0, 0, tuple(rejected))
+        metrics = dict(zip(self.metric_keys, decoded.metrics, strict=True))
+        return EvaluateResult(metrics, counted, decoded.total_weight, tuple(rejected))
 
 
 def _apply(arrays: ArrayRecord, mean: np.ndarray) -> ArrayRecord:

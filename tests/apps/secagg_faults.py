@@ -36,3 +36,8 @@ def train_secagg(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return handle_evaluate(msg, context)
+
+
+@app.evaluate("secagg")
+def evaluate_secagg(msg: Message, context: Context) -> Message:
+    return handle_secagg(msg, context, evaluate=handle_evaluate)
