@@ -1,21 +1,25 @@
-"""ServerApp side of secure aggregation: a ``TrainStage`` driving SecAgg+ over the Grid.
+"""ServerApp side of secure aggregation: train and evaluate stages driving SecAgg+ over the Grid.
 
 Bell et al., CCS 2020 (SecAgg+); Bonawitz et al., CCS 2017.
 
 :class:`SecureTrainStage` replaces :func:`fedcore.federation.plain_train_stage`
-in the round loop. The strategy still decides who trains and with which
-config (``configure_train``); the stage then runs the four exchanges of
-:mod:`fedcore.secagg.protocol` with ``train.secagg`` messages through
-``grid.send_and_receive`` only (the Message API), so it runs unchanged on the
-embedded engine, Flower's simulation engine and Flower's deployment engine.
-Every exchange has a deadline: ``stage_timeout`` for the three key exchanges,
-the round timeout for the one that trains.
+and :class:`SecureEvaluateStage` replaces
+:func:`fedcore.federation.plain_evaluate_stage` in the round loop. The strategy
+still decides who takes part and with which config (``configure_train`` /
+``configure_evaluate``); the stage then runs the four exchanges of
+:mod:`fedcore.secagg.protocol` with ``train.secagg`` / ``evaluate.secagg``
+messages through ``grid.send_and_receive`` only (the Message API), so it runs
+unchanged on the embedded engine, Flower's simulation engine (tested with Ray)
+and Flower's deployment engine. Every exchange has a deadline:
+``stage_timeout`` for the three key exchanges, the round timeout for the one
+that trains or evaluates. Masked vectors are summed as they arrive (O(model)
+memory).
 
-It returns a :class:`~fedcore.strategies.TrainResult` whose arrays are the
-global model plus the securely averaged update; on any protocol failure the
-arrays are ``None`` (the round loop keeps the previous model) and the reason is
-logged. The strategy never sees an individual update, so strategies with
-``needs_individual_updates = True`` are refused.
+The train stage returns a :class:`~fedcore.strategies.TrainResult` whose arrays
+are the global model plus the securely averaged update; on any protocol
+failure the arrays are ``None`` (the round loop keeps the previous model) and
+the reason is logged. The strategy never sees an individual update, so
+strategies with ``needs_individual_updates = True`` are refused.
 """
 
 from __future__ import annotations
