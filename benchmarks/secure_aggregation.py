@@ -22,6 +22,8 @@ Sections (all on this machine's CPU; the last line printed is one JSON object):
 - ``throughput``: one client's mask generation (self mask + k pairwise masks,
   AES-256-CTR keystream into uint64 words, vectorized adds) for 1M coordinates,
   k = 12 (the auto k at n = 20); also Flower's ``pseudo_rand_gen`` for contrast.
+- ``default``: train + evaluate rounds of ``simulations/default.toml`` (digits,
+  CNN, 10 clients), secure (training and evaluation) vs plain, interleaved.
 - ``scaling``: the pure protocol core (no engine, one process) at n = 10, 100,
   1,000 clients, k = auto (O(log n)), 10,000 coordinates, 10% dropping after
   sharing: server time and per-client time per round.
@@ -228,6 +230,66 @@ def bench_overhead(reps: int) -> dict:
         ),
         "best_of_overhead_vs_plain": round(min(secure) / min(plain), 3),
         "overhead_vs_plain": round(statistics.median(secure) / statistics.median(plain), 3),
+    }
+
+
+def bench_default(reps: int) -> dict:
+    """Train + evaluate rounds of the default simulation config (digits, CNN, 10 clients)."""
+    from flwr.app import ConfigRecord
+
+    from fedcore.config import load_config, to_flat
+    from fedcore.engine.embedded import EmbeddedGrid, node_id_for
+    from fedcore.federation import Observer, plain_evaluate_stage, plain_train_stage
+    from fedcore.server import build_evaluate_stage, build_strategy, build_train_stage
+
+    cfg = load_config(ROOT / "simulations" / "default.toml")
+    arrays = _initial(cfg)
+    nodes = [node_id_for(p) for p in range(cfg.run.clients)]
+    conf = ConfigRecord(
+        {
+            "lr": cfg.train.lr,
+            "local-epochs": cfg.train.local_epochs,
+            "batch-size": cfg.train.batch_size,
+        }
+    )
+    grid = EmbeddedGrid(
+        client_app="clients.app:app",
+        run_config=to_flat(cfg),
+        num_clients=cfg.run.clients,
+        workers=2,
+    )
+    strategy = build_strategy(cfg)
+    secure = (build_train_stage(cfg, strategy), build_evaluate_stage(cfg))
+    plain = (plain_train_stage, plain_evaluate_stage)
+    out: dict = {"plain": [], "secure": [], "plain_cpu": [], "secure_cpu": []}
+
+    def one(stages, rnd):
+        nonlocal arrays
+        c0, t0 = _cpu_s(grid), time.perf_counter()
+        kw = dict(node_ids=nodes, timeout=600.0, observer=Observer(), server_round=rnd)
+        tr = stages[0](grid, strategy, arrays=arrays, config=conf, **kw)
+        stages[1](grid, strategy, arrays=tr.arrays, config=ConfigRecord(), **kw)
+        return time.perf_counter() - t0, _cpu_s(grid) - c0
+
+    try:
+        one(plain, 1)
+        one(secure, 1)  # warm-up (and the 64-bit first round of the secure stages)
+        for r in range(reps):
+            for name, stages in (("plain", plain), ("secure", secure)):
+                wall, cpu = one(stages, 2 + r)
+                out[name].append(wall)
+                out[name + "_cpu"].append(cpu)
+    finally:
+        grid.close()
+    med = {k: statistics.median(v) for k, v in out.items()}
+    return {
+        "plain_round_s": round(med["plain"], 4),
+        "secure_round_s": round(med["secure"], 4),
+        "plain_round_cpu_s": round(med["plain_cpu"], 4),
+        "secure_round_cpu_s": round(med["secure_cpu"], 4),
+        "overhead_vs_plain": round(med["secure"] / med["plain"], 3),
+        "cpu_overhead_vs_plain": round(med["secure_cpu"] / med["plain_cpu"], 3),
+        "extra_s_per_20_rounds": round(20 * (med["secure"] - med["plain"]), 2),
     }
 
 
@@ -459,7 +521,7 @@ def bench_scaling(ns: list[int], d: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="overhead,flower,throughput,scaling")
+    ap.add_argument("--only", default="overhead,flower,throughput,scaling,default")
     ap.add_argument("--reps", type=int, default=3, help="timed rounds per configuration")
     ap.add_argument("--scaling-dim", type=int, default=10_000)
     ap.add_argument("--scaling-n", default="10,100,1000")
@@ -500,6 +562,9 @@ def main() -> None:
         result["embedded_20x1M"] = bench_overhead(args.reps)
         result["overhead_vs_plain"] = result["embedded_20x1M"]["overhead_vs_plain"]
         print("overhead", json.dumps(result["embedded_20x1M"]), flush=True)
+    if "default" in only:
+        result["default_simulation_rounds"] = bench_default(args.reps)
+        print("default", json.dumps(result["default_simulation_rounds"]), flush=True)
     if "flower" in only:
         result["vs_flower_10_clients"] = bench_flower(args.reps, args.flower_sizes.split(","))
         result["speedup_vs_flower_secaggplus"] = min(
