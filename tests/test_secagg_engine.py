@@ -331,6 +331,27 @@ def test_secure_evaluation_equals_plain_evaluation_and_hides_per_client_counts(s
     assert seen_replies and all("metrics" not in r.content.metric_records for r in seen_replies)
 
 
+def test_masked_vector_on_the_wire_is_uniform(setup, grid):
+    """(c) on real traffic: every byte position of a client's masked words is uniform."""
+    from scipy.stats import chisquare
+
+    from fedcore.secagg.client import MASKED
+
+    _, arrays, cfg = setup
+    seen = []
+    grid.tamper_in = lambda r: seen.append(r) or r
+    _secure(grid, arrays, cfg, 11)
+    ys = [
+        array_view(r.content.array_records[MASKED]["y"])
+        for r in seen
+        if MASKED in r.content.array_records
+    ]
+    assert len(ys) == CLIENTS
+    words = ys[0].view(np.uint8).reshape(len(ys[0]), -1)
+    for b in range(words.shape[1]):
+        assert chisquare(np.bincount(words[:, b], minlength=256)).pvalue > 1e-6, b
+
+
 def test_unmask_lists_only_name_each_clients_neighbours(setup, grid):
     _, arrays, cfg = setup
     seen = {}

@@ -13,9 +13,10 @@ identities and rosters), :mod:`~fedcore.secagg.protocol` (client and server
 state machines), :mod:`~fedcore.secagg.simulate` (a whole round in-process:
 the test oracle).
 
-Flower shell: :mod:`fedcore.secagg.server` (a ``TrainStage`` driving the
-exchange over the Grid) and :mod:`fedcore.secagg.client` (the ClientApp
-handler for ``train.secagg`` messages).
+Flower shell: :mod:`fedcore.secagg.server` (``SecureTrainStage`` and
+``SecureEvaluateStage``, driving the exchange over the Grid) and
+:mod:`fedcore.secagg.client` (the ClientApp handler for ``train.secagg`` and
+``evaluate.secagg`` messages). Threat model and error bound: docs/security.md.
 """
 
 from __future__ import annotations
