@@ -312,9 +312,10 @@ class SecAggConfig:
 
     ``neighbours``/``threshold`` 0 pick ``k = O(log n)`` and ``t = k/2 + 1``
     (see ``fedcore.secagg.graph``). Updates (trained minus global model) are
-    clipped to ``[-clip, clip]`` and quantized with up to ``bits`` bits in a ring
+    clipped to ``[-clip, clip]`` and quantized with ``bits`` bits in a ring
     of ``ring-bits`` bits (0: 64 in the first round, then 32 whenever the last
-    round's total weight leaves room); the error bound is in docs/security.md.
+    round's total weight leaves room; the ring never changes the result); the
+    error bound is in docs/security.md.
     ``stage-timeout`` is the deadline of each key exchange; the exchange that
     trains uses ``strategy.round-timeout``. ``evaluate`` also aggregates the
     federated evaluation securely (no per-client accuracy or validation count).
@@ -325,7 +326,7 @@ class SecAggConfig:
     neighbours: int = 0
     threshold: int = 0
     clip: float = 4.0
-    bits: int = 24
+    bits: int = 16
     ring_bits: int = 0
     stage_timeout: float = 60.0
 

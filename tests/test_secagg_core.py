@@ -190,21 +190,26 @@ def test_encode_of_array_pairs_equals_encode_of_their_difference():
     )
 
 
-def test_ring_choice_is_64_first_then_32_with_room_and_safe_caps():
-    first = choose_quantizer(clip=4.0, bits=24, ring_bits=0, clients=10, previous_weight=None)
-    assert (first.ring_bits, first.bits) == (64, 24)
-    q = choose_quantizer(clip=4.0, bits=24, ring_bits=0, clients=10, previous_weight=1300)
-    assert q.ring_bits == 32 and q.bits == 19  # 4 * 1300 * 2^18 < 2^31 <= 4 * 1300 * 2^19
-    assert 4 * 1300 * 2 ** (q.bits - 1) + 10 < 2**31
+def test_ring_choice_is_64_first_then_32_with_room_and_never_changes_the_values():
+    def pick(prev, clients=10, bits=16, ring=0):
+        return choose_quantizer(
+            clip=4.0, bits=bits, ring_bits=ring, clients=clients, previous_weight=prev
+        )
+
+    assert (pick(None).ring_bits, pick(None).bits) == (64, 16)
+    q = pick(1300)
+    assert (q.ring_bits, q.bits) == (32, 16)
+    assert 4 * 1300 * 2**15 + 10 < 2**31
     assert 10 * q.max_weight() < 2**32  # the weight coordinate cannot wrap
-    big = choose_quantizer(clip=4.0, bits=24, ring_bits=0, clients=10, previous_weight=10**6)
-    assert big.ring_bits == 64  # fewer than MIN_BITS_32 bits would be left
-    many = choose_quantizer(clip=4.0, bits=24, ring_bits=0, clients=2**20, previous_weight=1000)
-    assert many.ring_bits == 64  # no b with 2^20 < 2^b and 4000 * 2^(b-1) < 2^31
-    assert (
-        choose_quantizer(clip=4.0, bits=16, ring_bits=32, clients=3, previous_weight=None).ring_bits
-        == 32
-    )
+    assert pick(20_000).ring_bits == 64  # 4 * 20000 * 2^15 >= 2^31
+    assert pick(100, clients=2**16).ring_bits == 64  # clients >= 2^bits
+    assert pick(100, bits=30).ring_bits == 64  # too many bits for 32
+    assert pick(None, bits=12, ring=32).ring_bits == 32  # forced
+    # same quantized values in both rings (two's complement, reduced mod 2^32)
+    x = np.random.default_rng(0).uniform(-5, 5, 1000)
+    a = encode(x, 7, (0.5,), pick(None), b"k" * 32)
+    b = encode(x, 7, (0.5,), q, b"k" * 32)
+    assert np.array_equal(a.astype(np.uint32), b)
     with pytest.raises(SecureAggregationError, match=WEIGHT_OVERFLOW):
         encode(np.zeros(2), q.max_weight() + 1, (), q, b"k" * 32)
 

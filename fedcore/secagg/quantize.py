@@ -34,9 +34,11 @@ Metrics obey the same bound with ``M`` (``metric_clip``) in place of ``C``.
 No wrap-around. Every coordinate's true sum is at most ``N * 2^(bits-1) + n`` in
 absolute value; the decoder refuses (``SecureAggregationError``) unless
 ``N * 2^(bits-1) + n < 2^(R-1)``, so a decoded sum is never a wrapped one. With
-``R = 64`` and ``bits = 24`` that allows ``N < 2^39`` examples in a round. A 32-bit
-ring halves what is masked, sent and unmasked; :func:`choose_quantizer` picks it
-when the previous round's total weight shows it is safe (fewer bits then).
+``R = 64`` and ``bits = 16`` that allows ``N < 2^47`` examples in a round; with
+``R = 32``, ``N < 2^15``. A 32-bit ring halves what is masked, sent and unmasked;
+:func:`choose_quantizer` picks it when the previous round's total weight shows it
+is safe. The ring never changes the quantized values, only their capacity, so
+the result of a round does not depend on which ring carried it.
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ from ..errors import SecureAggregationError
 from .crypto import keystream_words
 
 __all__ = [
-    "MIN_BITS_32",
     "WEIGHT_OVERFLOW",
     "Decoded",
     "Quantizer",
@@ -61,8 +62,6 @@ __all__ = [
     "extra_coordinates",
 ]
 
-#: Fewest quantization bits the automatic ring choice accepts for a 32-bit ring.
-MIN_BITS_32 = 12
 #: Marker in the error a client raises when its weight does not fit the round's ring.
 WEIGHT_OVERFLOW = "does not fit the ring"
 
@@ -87,7 +86,7 @@ class Quantizer:
         Quantization bits: ``step = C / 2^(bits-1)``.
     ring_bits : int
         ``R``: arithmetic is modulo ``2^R`` (32 or 64).
-    metric_clip : float (default: 1024.0)
+    metric_clip : float (default: 64.0)
         ``M``: metrics (e.g. ``train_loss``) are clipped to ``[-M, M]``.
 
     """
@@ -95,7 +94,7 @@ class Quantizer:
     clip: float
     bits: int
     ring_bits: int
-    metric_clip: float = 1024.0
+    metric_clip: float = 64.0
 
     def __post_init__(self) -> None:
         if self.ring_bits not in (32, 64):
@@ -250,34 +249,32 @@ def encode(
 def choose_quantizer(
     *, clip: float, bits: int, ring_bits: int, clients: int, previous_weight: int | None
 ) -> Quantizer:
-    """Pick the round's encoding: a forced ring, or (``ring_bits = 0``) the cheapest safe one.
+    """Pick the round's ring: the forced one, or (``ring_bits = 0``) the cheapest safe one.
 
-    Automatic choice: a 32-bit ring (half the bytes of a 64-bit one to mask,
-    send and unmask) when the total weight of the previous round,
-    ``previous_weight``, leaves room for 4x growth at >= ``MIN_BITS_32``
-    quantization bits::
+    The quantization (``clip``, ``bits``) is the same whatever the ring, so the
+    ring never changes a round's result (a resumed run, which has forgotten
+    ``previous_weight``, ends with the same model). Automatic choice: a 32-bit
+    ring (half the bytes of a 64-bit one to mask, send and unmask) when the
+    total weight of the previous round, ``previous_weight``, leaves room for
+    4x growth::
 
-        b = max { b <= min(bits, 24) : 4 * previous_weight * 2^(b-1) + clients < 2^31
-                                       and clients < 2^b }
+        4 * previous_weight * 2^(bits-1) + clients < 2^31   and   clients < 2^bits
 
-    otherwise (first round, or no such ``b``) a 64-bit ring with ``bits``. Safety
-    does not rest on the guess: every client refuses a weight above
-    ``max_weight()`` (so ``clients < 2^b`` keeps the total below ``2^32``, and the
-    weight coordinate exact) and :func:`decode` refuses any sum that could have
+    otherwise (first round, or too much weight) a 64-bit ring. Safety does not
+    rest on the guess: every client refuses a weight above ``max_weight()`` (so
+    ``clients < 2^bits`` keeps the total below ``2^32`` and the weight
+    coordinate exact) and :func:`decode` refuses any sum that could have
     wrapped, so a bad guess fails the round cleanly instead of corrupting it.
     """
-    if ring_bits == 64 or (ring_bits == 0 and previous_weight is None):
-        return Quantizer(clip=clip, bits=bits, ring_bits=64)
-    if ring_bits == 32:
-        return Quantizer(clip=clip, bits=bits, ring_bits=32)
-    assert previous_weight is not None
-    b = min(bits, 24)
-    while b >= MIN_BITS_32 and (
-        4 * previous_weight * 2 ** (b - 1) + clients >= 2**31 or clients >= 2**b
+    if ring_bits in (32, 64):
+        return Quantizer(clip=clip, bits=bits, ring_bits=ring_bits)
+    if (
+        previous_weight is not None
+        and bits <= 24
+        and 4 * previous_weight * 2 ** (bits - 1) + clients < 2**31
+        and clients < 2**bits
     ):
-        b -= 1
-    if b >= MIN_BITS_32:
-        return Quantizer(clip=clip, bits=b, ring_bits=32)
+        return Quantizer(clip=clip, bits=bits, ring_bits=32)
     return Quantizer(clip=clip, bits=bits, ring_bits=64)
 
 

@@ -89,7 +89,7 @@ class SecAggSettings:
         ``k`` and ``t`` (see :func:`fedcore.secagg.graph.resolve`).
     clip : float (default: 4.0)
         Each coordinate of an update (trained minus global) is clipped to ``[-clip, clip]``.
-    bits : int (default: 24)
+    bits : int (default: 16)
         Quantization bits (step ``clip / 2^(bits-1)``).
     ring_bits : int (default: 0)
         Masking ring ``Z_{2^ring_bits}``: 32, 64, or 0 to pick per round (64 in the
@@ -105,7 +105,7 @@ class SecAggSettings:
     neighbours: int = 0
     threshold: int = 0
     clip: float = 4.0
-    bits: int = 24
+    bits: int = 16
     ring_bits: int = 0
     stage_timeout: float = 60.0
     metric_keys: tuple[str, ...] = ("train_loss",)
