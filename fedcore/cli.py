@@ -48,6 +48,22 @@ def _apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
     return cfg.replace(**sections) if sections else cfg
 
 
+def _importable(config_path: Path | None) -> None:
+    """Make modules next to the config file (and in the working directory) importable.
+
+    ``model.factory = "mynets:make_model"`` then finds ``mynets.py`` beside the
+    config, in this process and in the engine's worker processes.
+    """
+    extra = [str(Path.cwd())]
+    if config_path is not None:
+        extra.insert(0, str(config_path.resolve().parent))
+    for entry in reversed(extra):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    current = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join([*extra, *([current] if current else [])])
+
+
 def preflight(cfg: Config) -> None:
     """Everything that can be checked before training: data, partitions, model, loops."""
     from .data import simulation_split
@@ -62,8 +78,9 @@ def preflight(cfg: Config) -> None:
 def centralized_baseline(cfg: Config) -> dict[str, float]:
     """The same model trained centrally on the union of the clients' training data.
 
-    Same optimizer settings and the same number of passes over each example
-    (``rounds * local-epochs`` epochs); evaluated on the same held-out test set.
+    Same initial weights and optimizer settings, ``run.baseline-epochs`` epochs over
+    the union of the clients' local training parts; evaluated on the same held-out
+    test set as the federated model.
     """
     import numpy as np
     import torch
@@ -86,7 +103,7 @@ def centralized_baseline(cfg: Config) -> dict[str, float]:
     model = initial_model(cfg, test)
     seed = derive_seed(cfg.run.seed, "baseline")
     settings = TrainSettings.from_config(cfg.train, seed=seed)
-    settings = TrainSettings(**{**settings.__dict__, "epochs": cfg.run.rounds * cfg.train.local_epochs})
+    settings = TrainSettings(**{**settings.__dict__, "epochs": cfg.run.baseline_epochs})
     torch.manual_seed(seed)
     train(model, make_loader(union, batch_size=settings.batch_size, shuffle=True, seed=seed), settings)
     return evaluate(model, make_loader(test, batch_size=512, shuffle=False))
@@ -99,6 +116,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     path = Path(args.config) if args.config else _default_config_path()
+    _importable(path)
     cfg = _apply_overrides(load_config(path), args)
     preflight(cfg)
     if args.out:
@@ -135,10 +153,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         summary["centralized_baseline"] = {
             "test_accuracy": base["accuracy"],
             "test_loss": base["loss"],
-            "epochs": cfg.run.rounds * cfg.train.local_epochs,
+            "epochs": cfg.run.baseline_epochs,
         }
         write_json(run_dir / "summary.json", summary)
-        line += f" | centralized baseline (same model, data, epochs) {base['accuracy']:.4f}"
+        line += (
+            f" | centralized baseline (same model and data, {cfg.run.baseline_epochs} epochs) "
+            f"{base['accuracy']:.4f}"
+        )
     print(line)
     print(f"wall time {time.perf_counter() - t0:.1f} s")
     print(f"run directory: {run_dir}")

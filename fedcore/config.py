@@ -94,9 +94,16 @@ class RunConfig:
     clients: int = 10
     out_dir: str = "runs"
     centralized_baseline: bool = True
+    baseline_epochs: int = 10
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first bad value."""
+        _require(
+            self.baseline_epochs >= 1,
+            "run.baseline-epochs",
+            self.baseline_epochs,
+            "must be an integer >= 1",
+        )
         _require(self.rounds >= 1, "run.rounds", self.rounds, "must be an integer >= 1")
         _require(self.clients >= 1, "run.clients", self.clients, "must be an integer >= 1")
         _require(self.seed >= 0, "run.seed", self.seed, "must be an integer >= 0")
@@ -418,7 +425,11 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
 
 
 def load_config(path: str | Path | None = None) -> Config:
-    """Read and validate a TOML config file (``None``: all defaults)."""
+    """Read and validate a TOML config file (``None``: all defaults).
+
+    A relative ``data.path`` is taken relative to the config file's directory, so a
+    config and its data file can be moved together.
+    """
     if path is None:
         return config_from_dict({})
     p = Path(path)
@@ -430,6 +441,10 @@ def load_config(path: str | Path | None = None) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("<file>", str(p), f"is not valid TOML: {exc}") from exc
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"]:
+        if not Path(data["path"]).is_absolute():
+            raw["data"] = {**data, "path": str((p.parent / data["path"]).resolve())}
     return config_from_dict(raw)
 
 

@@ -64,12 +64,18 @@ def atomic_write(path: str | Path, data: bytes, *, mode: int = 0o644) -> None:
         os.close(dir_fd)
 
 
-def arrays_to_safetensors(arrays: ArrayRecord, metadata: Mapping[str, str] | None = None) -> bytes:
-    """Serialize an ``ArrayRecord`` as safetensors bytes (no pickle)."""
+def arrays_to_safetensors(arrays: ArrayRecord, metadata: Mapping[str, Any] | None = None) -> bytes:
+    """Serialize an ``ArrayRecord`` as safetensors bytes (no pickle), deterministically.
+
+    ``metadata`` is stored as one sorted-JSON string under ``"fedcore"``: safetensors
+    keeps metadata in a hash map whose key order varies between processes, so more
+    than one key would make identical models differ byte-wise.
+    """
     from safetensors.numpy import save
 
     tensors = {k: np.ascontiguousarray(array_view(a)) for k, a in arrays.items()}
-    return save(tensors, metadata=dict(metadata) if metadata else None)
+    meta = {"fedcore": json.dumps(dict(metadata), sort_keys=True)} if metadata else None
+    return save(tensors, metadata=meta)
 
 
 def arrays_from_safetensors(data: bytes) -> ArrayRecord:

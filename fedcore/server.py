@@ -180,7 +180,7 @@ def serve(grid: Grid, context: Context) -> RunSummary:
     )
     atomic_write(
         run_dir / "model.safetensors",
-        arrays_to_safetensors(final, {"format": "fedcore", "rounds": str(cfg.run.rounds)}),
+        arrays_to_safetensors(final, {"rounds": cfg.run.rounds}),
     )
     write_plot(run_dir, observer.rows)
     last = observer.rows[-1]
