@@ -3,9 +3,10 @@
 ::
 
     fedcore simulate [CONFIG] [--out DIR] [--rounds N] [--clients N] [--seed S] [--workers W]
+    fedcore simulate --resume RUN_DIR [--rounds N]
 
-Exit codes: 0 success, 2 a configuration or data error (the message names the
-key, the value and what is allowed), 1 anything else.
+Exit codes: 0 success, 2 a configuration, data or checkpoint error (the message
+names the key or file, the value and what is allowed), 1 anything else.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import Config, load_config, to_flat
-from .errors import ConfigError, DataError, FedcoreError
+from .errors import CheckpointError, ConfigError, DataError, FedcoreError
 
 __all__ = ["main"]
 
@@ -115,11 +116,27 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .report import write_json
 
     t0 = time.perf_counter()
-    path = Path(args.config) if args.config else _default_config_path()
+    resume_dir = Path(args.resume) if args.resume else None
+    if resume_dir is not None:
+        if args.out:
+            raise ConfigError("--out", args.out, "cannot be combined with --resume RUN_DIR")
+        if not (resume_dir / "config.toml").is_file():
+            raise CheckpointError(f"{resume_dir} is not a fedcore run directory (no config.toml)")
+    if args.config:
+        path: Path | None = Path(args.config)
+    elif resume_dir is not None:
+        path = resume_dir / "config.toml"
+    else:
+        path = _default_config_path()
     _importable(path)
     cfg = _apply_overrides(load_config(path), args)
     preflight(cfg)
-    if args.out:
+    if resume_dir is not None:
+        from .checkpoint import load_checkpoint
+
+        load_checkpoint(resume_dir, expect=cfg)  # refuse a bad checkpoint before starting
+        run_dir = resume_dir
+    elif args.out:
         run_dir = Path(args.out)
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError("--out", str(run_dir), "exists and is not empty; choose a new directory")
@@ -141,7 +158,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         run_config=to_flat(cfg),
         num_clients=cfg.run.clients,
         workers=cfg.engine.workers,
-        server_node_config={"run-dir": str(run_dir), "progress": True},
+        server_node_config={
+            "run-dir": str(run_dir),
+            "progress": True,
+            "resume": resume_dir is not None,
+        },
     )
     import json
 
@@ -182,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--clients", type=int, help="override run.clients")
     sim.add_argument("--seed", type=int, help="override run.seed")
     sim.add_argument("--workers", type=int, help="override engine.workers (0 = one per core)")
+    sim.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a killed run from its last completed round (uses RUN_DIR/config.toml "
+        "unless CONFIG is given; --rounds may extend it)",
+    )
     sim.set_defaults(func=cmd_simulate)
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
@@ -196,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, CheckpointError) as exc:
         print(f"fedcore: error: {exc}", file=sys.stderr)
         return 2
     except FedcoreError as exc:

@@ -267,6 +267,11 @@ class StrategyConfig:
     min_evaluate_clients: int = 2
     min_available_clients: int = 2
     round_timeout: float = 600.0
+    min_train_replies: int = 1
+    round_retries: int = 2
+    retry_backoff: float = 1.0
+    max_num_examples: int = 0  # 0 = no cap
+    max_reply_mb: float = 0.0  # 0 = auto: 2 x the model's size + 1 MB
     accumulation_block: int = 16
 
     def validate(self) -> None:
@@ -290,6 +295,33 @@ class StrategyConfig:
             "strategy.round-timeout",
             self.round_timeout,
             "must be > 0 seconds",
+        )
+        _require(
+            self.min_train_replies >= 1,
+            "strategy.min-train-replies",
+            self.min_train_replies,
+            "must be an integer >= 1 (valid training replies needed to accept a round)",
+        )
+        _require(
+            self.round_retries >= 0, "strategy.round-retries", self.round_retries, "must be >= 0"
+        )
+        _require(
+            math.isfinite(self.retry_backoff) and self.retry_backoff >= 0,
+            "strategy.retry-backoff",
+            self.retry_backoff,
+            "must be >= 0 seconds (doubled after each retry)",
+        )
+        _require(
+            self.max_num_examples >= 0,
+            "strategy.max-num-examples",
+            self.max_num_examples,
+            "must be >= 0 (0 = no cap)",
+        )
+        _require(
+            math.isfinite(self.max_reply_mb) and self.max_reply_mb >= 0,
+            "strategy.max-reply-mb",
+            self.max_reply_mb,
+            "must be >= 0 (0 = twice the model's size plus 1 MB)",
         )
         _require(
             self.accumulation_block >= 1,

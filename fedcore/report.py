@@ -21,7 +21,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +39,32 @@ __all__ = [
 ]
 
 
-def atomic_write(path: str | Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` via write-fsync-rename; ``mode`` applies from creation."""
+def atomic_write(
+    path: str | Path,
+    data: bytes,
+    *,
+    mode: int = 0o644,
+    midway: Callable[[], None] | None = None,
+) -> None:
+    """Write ``data`` to ``path`` via write-fsync-rename; ``mode`` applies from creation.
+
+    ``midway`` is called after half the bytes are written (crash-safety tests use it
+    to die half-way through a write).
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if midway is not None:
+                half = len(data) // 2
+                f.write(data[:half])
+                f.flush()
+                midway()
+                f.write(data[half:])
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -73,7 +90,7 @@ def arrays_to_safetensors(arrays: ArrayRecord, metadata: Mapping[str, Any] | Non
     """
     from safetensors.numpy import save
 
-    tensors = {k: np.ascontiguousarray(array_view(a)) for k, a in arrays.items()}
+    tensors = {k: array_view(a) for k, a in arrays.items()}  # C-ordered, shape kept (0-d too)
     meta = {"fedcore": json.dumps(dict(metadata), sort_keys=True)} if metadata else None
     return save(tensors, metadata=meta)
 
