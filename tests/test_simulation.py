@@ -16,7 +16,10 @@ from fedcore.engine.embedded import run_embedded
 
 from .conftest import ROOT
 
-RUN_FILES = {"config.toml", "metrics.csv", "metrics.json", "model.safetensors", "plot.png", "summary.json"}
+RUN_FILES = {
+    "config.toml", "metrics.csv", "metrics.json", "model.safetensors", "plot.png", "summary.json",
+    "checkpoint.safetensors",
+}
 
 
 def _simulate(cfg, run_dir, client_app="clients.app:app"):
