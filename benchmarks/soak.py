@@ -63,8 +63,13 @@ def main() -> None:
     cfg = config_from_dict(
         {
             "run": {"rounds": args.rounds, "clients": args.clients, "centralized-baseline": False},
-            "data": {"source": "synthetic", "synthetic-examples": 5000, "synthetic-classes": 5,
-                     "partition": "dirichlet", "alpha": 1.0},
+            "data": {
+                "source": "synthetic",
+                "synthetic-examples": 5000,
+                "synthetic-classes": 5,
+                "partition": "dirichlet",
+                "alpha": 1.0,
+            },
             "model": {"factory": "mlp", "kwargs": {"hidden": 64}},
             "train": {"local-epochs": 1, "batch-size": 16, "lr": 0.05},
             "strategy": {"fraction-evaluate": 0.1},
@@ -102,7 +107,7 @@ def main() -> None:
         f"rss_after_round_{args.rounds}_mb": round(obs.at[args.rounds] / mb, 1),
         "growth_pct": round(100 * (obs.at[args.rounds] / obs.at[early] - 1), 2),
         "peak_rounds_1_10_mb": round(early_peak / mb, 1),
-        f"peak_last_10_rounds_mb": round(late_peak / mb, 1),
+        "peak_last_10_rounds_mb": round(late_peak / mb, 1),
         "peak_growth_pct": round(100 * (late_peak / early_peak - 1), 2),
         "final_accuracy": rows[-1]["accuracy"],
     }

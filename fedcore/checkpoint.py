@@ -157,6 +157,7 @@ def load_checkpoint(
     model_spec : Mapping[str, ArraySpec], optional
         The array names/shapes/dtypes of the model that will be trained; the
         checkpoint's must be identical.
+
     """
     path = run_dir / CHECKPOINT_FILE
     try:
@@ -169,7 +170,8 @@ def load_checkpoint(
     meta = _read_metadata(data, path)
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} has format version {meta.get('version')!r}; this fedcore reads {FORMAT_VERSION}"
+            f"{path} has format version {meta.get('version')!r}; "
+            f"this fedcore reads version {FORMAT_VERSION}"
         )
     try:
         arrays = arrays_from_safetensors(data)

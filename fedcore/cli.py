@@ -106,7 +106,9 @@ def centralized_baseline(cfg: Config) -> dict[str, float]:
     settings = TrainSettings.from_config(cfg.train, seed=seed)
     settings = TrainSettings(**{**settings.__dict__, "epochs": cfg.run.baseline_epochs})
     torch.manual_seed(seed)
-    train(model, make_loader(union, batch_size=settings.batch_size, shuffle=True, seed=seed), settings)
+    train(
+        model, make_loader(union, batch_size=settings.batch_size, shuffle=True, seed=seed), settings
+    )
     return evaluate(model, make_loader(test, batch_size=512, shuffle=False))
 
 
@@ -139,15 +141,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     elif args.out:
         run_dir = Path(args.out)
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError("--out", str(run_dir), "exists and is not empty; choose a new directory")
+            raise ConfigError(
+                "--out", str(run_dir), "exists and is not empty; choose a new directory"
+            )
     else:
         from .server import default_run_dir
 
         run_dir = default_run_dir(cfg)
     print(
         f"fedcore simulate: {path or 'built-in defaults'} | {cfg.run.clients} clients, "
-        f"{cfg.run.rounds} rounds, {cfg.data.source}/{cfg.data.partition}, model {cfg.model.factory}, "
-        f"seed {cfg.run.seed}",
+        f"{cfg.run.rounds} rounds, {cfg.data.source}/{cfg.data.partition}, "
+        f"model {cfg.model.factory}, seed {cfg.run.seed}",
         flush=True,
     )
     from server.app import app as server_app

@@ -235,19 +235,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first bad value."""
-        _require(
-            self.local_epochs >= 1, "train.local-epochs", self.local_epochs, "must be >= 1"
-        )
+        _require(self.local_epochs >= 1, "train.local-epochs", self.local_epochs, "must be >= 1")
         _require(self.batch_size >= 1, "train.batch-size", self.batch_size, "must be >= 1")
-        _require(
-            math.isfinite(self.lr) and self.lr > 0, "train.lr", self.lr, "must be > 0"
-        )
-        _require(
-            0.0 <= self.momentum < 1.0, "train.momentum", self.momentum, "must be in [0, 1)"
-        )
-        _require(
-            self.weight_decay >= 0, "train.weight-decay", self.weight_decay, "must be >= 0"
-        )
+        _require(math.isfinite(self.lr) and self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _require(0.0 <= self.momentum < 1.0, "train.momentum", self.momentum, "must be in [0, 1)")
+        _require(self.weight_decay >= 0, "train.weight-decay", self.weight_decay, "must be >= 0")
         _require(
             self.optimizer in OPTIMIZERS,
             "train.optimizer",
@@ -545,4 +537,3 @@ def to_toml(cfg: Config) -> str:
             lines.extend(f"{k} = {_toml_value(v)}" for k, v in sub.items())
             lines.append("")
     return "\n".join(lines)
-

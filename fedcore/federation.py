@@ -90,7 +90,10 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 0.2) 
 
 
 def _observed(
-    replies: Iterable[Message], observer: Observer, server_round: int, stage: str,
+    replies: Iterable[Message],
+    observer: Observer,
+    server_round: int,
+    stage: str,
     seen: set[int],
 ) -> Iterator[Message]:
     for msg in replies:
@@ -99,7 +102,9 @@ def _observed(
         yield msg
 
 
-def _timeouts(msgs: Sequence[Message], seen: set[int], stage: str, timeout: float) -> list[Rejection]:
+def _timeouts(
+    msgs: Sequence[Message], seen: set[int], stage: str, timeout: float
+) -> list[Rejection]:
     return [
         Rejection(m.metadata.dst_node_id, stage, f"no reply within {timeout:g} s")
         for m in msgs
@@ -239,25 +244,34 @@ def run_federation(
                 log.warning("round %d: retry %d/%d in %.1f s", rnd, attempt, policy.retries, delay)
                 sleep(delay)
             tr, node_ids, dropped, why = _train_attempt(
-                grid, strategy, train_stage, policy, rnd=rnd, attempt=attempt,
-                arrays=arrays, train_config=train_config, observer=obs,
+                grid,
+                strategy,
+                train_stage,
+                policy,
+                rnd=rnd,
+                attempt=attempt,
+                arrays=arrays,
+                train_config=train_config,
+                observer=obs,
             )
             rejected += dropped
             for r in dropped:
                 log.warning("round %d: dropped %s", rnd, r)
             if tr is not None:
                 break
-            log.warning("round %d: attempt %d failed (%s); keeping the previous model", rnd,
-                        attempt + 1, why)
+            log.warning(
+                "round %d: attempt %d failed (%s); keeping the previous model",
+                rnd,
+                attempt + 1,
+                why,
+            )
         if tr is not None and tr.arrays is not None:
             arrays = tr.arrays
 
         # -- federated evaluation (not retried: it does not change the model) --
         fed: dict[str, float] = {}
         msgs = (
-            strategy.configure_evaluate(rnd, arrays, evaluate_config, node_ids)
-            if node_ids
-            else []
+            strategy.configure_evaluate(rnd, arrays, evaluate_config, node_ids) if node_ids else []
         )
         if msgs:
             obs.stage_started(rnd, "evaluate", len(msgs))

@@ -25,6 +25,7 @@ from .errors import ConfigError
 
 __all__ = ["dirichlet", "iid", "partition", "shards"]
 
+
 def _check_counts(num_examples: int, num_clients: int) -> None:
     if num_clients < 1:
         raise ConfigError("run.clients", num_clients, "must be an integer >= 1")

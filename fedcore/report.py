@@ -25,7 +25,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord
 
 from .aggregation import array_view
@@ -144,8 +143,11 @@ def write_plot(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     rounds = [r["round"] for r in rows]
     fig = Figure(figsize=(9, 3.5), dpi=100)
     ax_loss, ax_acc = fig.subplots(1, 2)
-    for key, label in (("train_loss", "train (clients)"), ("eval_loss", "test (server)"),
-                       ("fed_eval_loss", "validation (clients)")):
+    for key, label in (
+        ("train_loss", "train (clients)"),
+        ("eval_loss", "test (server)"),
+        ("fed_eval_loss", "validation (clients)"),
+    ):
         ax_loss.plot(rounds, [r[key] for r in rows], marker=".", label=label)
     for key, label in (("accuracy", "test (server)"), ("fed_accuracy", "validation (clients)")):
         ax_acc.plot(rounds, [r[key] for r in rows], marker=".", label=label)

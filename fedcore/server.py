@@ -21,10 +21,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid
 
-from .config import Config, config_from_flat, to_toml
-from .data import Dataset, holdout
 from .aggregation import spec_of
 from .checkpoint import ServerState, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from .config import Config, config_from_flat, to_toml
+from .data import Dataset, holdout
 from .faults import crash_point
 from .federation import Observer, RoundPolicy, RoundRecord, run_federation
 from .models import build_model
@@ -218,7 +218,9 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
     t0 = time.perf_counter()
     cfg = config_from_flat(context.run_config)
     node_config = context.node_config
-    run_dir = Path(str(node_config["run-dir"])) if "run-dir" in node_config else default_run_dir(cfg)
+    run_dir = (
+        Path(str(node_config["run-dir"])) if "run-dir" in node_config else default_run_dir(cfg)
+    )
     progress = bool(node_config.get("progress", False))
     resume = bool(node_config.get("resume", False))
 
@@ -248,8 +250,11 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
 
     observer = RunObserver(run_dir, cfg, strategy, progress=progress, history=history)
     train_config = ConfigRecord(
-        {"lr": cfg.train.lr, "local-epochs": cfg.train.local_epochs,
-         "batch-size": cfg.train.batch_size}
+        {
+            "lr": cfg.train.lr,
+            "local-epochs": cfg.train.local_epochs,
+            "batch-size": cfg.train.batch_size,
+        }
     )
     final = run_federation(
         grid,
@@ -263,9 +268,15 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
         observer=Observers(observer, *observers),
         start_round=start,
     )
-    atomic_write(run_dir / "model.safetensors", arrays_to_safetensors(final, {"rounds": cfg.run.rounds}))
+    atomic_write(
+        run_dir / "model.safetensors", arrays_to_safetensors(final, {"rounds": cfg.run.rounds})
+    )
     write_plot(run_dir, observer.rows)
-    last = observer.rows[-1] if observer.rows else {"accuracy": float("nan"), "eval_loss": float("nan")}
+    last = (
+        observer.rows[-1]
+        if observer.rows
+        else {"accuracy": float("nan"), "eval_loss": float("nan")}
+    )
     summary = RunSummary(
         run_dir=run_dir,
         rounds=cfg.run.rounds,

@@ -77,7 +77,9 @@ def test_matches_flower_fedavg(n_clients, size, block, seed):
         for k in ("w", "b")
     }
     for key in ("w", "b"):
-        mag = sum(w * np.abs(array_view(a[key]).astype(np.float64)) for a, w in zip(arrays, weights)) / sum(weights)
+        mag = sum(
+            w * np.abs(array_view(a[key]).astype(np.float64)) for a, w in zip(arrays, weights)
+        ) / sum(weights)
         np.testing.assert_allclose(ours[key].numpy(), oracle[key].numpy(), rtol=1e-5, atol=1e-5)
         # documented bound: (block - 1) * u32 * mean|x| + half an ulp of float32
         bound = (max(block, 1)) * 2.0**-24 * mag + np.abs(exact[key]) * 2.0**-24 + 1e-30
@@ -88,7 +90,9 @@ def test_float64_block_1_is_at_least_as_close_as_flower():
     g = np.random.default_rng(0)
     arrays = [rec(w=(g.normal(0, 1, 10_000) + 1000).astype(np.float32)) for _ in range(200)]
     weights = [int(w) for w in g.integers(1, 10**6, 200)]
-    exact = sum(np.float64(w) * array_view(a["w"]).astype(np.float64) for a, w in zip(arrays, weights)) / sum(weights)
+    exact = sum(
+        np.float64(w) * array_view(a["w"]).astype(np.float64) for a, w in zip(arrays, weights)
+    ) / sum(weights)
     ours = weighted_mean(zip(arrays, weights), block=1)["w"].numpy().astype(np.float64)
     flower = _flower_oracle(arrays, weights)["w"].numpy().astype(np.float64)
     assert np.max(np.abs(ours - exact)) <= np.max(np.abs(flower - exact))
@@ -98,7 +102,10 @@ def test_float64_block_1_is_at_least_as_close_as_flower():
     ("bad", "fragment"),
     [
         (rec(w=np.zeros(3, np.float32)), "missing ['b']"),
-        (rec(w=np.zeros(2, np.float32), b=np.zeros(1, np.float32), c=np.zeros(1, np.float32)), "extra ['c']"),
+        (
+            rec(w=np.zeros(2, np.float32), b=np.zeros(1, np.float32), c=np.zeros(1, np.float32)),
+            "extra ['c']",
+        ),
         (rec(w=np.zeros(3, np.float32), b=np.zeros(1, np.float32)), "float32[3]"),
         (rec(w=np.zeros(2, np.float64), b=np.zeros(1, np.float32)), "float64[2]"),
         (rec(w=np.array([0, np.nan], np.float32), b=np.zeros(1, np.float32)), "NaN or Inf"),

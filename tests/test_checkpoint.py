@@ -22,7 +22,10 @@ def _state(round_=3, cfg=None, value=1.5):
     arrays = ArrayRecord(
         {"w": Array(np.full((2, 3), value, np.float32)), "n": Array(np.array(7, np.int64))}
     )
-    history = [{"round": r, "accuracy": 0.5 + r / 10, "train_loss": float("nan")} for r in range(1, round_ + 1)]
+    history = [
+        {"round": r, "accuracy": 0.5 + r / 10, "train_loss": float("nan")}
+        for r in range(1, round_ + 1)
+    ]
     return ServerState(round_, arrays, {"m": [1.0, 2.0]}, history, cfg or Config())
 
 
@@ -82,7 +85,9 @@ def test_other_config_is_refused_naming_the_key(tmp_path):
 
 def test_other_model_is_refused(tmp_path):
     save_checkpoint(tmp_path, _state())
-    other = ArrayRecord({"w": Array(np.zeros((3, 3), np.float32)), "n": Array(np.array(7, np.int64))})
+    other = ArrayRecord(
+        {"w": Array(np.zeros((3, 3), np.float32)), "n": Array(np.array(7, np.int64))}
+    )
     with pytest.raises(CheckpointError, match="another model"):
         load_checkpoint(tmp_path, model_spec=spec_of(other))
 

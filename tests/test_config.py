@@ -37,8 +37,11 @@ from .conftest import ROOT
         ({"data": {"test-fraction": 1.0}}, "data.test-fraction", "between 0 and 1"),
         ({"train": {"optimizer": "lbfgs"}}, "train.optimizer", "sgd, adam"),
         ({"strategy": {"fraction-train": 1.5}}, "strategy.fraction-train", "[0, 1]"),
-        ({"run": {"clients": 3}, "strategy": {"min-available-clients": 5}},
-         "strategy.min-available-clients", "<= run.clients"),
+        (
+            {"run": {"clients": 3}, "strategy": {"min-available-clients": 5}},
+            "strategy.min-available-clients",
+            "<= run.clients",
+        ),
         ({"model": {"kwargs": {"hidden": [1, 2]}}}, "model.kwargs.hidden", "booleans, numbers"),
         ({"model": {"train-fn": "no_colon"}}, "model.train-fn", "import path"),
     ],

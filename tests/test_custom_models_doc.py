@@ -40,12 +40,19 @@ def test_custom_model_example_runs_exactly_as_documented(tmp_path):
             for line in body.strip().splitlines():
                 argv = shlex.split(line)
                 argv[0] = shutil.which(argv[0], path=env["PATH"]) or argv[0]
-                proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True,
-                                      text=True, timeout=300)
+                proc = subprocess.run(
+                    argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+                )
                 assert proc.returncode == 0, f"{line}\n{proc.stdout}\n{proc.stderr}"
         else:
-            proc = subprocess.run([sys.executable, "-c", body], cwd=tmp_path, env=env,
-                                  capture_output=True, text=True, timeout=120)
+            proc = subprocess.run(
+                [sys.executable, "-c", body],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert proc.returncode == 0, proc.stderr
             assert "loaded" in proc.stdout
     run = tmp_path / "my-run"

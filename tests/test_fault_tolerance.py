@@ -25,7 +25,6 @@ from flwr.app import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.numpy import load_file
 
 from fedcore.checkpoint import load_checkpoint
 from fedcore.config import config_from_dict, to_flat
@@ -87,7 +86,9 @@ def test_too_few_replies_retries_then_keeps_the_previous_model(small_config, tmp
 def _good_reply(to, value, n):
     arrays = ArrayRecord({"w": Array(np.full(3, value, np.float32))})
     return Message(
-        RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0})}),
+        RecordDict(
+            {"arrays": arrays, "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0})}
+        ),
         reply_to=to,
     )
 
@@ -96,11 +97,17 @@ _arrays = st.one_of(
     st.just(ArrayRecord({"w": Array(np.zeros(4, np.float32))})),
     st.just(ArrayRecord({"w": Array(np.zeros(3, np.float64))})),
     st.just(ArrayRecord({"v": Array(np.zeros(3, np.float32))})),
-    st.just(ArrayRecord({"w": Array(np.zeros(3, np.float32)), "x": Array(np.zeros(1, np.float32))})),
+    st.just(
+        ArrayRecord({"w": Array(np.zeros(3, np.float32)), "x": Array(np.zeros(1, np.float32))})
+    ),
     st.just(ArrayRecord({"w": Array(np.array([np.nan, 0, 0], np.float32))})),
     st.just(ArrayRecord({"w": Array(np.array([0, -np.inf, 0], np.float32))})),
     st.just(ArrayRecord({"w": Array(np.zeros(3, np.int32))})),
-    st.just(ArrayRecord({"w": Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=b"\x93NUMPY")})),
+    st.just(
+        ArrayRecord(
+            {"w": Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=b"\x93NUMPY")}
+        )
+    ),
     st.just(ArrayRecord({"w": Array(np.zeros(100_000, np.float32))})),
     st.just(ArrayRecord()),
 )
@@ -114,7 +121,9 @@ def bad_replies(draw, to):
     kind = draw(st.sampled_from(["arrays", "n", "error", "no-metrics", "no-arrays", "two-arrays"]))
     if kind == "error":
         return Message(Error(2, draw(st.text(max_size=20))), reply_to=to)
-    arrays = draw(_arrays) if kind == "arrays" else ArrayRecord({"w": Array(np.ones(3, np.float32))})
+    arrays = (
+        draw(_arrays) if kind == "arrays" else ArrayRecord({"w": Array(np.ones(3, np.float32))})
+    )
     n = draw(_n) if kind == "n" else 5
     content = RecordDict({"arrays": arrays})
     if kind != "no-metrics":
@@ -148,12 +157,31 @@ def test_fuzzed_replies_never_crash_and_never_change_the_model(data, n_bad, n_go
 
 
 _scalars = st.one_of(
-    st.integers(-10, 10**6), st.floats(allow_nan=True), st.text(max_size=8), st.booleans(),
-    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+    st.integers(-10, 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
 )
 _keys = st.sampled_from(
-    ["rounds", "clients", "seed", "alpha", "partition", "source", "factory", "lr", "bogus",
-     "fraction-train", "round-timeout", "min-train-replies", "kwargs", "workers", "path"]
+    [
+        "rounds",
+        "clients",
+        "seed",
+        "alpha",
+        "partition",
+        "source",
+        "factory",
+        "lr",
+        "bogus",
+        "fraction-train",
+        "round-timeout",
+        "min-train-replies",
+        "kwargs",
+        "workers",
+        "path",
+    ]
 )
 
 
@@ -271,7 +299,9 @@ def test_sigkill_at_ten_points_then_resume_gives_the_uninterrupted_model(tmp_pat
     for i, (env, delay) in enumerate(cases):
         run_dir = tmp_path / f"run{i}"
         killed_runs += _run_to_completion(cfg_path, run_dir, first_env=env, kill_after=delay)
-        assert (run_dir / "model.safetensors").read_bytes() == reference, f"case {i}: {env or delay}"
+        assert (run_dir / "model.safetensors").read_bytes() == reference, (
+            f"case {i}: {env or delay}"
+        )
         rows = json.loads((run_dir / "metrics.json").read_text())
         strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
         assert strip(rows) == strip(ref_rows), f"case {i}"

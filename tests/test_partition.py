@@ -7,8 +7,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from fedcore.data import client_data, simulation_split
 from fedcore.config import DataConfig
+from fedcore.data import client_data, simulation_split
 from fedcore.errors import ConfigError
 from fedcore.partition import dirichlet, iid, partition, shards
 
@@ -67,9 +67,9 @@ def test_small_alpha_skews_more_than_large_alpha():
     def mean_labels_per_client(alpha):
         parts = dirichlet(labels, 10, alpha, np.random.default_rng(0))
         # labels holding >= 5% of a client's data
-        return np.mean([
-            np.sum(np.bincount(labels[p], minlength=10) >= 0.05 * len(p)) for p in parts
-        ])
+        return np.mean(
+            [np.sum(np.bincount(labels[p], minlength=10) >= 0.05 * len(p)) for p in parts]
+        )
 
     assert mean_labels_per_client(0.1) < mean_labels_per_client(100.0)
     assert mean_labels_per_client(100.0) >= 9

@@ -17,7 +17,12 @@ from fedcore.engine.embedded import run_embedded
 from .conftest import ROOT
 
 RUN_FILES = {
-    "config.toml", "metrics.csv", "metrics.json", "model.safetensors", "plot.png", "summary.json",
+    "config.toml",
+    "metrics.csv",
+    "metrics.json",
+    "model.safetensors",
+    "plot.png",
+    "summary.json",
     "checkpoint.safetensors",
 }
 

@@ -51,7 +51,9 @@ def test_aggregate_train_hand_computed_and_matches_flower():
     msgs = _train_msgs(ours)
     values = [[1, 2, 3, 4], [2, 2, 2, 2], [0, 0, 0, 8], [4, 3, 2, 1]]
     sizes = [10, 30, 20, 40]
-    replies = [_reply(m, v, n, loss=float(i)) for i, (m, v, n) in enumerate(zip(msgs, values, sizes))]
+    replies = [
+        _reply(m, v, n, loss=float(i)) for i, (m, v, n) in enumerate(zip(msgs, values, sizes))
+    ]
     result = ours.aggregate_train(1, iter(replies))
     expected = sum(np.float64(n) * np.array(v, np.float64) for v, n in zip(values, sizes)) / 100
     np.testing.assert_allclose(result.arrays["w"].numpy(), expected, rtol=1e-7)
@@ -73,16 +75,24 @@ def test_aggregate_train_hand_computed_and_matches_flower():
         (lambda m: _reply(m, [1, 1, 1, 1], 2.5), "positive integer"),
         (lambda m: _reply(m, [1, 1, 1], 5), "float32[3]"),
         (lambda m: _reply(m, [np.nan, 1, 1, 1], 5), "NaN or Inf"),
-        (lambda m: _reply(m, None, 5, arrays=ArrayRecord({"w": Array(np.zeros(4, np.float32))})),
-         "missing ['n']"),
-        (lambda m: _reply(m, [1, 1, 1, 1], 5, metrics=MetricRecord({"train_loss": 1.0})),
-         "positive integer"),
+        (
+            lambda m: _reply(m, None, 5, arrays=ArrayRecord({"w": Array(np.zeros(4, np.float32))})),
+            "missing ['n']",
+        ),
+        (
+            lambda m: _reply(m, [1, 1, 1, 1], 5, metrics=MetricRecord({"train_loss": 1.0})),
+            "positive integer",
+        ),
     ],
 )
 def test_a_bad_reply_is_rejected_alone_with_a_reason(make_bad, reason):
     s = FedAvg(seed=0)
     msgs = _train_msgs(s)
-    replies = [_reply(msgs[0], [1, 1, 1, 1], 10), make_bad(msgs[1]), _reply(msgs[2], [3, 3, 3, 3], 10)]
+    replies = [
+        _reply(msgs[0], [1, 1, 1, 1], 10),
+        make_bad(msgs[1]),
+        _reply(msgs[2], [3, 3, 3, 3], 10),
+    ]
     bad_src = replies[1].metadata.src_node_id
     result = s.aggregate_train(1, replies)
     assert result.num_clients == 2
@@ -102,7 +112,9 @@ def test_no_valid_reply_gives_no_new_model():
 def test_max_examples_cap():
     s = FedAvg(seed=0, max_examples=100)
     msgs = _train_msgs(s)
-    result = s.aggregate_train(1, [_reply(msgs[0], [1, 1, 1, 1], 101), _reply(msgs[1], [1, 1, 1, 1], 5)])
+    result = s.aggregate_train(
+        1, [_reply(msgs[0], [1, 1, 1, 1], 101), _reply(msgs[1], [1, 1, 1, 1], 5)]
+    )
     assert result.num_clients == 1 and "cap 100" in result.rejected[0].reason
 
 
@@ -110,8 +122,14 @@ def test_evaluate_metrics_are_example_weighted():
     s = FedAvg(seed=0)
     msgs = s.configure_evaluate(1, _global(), ConfigRecord(), NODES[:2])
     replies = [
-        Message(RecordDict({"metrics": MetricRecord({"eval_acc": 1.0, "num-examples": 1})}), reply_to=msgs[0]),
-        Message(RecordDict({"metrics": MetricRecord({"eval_acc": 0.0, "num-examples": 3})}), reply_to=msgs[1]),
+        Message(
+            RecordDict({"metrics": MetricRecord({"eval_acc": 1.0, "num-examples": 1})}),
+            reply_to=msgs[0],
+        ),
+        Message(
+            RecordDict({"metrics": MetricRecord({"eval_acc": 0.0, "num-examples": 3})}),
+            reply_to=msgs[1],
+        ),
     ]
     result = s.aggregate_evaluate(1, replies)
     assert result.metrics["eval_acc"] == pytest.approx(0.25) and result.num_examples == 4
@@ -121,6 +139,8 @@ def test_fraction_and_minimum_sampling_is_seeded():
     a = FedAvg(seed=1, fraction_train=0.5, min_train_clients=1)
     b = FedAvg(seed=1, fraction_train=0.5, min_train_clients=1)
     ids = list(range(100))
-    pick = lambda s, r: [m.metadata.dst_node_id for m in s.configure_train(r, _global(), ConfigRecord(), ids)]
+    pick = lambda s, r: [
+        m.metadata.dst_node_id for m in s.configure_train(r, _global(), ConfigRecord(), ids)
+    ]
     assert pick(a, 3) == pick(b, 3) and len(pick(a, 3)) == 50
     assert pick(a, 3) != pick(a, 4)

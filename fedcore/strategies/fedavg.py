@@ -41,6 +41,7 @@ class FedAvg(Strategy):
     max_reply_bytes : int, optional
         Replies whose arrays exceed this many bytes are rejected before any of their
         data is read. Default: twice the global model's size plus 1 MiB.
+
     """
 
     def __init__(
@@ -148,18 +149,14 @@ class FedAvg(Strategy):
         )
         return _messages(arrays, config, server_round, nodes, MessageType.EVALUATE)
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> EvaluateResult:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> EvaluateResult:
         """Example-weighted mean of each metric over the valid replies."""
         metrics = WeightedMetrics()
         rejected: list[Rejection] = []
         count = total = 0
         for msg in replies:
             try:
-                reply_metrics, n = num_examples_of(
-                    msg, "evaluate", max_examples=self.max_examples
-                )
+                reply_metrics, n = num_examples_of(msg, "evaluate", max_examples=self.max_examples)
             except ReplyError as exc:
                 rejected.append(Rejection(exc.client_id, exc.stage, exc.reason))
                 continue
@@ -184,6 +181,8 @@ def _messages(
     cfg["server-round"] = server_round
     content = RecordDict({ARRAYS: arrays, CONFIG: cfg})
     return [
-        Message(content=content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
+        Message(
+            content=content, dst_node_id=node, message_type=message_type, group_id=str(server_round)
+        )
         for node in nodes
     ]

@@ -42,8 +42,10 @@ def train(msg: Message, context: Context) -> Message:
     if str(pid) in os.environ.get("FLAKY_NAN", "").split(","):
         arrays = reply.content.array_records["arrays"]
         poisoned = ArrayRecord(
-            {k: Array(np.full(a.shape, np.nan, dtype=a.dtype)) if "float" in a.dtype else a
-             for k, a in arrays.items()}
+            {
+                k: Array(np.full(a.shape, np.nan, dtype=a.dtype)) if "float" in a.dtype else a
+                for k, a in arrays.items()
+            }
         )
         return Message(
             RecordDict({"arrays": poisoned, "metrics": reply.content.metric_records["metrics"]}),
