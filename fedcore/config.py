@@ -260,7 +260,7 @@ class StrategyConfig:
     min_evaluate_clients: int = 2
     min_available_clients: int = 2
     round_timeout: float = 600.0
-    accumulation_block: int = 16
+    accumulation_block: int = 32
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first bad value."""
