@@ -85,6 +85,8 @@ class ProcessTree:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.peak = MemorySample(0, 0, 0)
+        #: ``(command, rss, pss)`` of each process in the sample with the highest RSS sum
+        self.peak_detail: list[tuple[str, int, int]] = []
         self.samples = 0
 
     # -- membership -----------------------------------------------------------
@@ -155,18 +157,22 @@ class ProcessTree:
         with self._lock:
             procs = self._alive()
             rss = pss = n = 0
+            detail = []
             for proc in procs:
                 try:
                     if self.with_pss:
                         info = proc.memory_full_info()
-                        rss += info.rss
-                        pss += info.pss
+                        p_rss, p_pss = info.rss, info.pss
                     else:
-                        rss += proc.memory_info().rss
-                    n += 1
+                        p_rss, p_pss = proc.memory_info().rss, 0
+                    name = self._names.get((proc.pid, proc.create_time()), str(proc.pid))
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
+                rss, pss, n = rss + p_rss, pss + p_pss, n + 1
+                detail.append((name, p_rss, p_pss))
             now = MemorySample(n, rss, pss)
+            if rss > self.peak.rss:
+                self.peak_detail = sorted(detail, key=lambda d: -d[1])
             self.samples += 1
             self.peak = MemorySample(
                 max(self.peak.processes, n), max(self.peak.rss, rss), max(self.peak.pss, pss)
