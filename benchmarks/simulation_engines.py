@@ -3,7 +3,9 @@
 Scenario A (``--clients 10 --rounds 3``): ``simulations/default.toml`` (digits,
 the small CNN, Dirichlet 0.5) with fewer rounds and no centralized baseline,
 
-- embedded: ``python -m fedcore.cli simulate CONFIG --out DIR`` (a fresh process);
+- embedded: ``python -m fedcore.cli simulate CONFIG --out DIR`` (a fresh process),
+  with the default executors (one per core: the server process and one forked
+  worker) and again with ``engine.workers = 1`` (all clients in the server process);
 - Ray: ``flwr run`` of the same Flower App with the same run config, through
   :func:`fedcore.engine.flower_sim.run_flower_simulation` (private FLWR_HOME,
   local SuperLink started for the run, one CPU per ClientApp so both engines run
@@ -153,6 +155,12 @@ def main() -> None:
         embedded = run_embedded_cli(cfg, work)
         result["embedded"] = embedded
         print(f"embedded: {embedded}", file=sys.stderr)
+        # the same with one executor (every client in the server process: one process)
+        single_work = work / "single"
+        single_work.mkdir()
+        single = run_embedded_cli(cfg.replace(engine={"workers": 1}), single_work)
+        result["embedded_single_executor"] = single
+        print(f"embedded, one executor: {single}", file=sys.stderr)
         if not args.skip_ray:
             ray = run_ray(cfg, work)
             result["ray"] = ray
@@ -163,6 +171,8 @@ def main() -> None:
             result["round_time_ratio"] = sum(ray["round_seconds"]) / sum(
                 embedded["round_seconds"]
             )
+            result["speedup_single_executor"] = ray["seconds"] / single["seconds"]
+            result["memory_ratio_single_executor"] = ray["peak_rss_mib"] / single["peak_rss_mib"]
         if not args.skip_big:
             big_work = work / "big"
             big_work.mkdir()

@@ -89,8 +89,8 @@ _MAX_HEADER = 65536  # bytes; numpy's own reader refuses headers over 10,000 by 
 _MAX_CACHED_HEADER = 4096
 
 
-def _parse_header(header: bytes) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype from a complete ``.npy`` header (magic to padding)."""
+def _parse_header(header: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and element count from a complete ``.npy`` header (magic to padding)."""
     head = io.BytesIO(header)
     try:
         version = np.lib.format.read_magic(head)
@@ -104,7 +104,7 @@ def _parse_header(header: bytes) -> tuple[tuple[int, ...], np.dtype]:
         raise AggregationError("malformed .npy header: length field does not match")
     if fortran or dtype.hasobject or dtype.kind not in "biuf":
         raise AggregationError(f"unsupported array layout or dtype {dtype}")
-    return tuple(int(d) for d in shape), dtype
+    return tuple(int(d) for d in shape), dtype, math.prod(shape)
 
 
 # Every client sends the same few headers (one per array), so each is parsed once:
@@ -137,10 +137,7 @@ def array_view(arr: Array) -> np.ndarray:
         )
     header = bytes(data[:offset])
     parse = _parse_header_cached if offset <= _MAX_CACHED_HEADER else _parse_header
-    shape, dtype = parse(header)
-    count = 1
-    for d in shape:
-        count *= d
+    shape, dtype, count = parse(header)
     if len(data) - offset != count * dtype.itemsize:
         raise AggregationError(
             f"array payload has {len(data) - offset} bytes, header says {count * dtype.itemsize}"
@@ -246,7 +243,7 @@ class WeightedMean:
         views: dict[str, np.ndarray] = {}
         for name, spec in self.template.items():
             view = array_view(arrays[name])
-            if view.shape != spec.shape or view.dtype.str != _dtype_str(spec.dtype):
+            if view.shape != spec.shape or view.dtype != _dtype(spec.dtype):
                 raise AggregationError(
                     f"array '{name}' is {view.dtype}{list(view.shape)}, "
                     f"the model has {spec.dtype}{list(spec.shape)}"
@@ -370,9 +367,9 @@ def _block_add(blk: torch.Tensor, t: torch.Tensor, w: float, first: bool) -> Non
 
 
 @functools.lru_cache(maxsize=64)
-def _dtype_str(dtype: str) -> str:
-    """``"float32"`` -> ``"<f4"`` (byte order included: a ``>f4`` reply is refused)."""
-    return np.dtype(dtype).str
+def _dtype(dtype: str) -> np.dtype:
+    """``"float32"`` -> ``np.dtype("<f4")`` (byte order included: ``>f4`` is refused)."""
+    return np.dtype(dtype)
 
 
 def _finite(t: torch.Tensor) -> bool:
