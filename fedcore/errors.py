@@ -10,7 +10,8 @@
     ├── ReplyError           one client's reply is malformed; carries client_id, stage
     ├── RoundFailedError     a round could not complete (too few replies); model kept
     ├── CheckpointError      a checkpoint is missing, corrupt or from another run
-    └── SecureAggregationError   a secure-aggregation protocol step failed
+    ├── SecureAggregationError   a secure-aggregation protocol step failed
+    └── EngineError          an engine could not start or finish the apps' run
 
 Every message says what was expected, what was found and how to fix it.
 """
@@ -22,6 +23,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "EngineError",
     "FedcoreError",
     "ModelError",
     "ReplyError",
@@ -98,3 +100,7 @@ class CheckpointError(FedcoreError):
 
 class SecureAggregationError(FedcoreError):
     """A secure-aggregation step failed (bad signature, tampered share, too few peers)."""
+
+
+class EngineError(FedcoreError):
+    """A simulation engine could not start or finish a run (a process failed, a timeout)."""
