@@ -10,7 +10,8 @@
     ├── ReplyError           one client's reply is malformed; carries client_id, stage
     ├── RoundFailedError     a round could not complete (too few replies); model kept
     ├── CheckpointError      a checkpoint is missing, corrupt or from another run
-    └── SecureAggregationError   a secure-aggregation protocol step failed
+    ├── SecureAggregationError   a secure-aggregation protocol step failed
+    └── EngineError          an engine could not start or finish the apps' run
 
 Every message says what was expected, what was found and how to fix it.
 """
@@ -22,6 +23,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "EngineError",
     "FedcoreError",
     "ModelError",
     "ReplyError",
@@ -45,6 +47,7 @@ class ConfigError(FedcoreError):
         The offending value as found.
     allowed : str
         What would be accepted, phrased so the user can act on it.
+
     """
 
     def __init__(self, key: str, value: object, allowed: str) -> None:
@@ -77,6 +80,7 @@ class ReplyError(FedcoreError):
         Protocol stage, e.g. ``"train"`` or ``"evaluate"``.
     reason : str
         Why it was rejected.
+
     """
 
     def __init__(self, client_id: int, stage: str, reason: str) -> None:
@@ -96,3 +100,7 @@ class CheckpointError(FedcoreError):
 
 class SecureAggregationError(FedcoreError):
     """A secure-aggregation step failed (bad signature, tampered share, too few peers)."""
+
+
+class EngineError(FedcoreError):
+    """A simulation engine could not start or finish a run (a process failed, a timeout)."""
