@@ -108,3 +108,25 @@ def test_whole_run_with_secagg_matches_the_plain_run(tmp_path):
     assert 0 < diff < 1e-5  # same training; only the fixed-point rounding differs
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (secure, plain))
     assert abs(sa["final_test_accuracy"] - sb["final_test_accuracy"]) < 0.01
+
+
+def test_vector_layout_is_name_order_whatever_the_record_order():
+    """A record restored from a checkpoint may list arrays in another order: same layout."""
+    from flwr.app import Array, ArrayRecord
+
+    from fedcore.secagg.client import _update_pairs
+    from fedcore.secagg.server import _apply
+
+    a = {"b": np.arange(3, dtype=np.float32), "a": np.ones((2, 2), np.float32)}
+    fwd = ArrayRecord({k: Array(v) for k, v in a.items()})
+    rev = ArrayRecord({k: Array(a[k]) for k in reversed(list(a))})
+    new = ArrayRecord({k: Array(v + 1) for k, v in a.items()})
+    for glob in (fwd, rev):
+        pairs = _update_pairs(glob, new)
+        assert [p[1].shape for p in pairs] == [(2, 2), (3,)]  # "a" before "b"
+    mean = np.concatenate([np.full(4, 0.5), np.full(3, 2.0)])  # a's update, then b's
+    for glob in (fwd, rev):
+        out = _apply(glob, mean)
+        assert list(out.keys()) == list(glob.keys())
+        assert out["a"].numpy().tolist() == [[1.5, 1.5], [1.5, 1.5]]
+        assert out["b"].numpy().tolist() == [2.0, 3.0, 4.0]

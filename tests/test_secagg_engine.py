@@ -17,7 +17,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from fedcore.aggregation import array_view
 from fedcore.config import to_flat
 from fedcore.engine.embedded import EmbeddedGrid, node_id_for
-from fedcore.federation import Observer, plain_evaluate_stage, plain_train_stage, run_federation
+from fedcore.federation import (
+    Observer,
+    RoundPolicy,
+    plain_evaluate_stage,
+    plain_train_stage,
+    run_federation,
+)
 from fedcore.records import model_to_arrays
 from fedcore.secagg.client import SECAGG, unpack_ids
 from fedcore.secagg.protocol import STAGE_KEYS, STAGE_MASKED, STAGE_SHARES, STAGE_UNMASK, Advert
@@ -300,8 +306,7 @@ def test_too_few_survivors_fails_cleanly_and_keeps_the_model(setup, grid, caplog
             rounds=1,
             train_config=_train_config(cfg),
             evaluate_config=ConfigRecord(),
-            round_timeout=60.0,
-            min_available=CLIENTS,
+            policy=RoundPolicy(timeout=60.0, min_available=CLIENTS, retries=0),
             train_stage=stage,
         )
     assert final is arrays  # the previous model, untouched

@@ -168,15 +168,20 @@ def _reply(msg: Message, fields: dict[str, Any], **records: Any) -> Message:
 def _update_pairs(
     global_arrays: ArrayRecord, trained: ArrayRecord
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(trained, global)`` views per array, checked to match (no copies)."""
-    if list(trained.keys()) != list(global_arrays.keys()):
+    """``(trained, global)`` views per array, in name order (no copies).
+
+    Name order is the vector layout on both sides, whatever order a record lists
+    its arrays in (a model restored from a checkpoint may list them differently),
+    so each coordinate always meets the same rounding stream: same seed, same model.
+    """
+    if set(trained.keys()) != set(global_arrays.keys()):
         raise SecureAggregationError(
             f"trained arrays {list(trained.keys())} differ from the model's "
             f"{list(global_arrays.keys())}"
         )
     pairs = []
-    for name, arr in global_arrays.items():
-        g, t = array_view(arr), array_view(trained[name])
+    for name in sorted(global_arrays.keys()):
+        g, t = array_view(global_arrays[name]), array_view(trained[name])
         if g.shape != t.shape:
             raise SecureAggregationError(
                 f"array '{name}' is {t.shape} after training, {g.shape} before"

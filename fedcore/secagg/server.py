@@ -563,14 +563,21 @@ class SecureEvaluateStage(_SecureSum):
 
 
 def _apply(arrays: ArrayRecord, mean: np.ndarray) -> ArrayRecord:
-    """``global + mean update``, each array in its own dtype (integers rounded)."""
-    out = {}
+    """``global + mean update``, each array in its own dtype (integers rounded).
+
+    The update vector lists the arrays in name order (as the clients encode it);
+    the result keeps the record's own order.
+    """
+    offsets: dict[str, int] = {}
     offset = 0
+    for name in sorted(arrays.keys()):
+        offsets[name] = offset
+        offset += int(np.prod(arrays[name].shape, dtype=np.int64))
+    out = {}
     for name, arr in arrays.items():
         g = array_view(arr)
-        size = g.size
-        new = g.astype(np.float64) + mean[offset : offset + size].reshape(g.shape)
-        offset += size
+        start = offsets[name]
+        new = g.astype(np.float64) + mean[start : start + g.size].reshape(g.shape)
         if g.dtype.kind in "biu":
             new = np.round(new)
         out[name] = numpy_to_array(new.astype(g.dtype, copy=False))
