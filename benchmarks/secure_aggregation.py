@@ -129,11 +129,14 @@ def _grid_class():
 
 
 def _cpu_s(grid) -> float:
-    """CPU seconds used so far by this process and the grid's worker processes (Linux)."""
+    """CPU seconds used so far by this process (all threads) and the grid's worker processes."""
     tick = os.sysconf("SC_CLK_TCK")
     total = time.process_time()
     for w in grid._workers:  # the embedded engine's worker processes
-        with open(f"/proc/{w.process.pid}/stat") as f:
+        pid = getattr(w.process, "pid", None)
+        if pid is None:  # executor 0 is a thread of this process: counted above
+            continue
+        with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
     return total
