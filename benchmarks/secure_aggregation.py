@@ -531,6 +531,7 @@ def main() -> None:
     ap.add_argument("--flower-sizes", default="100k,1M")
     ap.add_argument("--ring-bits", type=int, default=None, help="override secagg.ring-bits")
     ap.add_argument("--bits", type=int, default=None, help="override secagg.bits")
+    ap.add_argument("--neighbours", type=int, default=0, help="override secagg.neighbours")
     args = ap.parse_args()
     from fedcore.config import SecAggConfig
     from fedcore.secagg.server import SecAggSettings
@@ -538,6 +539,7 @@ def main() -> None:
     base = SecAggConfig()
     SETTINGS.append(
         SecAggSettings(
+            neighbours=args.neighbours,
             clip=base.clip,
             bits=args.bits or base.bits,
             ring_bits=base.ring_bits if args.ring_bits is None else args.ring_bits,
@@ -551,6 +553,7 @@ def main() -> None:
         "machine": f"{os.cpu_count()} CPU cores (shared)",
         "load_average_at_start": os.getloadavg()[0],
         "ring_bits": SETTINGS[0].ring_bits,
+        "neighbours": SETTINGS[0].neighbours,
         "bits": SETTINGS[0].bits,
     }
     if "throughput" in only:

@@ -166,13 +166,15 @@ def _quantize_into(
             np.copyto(vv, x[s:e], casting="same_kind")
         else:
             np.subtract(x[s:e], base[s:e], out=vv, dtype=np.float64)
-        if not np.isfinite(vv.sum()) and not np.isfinite(vv).all():
+        hi, lo = float(vv.max()), float(vv.min())  # NaN propagates into both
+        if not (np.isfinite(hi) and np.isfinite(lo)):
             raise SecureAggregationError(
                 "the update or a metric is NaN or infinite; refusing to send it"
             )
-        np.abs(vv, out=ff)
-        clipped += int(np.count_nonzero(ff > clip))
-        np.clip(vv, -clip, clip, out=vv)
+        if hi > clip or lo < -clip:  # rare: only then count and clip
+            np.abs(vv, out=ff)
+            clipped += int(np.count_nonzero(ff > clip))
+            np.clip(vv, -clip, clip, out=vv)
         vv *= scale
         np.floor(vv, out=ff)
         np.subtract(vv, ff, out=vv)  # fractional part in [0, 1)
