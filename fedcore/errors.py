@@ -10,7 +10,8 @@
     ├── ReplyError           one client's reply is malformed; carries client_id, stage
     ├── RoundFailedError     a round could not complete (too few replies); model kept
     ├── CheckpointError      a checkpoint is missing, corrupt or from another run
-    └── SecureAggregationError   a secure-aggregation protocol step failed
+    ├── SecureAggregationError   a secure-aggregation protocol step failed
+    └── DeploymentError      provisioning, a kit, or a deployment process is unusable
 
 Every message says what was expected, what was found and how to fix it.
 """
@@ -22,6 +23,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DeploymentError",
     "FedcoreError",
     "ModelError",
     "ReplyError",
@@ -96,3 +98,7 @@ class CheckpointError(FedcoreError):
 
 class SecureAggregationError(FedcoreError):
     """A secure-aggregation step failed (bad signature, tampered share, too few peers)."""
+
+
+class DeploymentError(FedcoreError):
+    """Provisioning, a kit, or a deployment process (server, client) is unusable."""
