@@ -151,6 +151,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fedcore.deploy.provision",
     "fedcore.deploy.server",
     "fedcore.deploy.node",
+    "fedcore.deploy.local",
 )
 
 

@@ -144,3 +144,16 @@ def test_serve_wraps_only_foreign_grids() -> None:
     wrapped = fast_polling(inner, 0.05)  # type: ignore[arg-type]
     assert isinstance(wrapped, PollingGrid) and wrapped.interval == 0.05
     assert fast_polling(wrapped, 0.05) is wrapped
+
+
+def test_public_listener_opens_only_when_told_from_loopback() -> None:
+    from fedcore.deploy.guard import OPEN_PATH
+
+    g = ListenerGuard(None, local_port=LOCAL, public_paths=fleet_routes(), start_open=False)  # type: ignore[arg-type]
+    fleet = "/v1/fleet/activate-node"
+    assert _call(g, server=PUBLIC, client=("10.0.0.2", 1), path=fleet) == (503, [])
+    assert _call(g, server=PUBLIC, client=("10.0.0.2", 1), path=OPEN_PATH)[0] == 403
+    assert _call(g, server=("127.0.0.1", LOCAL), client=("10.0.0.2", 1), path=OPEN_PATH)[0] == 403
+    assert _call(g, server=PUBLIC, client=("10.0.0.2", 1), path=fleet) == (503, [])
+    assert _call(g, server=("127.0.0.1", LOCAL), client=("127.0.0.1", 1), path=OPEN_PATH) == (200, [])
+    assert _call(g, server=PUBLIC, client=("10.0.0.2", 1), path=fleet) == (200, [fleet])

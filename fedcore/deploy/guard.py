@@ -15,6 +15,10 @@ sockets and wraps it in :class:`ListenerGuard`:
   registers the admitted keys and starts the run there) and Runtime (the
   ServerApp process, SuperExec) use it.
 
+The public listener starts closed (503, which SuperNodes retry) and opens when
+``fedcore server`` has registered the admitted keys (``POST /fedcore/open``
+on the local listener), so no client is turned away for arriving early.
+
 The decision uses the addresses of the accepted TCP connection (the ASGI
 ``server`` and ``client`` of the scope, filled in by uvicorn from the socket,
 with proxy headers off), not anything the peer sends.
@@ -28,7 +32,10 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-__all__ = ["ListenerGuard", "fleet_routes", "is_loopback"]
+__all__ = ["OPEN_PATH", "ListenerGuard", "fleet_routes", "is_loopback"]
+
+#: Local-listener path that opens the public listener.
+OPEN_PATH = "/fedcore/open"
 
 log = logging.getLogger("fedcore.guard")
 
@@ -72,12 +79,23 @@ class ListenerGuard:
         Port of the loopback listener (Control, Runtime and Fleet APIs).
     public_paths : iterable of str
         Exact paths the public listener serves (``POST`` only): the Fleet API.
+    start_open : bool (default: True)
+        Whether the public listener serves from the start; if not, it answers
+        503 until ``POST /fedcore/open`` arrives on the local listener.
     """
 
-    def __init__(self, app: ASGIApp, *, local_port: int, public_paths: Iterable[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        local_port: int,
+        public_paths: Iterable[str],
+        start_open: bool = True,
+    ) -> None:
         self.app = app
         self.local_port = local_port
         self.public_paths = frozenset(public_paths)
+        self.open = start_open
 
     def allows(self, scope: Scope) -> tuple[bool, str]:
         """Whether the request in ``scope`` may reach the app, and why not."""
@@ -102,6 +120,15 @@ class ListenerGuard:
             await self.app(scope, receive, send)
             return
         ok, reason = self.allows(scope)
+        server = scope.get("server") or (None, None)
+        on_local = server[1] == self.local_port
+        if ok and on_local and scope.get("path") == OPEN_PATH:
+            self.open = True
+            await _respond(send, 200, {"detail": "public listener open"})
+            return
+        if ok and not on_local and not self.open:
+            await _respond(send, 503, {"detail": "starting: admitted keys not registered yet"})
+            return
         if ok:
             await self.app(scope, receive, send)
             return
@@ -113,15 +140,19 @@ class ListenerGuard:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        body = json.dumps({"detail": f"forbidden: {reason}"}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 403,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _respond(send, 403, {"detail": f"forbidden: {reason}"})
+
+
+async def _respond(send: Send, status: int, obj: object) -> None:
+    body = json.dumps(obj).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -46,7 +46,16 @@ from ..errors import DeploymentError
 from .identity import IDENTITY_KEY, load_identity_key
 from .processes import install_signal_handlers
 
-__all__ = ["ClientKit", "FleetSession", "load_client_kit", "register", "run_node"]
+__all__ = [
+    "ClientKit",
+    "FleetSession",
+    "Refused",
+    "explain",
+    "load_client_kit",
+    "register",
+    "run_node",
+    "transient",
+]
 
 log = logging.getLogger("fedcore.client")
 
@@ -94,8 +103,17 @@ class Refused(DeploymentError):
     """The server refused this node; retrying will not help."""
 
 
+def transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a network problem worth retrying (connection, 502/503/504)."""
+    import httpx
+
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code in (502, 503, 504)
+    return isinstance(exc, httpx.TransportError)
+
+
 def explain(exc: BaseException, address: str) -> DeploymentError | None:
-    """A :class:`Refused` for errors retrying cannot fix, else ``None`` (transient)."""
+    """A :class:`Refused` when the server refuses this node (identity, TLS), else ``None``."""
     import httpx
     from flwr.supercore.error import ApiErrorCode, FlowerError
 
@@ -114,16 +132,18 @@ def explain(exc: BaseException, address: str) -> DeploymentError | None:
                 f"{address} rejected this node's identity (HTTP 401): it is not (or no longer) "
                 "admitted, or the signature is invalid."
             )
-        if status == 403:
+        if status == 403 and "forbidden:" in exc.response.text:
             return Refused(f"{address} refused the request (HTTP 403): {exc.response.text[:200]}")
-        if status in (502, 503, 504):
-            return None
-        return Refused(f"{address} answered HTTP {status}: {exc.response.text[:300]}")
-    if "certificate" in text or "ssl" in text or "tls" in text:
+        return None
+    if "certificate" in text:
         return Refused(
             f"TLS with {address} failed ({exc}). The server's certificate must be signed by this "
-            "kit's CA (same federation) and name the address you connect to; a server started "
-            "with --insecure cannot be reached over TLS."
+            "kit's CA (same federation) and name the address you connect to."
+        )
+    if "wrong version number" in text or "record layer failure" in text or "http_request" in text:
+        return Refused(
+            f"TLS with {address} failed ({exc}): the server does not speak TLS. A server started "
+            "with --insecure can only be reached by a client started with --insecure."
         )
     return None
 
@@ -207,6 +227,8 @@ class FleetSession:
                 refused = explain(exc, self.address)
                 if refused is not None:
                     raise refused from exc
+                if not transient(exc):
+                    raise DeploymentError(f"joining {self.address} failed: {exc}") from exc
                 last = exc
             if time.monotonic() + delay > deadline:
                 raise DeploymentError(
@@ -364,6 +386,62 @@ def _handle(app: Callable[..., Any], message: Any, context: Any) -> Any:
         return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
 
 
+class _Worker:
+    """Handles one message at a time: run config per run, the ClientApp, the reply."""
+
+    def __init__(
+        self,
+        session: FleetSession,
+        app: Callable[..., Any],
+        node_config: Mapping[str, Any],
+        out: Callable[[str], None],
+    ) -> None:
+        self.session = session
+        self.app = app
+        self.node_config = dict(node_config)
+        self.out = out
+        self.contexts: dict[int, Any] = {}
+
+    def step(self, node_id: int) -> bool:
+        """Pull one message and answer it; whether there was one."""
+        from flwr.app import Context, RecordDict
+        from flwr.supercore.task_identity import TaskIdentity
+
+        got = self.session.pull()
+        if got is None:
+            return False
+        header, tree = got
+        run_id = int(header.metadata.run_id)
+        if run_id not in self.contexts:
+            _, run_config = self.session.run_config(run_id)
+            self.contexts[run_id] = Context(
+                run_id=run_id,
+                node_id=node_id,
+                node_config=dict(self.node_config),
+                state=RecordDict(),
+                run_config=run_config,
+            )
+            self.out(f"joined run {run_id}")
+        t_recv = time.perf_counter()
+        message = self.session.receive(tree, run_id)
+        TaskIdentity.run_id = run_id
+        TaskIdentity.node_id = node_id
+        TaskIdentity.task_id = 1
+        t0 = time.perf_counter()
+        reply = _handle(self.app, message, self.contexts[run_id])
+        t1 = time.perf_counter()
+        self.session.send(reply, t1 - t0)
+        log.debug(
+            "%s: receive %.3f s, app %.3f s, send %.3f s",
+            message.metadata.message_type, t0 - t_recv, t1 - t0, time.perf_counter() - t1,
+        )
+        return True
+
+    def runs_finished(self) -> bool:
+        """Whether every run this node joined is over."""
+        return bool(self.contexts) and all(self.session.run_finished(r) for r in self.contexts)
+
+
 def run_node(
     session: FleetSession,
     *,
@@ -376,13 +454,15 @@ def run_node(
     stop: threading.Event | None = None,
     out: Callable[[str], None] = print,
 ) -> int:
-    """Serve messages until stopped (or, with ``once``, until the first run ends); exit code."""
-    import httpx
-    from flwr.app import Context, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
+    """Serve messages until stopped (or, with ``once``, until the first run ends); exit code.
 
+    Network trouble is retried for ``connect_wait`` seconds (with ``once``, a
+    server gone for 3 s after this node's run counts as the run's end); a
+    refusal raises :class:`Refused`; a message that cannot be handled for any
+    other reason is logged and skipped.
+    """
     stop = stop or threading.Event()
-    contexts: dict[int, Any] = {}
+    worker = _Worker(session, app, node_config, out)
     delay = poll_min
     failing_since: float | None = None
     last_check = 0.0
@@ -393,16 +473,25 @@ def run_node(
             if session.lost.is_set():
                 raise Refused(f"{session.address} no longer recognises this node (revoked?)")
             try:
-                got = session.pull()
+                busy = worker.step(node_id)
+                if not busy and once and time.monotonic() - last_check > 1.0:
+                    last_check = time.monotonic()
+                    if worker.runs_finished():
+                        out(f"run {', '.join(map(str, worker.contexts))} finished; exiting")
+                        return 0
                 failing_since = None
-            except Exception as exc:  # noqa: BLE001 - classified
+            except Exception as exc:  # noqa: BLE001 - classified below
                 refused = explain(exc, session.address)
                 if refused is not None:
                     raise refused from exc
+                if not transient(exc):
+                    log.warning("a message could not be handled: %s: %s", type(exc).__name__, exc)
+                    stop.wait(poll_max)
+                    continue
                 failing_since = failing_since or time.monotonic()
                 gone_for = time.monotonic() - failing_since
-                if once and contexts and gone_for > 3:
-                    out("the server is gone after our run; exiting")
+                if once and worker.contexts and gone_for > 3:
+                    out("the server is gone after this node's run; exiting")
                     return 0
                 if gone_for > connect_wait:
                     raise DeploymentError(
@@ -410,41 +499,11 @@ def run_node(
                     ) from exc
                 stop.wait(min(2.0, max(delay, 0.25)))
                 continue
-            if got is None:
-                if once and contexts and time.monotonic() - last_check > 1.0:
-                    last_check = time.monotonic()
-                    if all(session.run_finished(r) for r in contexts):
-                        out(f"run {', '.join(map(str, contexts))} finished; exiting")
-                        return 0
+            if busy:
+                delay = poll_min
+            else:
                 stop.wait(delay)
                 delay = min(delay * 2, poll_max)
-                continue
-            delay = poll_min
-            header, tree = got
-            run_id = int(header.metadata.run_id)
-            if run_id not in contexts:
-                _, run_config = session.run_config(run_id)
-                contexts[run_id] = Context(
-                    run_id=run_id,
-                    node_id=node_id,
-                    node_config=dict(node_config),
-                    state=RecordDict(),
-                    run_config=run_config,
-                )
-                out(f"joined run {run_id}")
-            message = session.receive(tree, run_id)
-            TaskIdentity.run_id = run_id
-            TaskIdentity.node_id = node_id
-            TaskIdentity.task_id = 1
-            t0 = time.perf_counter()
-            reply = _handle(app, message, contexts[run_id])
-            try:
-                session.send(reply, time.perf_counter() - t0)
-            except httpx.HTTPStatusError as exc:
-                refused = explain(exc, session.address)
-                if isinstance(refused, Refused) and exc.response.status_code == 401:
-                    raise refused from exc
-                log.warning("reply to %s not delivered: %s", message.metadata.message_type, exc)
     finally:
         session.close()
     return 0
@@ -453,7 +512,9 @@ def run_node(
 def cmd_client(args: argparse.Namespace) -> int:
     """``fedcore client``."""
     install_signal_handlers()
-    logging.getLogger("fedcore").setLevel(logging.INFO)
+    if args.verbose:
+        logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
+        log.setLevel(logging.DEBUG)
     data = Path(args.data).resolve()
     if not data.is_file():
         raise DeploymentError(f"--data {data} is not a file (a .npz with arrays x, y, or a .csv)")
@@ -503,6 +564,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--poll-min", type=float, default=0.02, help="seconds between polls while busy")
     p.add_argument("--poll-max", type=float, default=0.5, help="seconds between polls when idle")
     p.add_argument("--app", default="clients.app:app", help="ClientApp import path")
+    p.add_argument("--verbose", action="store_true", help="log each message's timings")
     p.add_argument("--insecure", action="store_true",
                    help="NO TLS, NO node authentication (only against `fedcore server --insecure`)")
     p.set_defaults(func=cmd_client)

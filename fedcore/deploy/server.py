@@ -196,6 +196,16 @@ def _wait_healthy(proc: Any, local_port: int, ca_path: Path | None, log_path: Pa
     raise DeploymentError("the SuperLink did not become healthy within 120 s:\n" + _tail(log_path))
 
 
+def _open_public_listener(local_port: int, ca_path: Path | None) -> None:
+    import httpx
+
+    from .guard import OPEN_PATH
+
+    scheme = "http" if ca_path is None else "https"
+    verify: Any = False if ca_path is None else str(ca_path)
+    httpx.post(f"{scheme}://127.0.0.1:{local_port}{OPEN_PATH}", verify=verify, timeout=10).raise_for_status()
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -300,6 +310,7 @@ def run_server(
                 admission = Admission(control, kit / "admitted.json")  # type: ignore[operator]
                 for change in admission.sync_if_changed():
                     out(f"  {change}")
+            _open_public_listener(local_port, None if insecure else kit / "ca.pem")  # type: ignore[operator]
             fab_bytes = build_fab(cfg)
             fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
             res = control.StartRun(

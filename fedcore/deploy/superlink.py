@@ -7,7 +7,8 @@ ServerApp) with three differences:
 
 1. the app is served on two sockets, the public one and ``127.0.0.1:N``, and
    wrapped in the guard (Fleet API only on the public socket; everything on the
-   loopback one, for loopback peers only);
+   loopback one, for loopback peers only); the public socket answers 503 until
+   ``fedcore server`` opens it (after registering the admitted keys);
 2. the SuperLink's own Runtime API address (what SuperExec and the ServerApp
    connect to) is the loopback socket;
 3. uvicorn trusts no proxy headers, so the peer address is the socket's.
@@ -97,7 +98,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]
     config = fs._parse_superlink_lifespan_config()  # noqa: SLF001 - pinned flwr
     app = create_app(config, fs.SuperLinkLifespan)
-    guarded = ListenerGuard(app, local_port=args.local_port, public_paths=fleet_routes())
+    guarded = ListenerGuard(
+        app, local_port=args.local_port, public_paths=fleet_routes(), start_open=False
+    )
     sockets = [_listen(str(host), int(port)), _listen("127.0.0.1", args.local_port)]
     server = uvicorn.Server(
         uvicorn.Config(
