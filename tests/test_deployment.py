@@ -43,6 +43,7 @@ from fedcore.deploy.node import FleetSession, Refused
 from fedcore.deploy.provision import add_client, provision, revoke
 from fedcore.errors import DeploymentError
 from tests.apps.pattern import needle
+from tests.procs import procs_mentioning as _procs_mentioning
 
 pytestmark = [
     pytest.mark.slow,
@@ -127,7 +128,9 @@ class NetNS:
         self._ip("link", "set", self.ns_if, "netns", self.name)
         self._ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
         self._ip("link", "set", self.host_if, "up")
-        self._ip("netns", "exec", self.name, "ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if)
+        self._ip(
+            "netns", "exec", self.name, "ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if
+        )
         self._ip("netns", "exec", self.name, "ip", "link", "set", self.ns_if, "up")
         self._ip("netns", "exec", self.name, "ip", "link", "set", "lo", "up")
 
@@ -164,35 +167,21 @@ control = ControlHttpClient.from_server_address(f"{host}:{port}", False, ca, int
 from flwr.proto.fab_pb2 import Fab
 fab = open(fab_path, "rb").read()
 import hashlib
-attempt("start-run", lambda: control.StartRun(StartRunRequest(
-    fab=Fab(hash_str=hashlib.sha256(fab).hexdigest(), content=fab))))
-attempt("register-node", lambda: control.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(pub))))
-attempt("acquire-task", lambda: httpx.post(f"https://{host}:{port}/v1/runtime/acquire-task",
-        verify=ca_path, content=b"", headers={"content-type": "application/protobuf"}).raise_for_status())
+pk = public_key_to_bytes(pub)
+fab_msg = Fab(hash_str=hashlib.sha256(fab).hexdigest(), content=fab)
+attempt("start-run", lambda: control.StartRun(StartRunRequest(fab=fab_msg)))
+attempt("register-node", lambda: control.RegisterNode(RegisterNodeRequest(public_key=pk)))
+url = f"https://{host}:{port}/v1/runtime/acquire-task"
+headers = {"content-type": "application/protobuf"}
+attempt("acquire-task",
+        lambda: httpx.post(url, verify=ca_path, content=b"", headers=headers).raise_for_status())
 fleet = FleetHttpClient.from_server_address(f"{host}:{port}", False, ca,
                                             interceptors=[NodeAuthHttpInterceptor(priv, pub)])
-attempt("fleet-register-node", lambda: fleet.RegisterNode(RegisterNodeFleetRequest(public_key=public_key_to_bytes(pub))))
-attempt("local-port", lambda: httpx.get(f"https://{host}:{local_port}/health", verify=False, timeout=3))
+attempt("fleet-register-node", lambda: fleet.RegisterNode(RegisterNodeFleetRequest(public_key=pk)))
+local = f"https://{host}:{local_port}/health"
+attempt("local-port", lambda: httpx.get(local, verify=False, timeout=3))
 print(json.dumps(out))
 """
-
-
-def _procs_mentioning(marker: str) -> list[str]:
-    """Command lines of live processes whose command line or environment mentions ``marker``."""
-    found = []
-    needle_b = marker.encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes()
-            env = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().split()[2]
-        except OSError:
-            continue
-        if state != "Z" and (needle_b in cmd or needle_b in env):
-            found.append(cmd.replace(b"\0", b" ").decode(errors="replace"))
-    return found
 
 
 def _metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -207,7 +196,9 @@ def _wait_for(pred: Any, timeout: float, what: str, procs: list[subprocess.Popen
     while not pred():
         for p in procs:
             if p.poll() not in (None, 0):
-                raise AssertionError(f"{p.args} exited with {p.returncode} while waiting for {what}")
+                raise AssertionError(
+                    f"{p.args} exited with {p.returncode} while waiting for {what}"
+                )
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.2)
@@ -217,12 +208,20 @@ def _config(rounds: int, clients: int, min_clients: int) -> Any:
     return config_from_dict(
         {
             "run": {"seed": 3, "rounds": rounds, "clients": clients, "centralized-baseline": False},
-            "data": {"source": "synthetic", "synthetic-examples": 600, "partition": "iid",
-                     "num-classes": 10},
+            "data": {
+                "source": "synthetic",
+                "synthetic-examples": 600,
+                "partition": "iid",
+                "num-classes": 10,
+            },
             "model": {"factory": "tests.apps.pattern:model"},
             "train": {"local-epochs": 1, "batch-size": 16, "lr": 0.1},
-            "strategy": {"min-available-clients": min_clients, "min-train-clients": min_clients,
-                         "min-evaluate-clients": min_clients, "round-timeout": 120.0},
+            "strategy": {
+                "min-available-clients": min_clients,
+                "min-train-clients": min_clients,
+                "min-evaluate-clients": min_clients,
+                "round-timeout": 120.0,
+            },
         }
     )
 
@@ -242,8 +241,11 @@ def tls_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         except (subprocess.CalledProcessError, OSError):
             ns.down()
             ns = None
-    fed = provision(base / "fed", clients=["client-1", "client-2", "client-3", "client-4", "eve"],
-                    server_ips=[ns.host_ip] if ns else [])
+    fed = provision(
+        base / "fed",
+        clients=["client-1", "client-2", "client-3", "client-4", "eve"],
+        server_ips=[ns.host_ip] if ns else [],
+    )
     revoke(fed.root, "client-4")  # revoked before the server starts
     other = provision(base / "other-fed", clients=1)
     # an identity never admitted: this federation's CA, a fresh key
@@ -260,25 +262,58 @@ def tls_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     logs.mkdir()
     relay = Relay(("127.0.0.1", port))
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    results: dict[str, Any] = {"base": base, "run_dir": run_dir, "relay": relay, "ns": ns,
-                               "fed": fed}
+    results: dict[str, Any] = {
+        "base": base,
+        "run_dir": run_dir,
+        "relay": relay,
+        "ns": ns,
+        "fed": fed,
+    }
 
     def start(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         with open(logs / f"{name}.log", "wb") as f:
-            procs[name] = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
+            procs[name] = subprocess.Popen(
+                argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            )
         return procs[name]
 
     def client(name: str, data_path: Path, via: int = port) -> subprocess.Popen[bytes]:
-        return start(name, [*CLI, "client", "--kit", str(fed.client_kit(name)), "--server",
-                            f"127.0.0.1:{via}", "--data", str(data_path), "--once",
-                            "--connect-timeout", "90"])
+        return start(
+            name,
+            [
+                *CLI,
+                "client",
+                "--kit",
+                str(fed.client_kit(name)),
+                "--server",
+                f"127.0.0.1:{via}",
+                "--data",
+                str(data_path),
+                "--once",
+                "--connect-timeout",
+                "90",
+            ],
+        )
 
     try:
-        server = start("server", [*CLI, "server", "--kit", str(fed.server_kit), "--address",
-                                  f"0.0.0.0:{port}", "--local-port", str(local_port),
-                                  "--state-dir", str(base / "state"), "--out", str(run_dir),
-                                  str(cfg_path)])
+        server = start(
+            "server",
+            [
+                *CLI,
+                "server",
+                "--kit",
+                str(fed.server_kit),
+                "--address",
+                f"0.0.0.0:{port}",
+                "--local-port",
+                str(local_port),
+                "--state-dir",
+                str(base / "state"),
+                "--out",
+                str(run_dir),
+                str(cfg_path),
+            ],
+        )
         client("client-1", data[0], via=relay.port)
         client("client-2", data[1])
         client("client-3", data[2])
@@ -309,13 +344,30 @@ def tls_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         t_admin = time.monotonic()
         threads = [
             threading.Thread(target=attempt, args=("plaintext", None, None, True)),
-            threading.Thread(target=attempt, args=(
-                "other-ca", (other.client_kit("client-1") / "ca.pem").read_bytes(),
-                other.client_kit("client-1") / "identity.key")),
-            threading.Thread(target=attempt, args=(
-                "never-admitted", (stranger / "ca.pem").read_bytes(), stranger / "identity.key")),
-            threading.Thread(target=attempt, args=(
-                "revoked", (kit("client-4") / "ca.pem").read_bytes(), kit("client-4") / "identity.key")),
+            threading.Thread(
+                target=attempt,
+                args=(
+                    "other-ca",
+                    (other.client_kit("client-1") / "ca.pem").read_bytes(),
+                    other.client_kit("client-1") / "identity.key",
+                ),
+            ),
+            threading.Thread(
+                target=attempt,
+                args=(
+                    "never-admitted",
+                    (stranger / "ca.pem").read_bytes(),
+                    stranger / "identity.key",
+                ),
+            ),
+            threading.Thread(
+                target=attempt,
+                args=(
+                    "revoked",
+                    (kit("client-4") / "ca.pem").read_bytes(),
+                    kit("client-4") / "identity.key",
+                ),
+            ),
         ]
         for t in threads:
             t.start()
@@ -324,21 +376,36 @@ def tls_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         from flwr.supercore.control import ControlHttpClient
 
         ca_pem = (fed.server_kit / "ca.pem").read_bytes()
-        public_control = ControlHttpClient.from_server_address(address, False, ca_pem, interceptors=[])
+        public_control = ControlHttpClient.from_server_address(
+            address, False, ca_pem, interceptors=[]
+        )
         try:
             public_control.ListRuns(ListRunsRequest())
             results["public-control-from-loopback"] = 200
         except Exception as exc:  # noqa: BLE001
-            results["public-control-from-loopback"] = getattr(getattr(exc, "response", None),
-                                                              "status_code", repr(exc))
+            results["public-control-from-loopback"] = getattr(
+                getattr(exc, "response", None), "status_code", repr(exc)
+            )
         time.sleep(max(0.0, 3.0 - (time.monotonic() - t_admin)))  # > the 2 s admission sync
         client("frank", data[2])
         attempt("revoked-live", (kit("eve") / "ca.pem").read_bytes(), kit("eve") / "identity.key")
         # the same refusal through the command line: exit code 3 and a reason
         cli = subprocess.run(
-            [*CLI, "client", "--kit", str(other.client_kit("client-1")), "--server", address,
-             "--data", str(data[0]), "--connect-timeout", "5"],
-            capture_output=True, text=True, timeout=120,
+            [
+                *CLI,
+                "client",
+                "--kit",
+                str(other.client_kit("client-1")),
+                "--server",
+                address,
+                "--data",
+                str(data[0]),
+                "--connect-timeout",
+                "5",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         results["cli-other-ca"] = (cli.returncode, cli.stderr)
         if ns is not None:
@@ -347,12 +414,29 @@ def tls_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
             fab_path = base / "attack.fab"
             fab_path.write_bytes(build_fab(cfg))
             probe = subprocess.run(
-                ["ip", "netns", "exec", ns.name, sys.executable, "-c", PROBE, ns.host_ip, str(port),
-                 str(local_port), str(fed.server_kit / "ca.pem"), str(fab_path)],
-                capture_output=True, text=True, timeout=120,
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns.name,
+                    sys.executable,
+                    "-c",
+                    PROBE,
+                    ns.host_ip,
+                    str(port),
+                    str(local_port),
+                    str(fed.server_kit / "ca.pem"),
+                    str(fab_path),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
-            results["netns"] = (json.loads(probe.stdout.strip().splitlines()[-1])
-                                if probe.returncode == 0 else probe.stderr)
+            results["netns"] = (
+                json.loads(probe.stdout.strip().splitlines()[-1])
+                if probe.returncode == 0
+                else probe.stderr
+            )
         for t in threads:
             t.join(timeout=60)
         results["attempts"] = attempts
@@ -394,13 +478,17 @@ def test_training_completes_with_tls_and_node_auth_and_improves(tls_run: dict[st
 
 
 def test_every_process_exits(tls_run: dict[str, Any]) -> None:
-    assert tls_run["client_rc"] == {"client-1": 0, "client-2": 0, "client-3": 0, "frank": 0}, _explain(tls_run)
+    assert tls_run["client_rc"] == {"client-1": 0, "client-2": 0, "client-3": 0, "frank": 0}, (
+        _explain(tls_run)
+    )
     assert tls_run["leftovers"] == []
 
 
 def test_intruders_refused_while_the_others_train(tls_run: dict[str, Any]) -> None:
     a = tls_run["attempts"]
-    assert a["plaintext"].startswith("unreachable"), a  # TLS-only port: a plaintext client never gets in
+    assert a["plaintext"].startswith("unreachable"), (
+        a
+    )  # TLS-only port: a plaintext client never gets in
     assert a["other-ca"].startswith("refused: TLS"), a
     assert "does not admit this node" in a["never-admitted"], a
     assert "does not admit this node" in a["revoked"], a
@@ -426,8 +514,10 @@ def test_control_api_not_served_on_the_public_listener(tls_run: dict[str, Any]) 
 def test_control_and_registration_refused_from_another_host(tls_run: dict[str, Any]) -> None:
     ns = tls_run["ns"]
     if ns is None:
-        pytest.skip("cannot create a network namespace here (needs root and iproute2); "
-                    "the guard's peer checks are covered in test_guard_polling.py")
+        pytest.skip(
+            "cannot create a network namespace here (needs root and iproute2); "
+            "the guard's peer checks are covered in test_guard_polling.py"
+        )
     r = tls_run["netns"]
     assert isinstance(r, dict), r
     for name in ("start-run", "register-node", "acquire-task"):
@@ -454,23 +544,59 @@ def test_insecure_needs_the_flag_on_both_sides_and_is_plaintext(tmp_path: Path) 
     port, local_port = free_port(), free_port()
     relay = Relay(("127.0.0.1", port))
     server = subprocess.Popen(
-        [*CLI, "server", "--insecure", "--address", f"127.0.0.1:{port}", "--local-port",
-         str(local_port), "--out", str(tmp_path / "run"), str(cfg_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            *CLI,
+            "server",
+            "--insecure",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--local-port",
+            str(local_port),
+            "--out",
+            str(tmp_path / "run"),
+            str(cfg_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         fed = provision(tmp_path / "fed", clients=1)
         # a TLS client cannot talk to a plaintext server
         tls = subprocess.run(
-            [*CLI, "client", "--kit", str(fed.client_kit("client-1")), "--server",
-             f"127.0.0.1:{port}", "--data", str(data[0]), "--connect-timeout", "60"],
-            capture_output=True, text=True, timeout=120,
+            [
+                *CLI,
+                "client",
+                "--kit",
+                str(fed.client_kit("client-1")),
+                "--server",
+                f"127.0.0.1:{port}",
+                "--data",
+                str(data[0]),
+                "--connect-timeout",
+                "60",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert tls.returncode == 3 and "TLS" in tls.stderr, tls.stderr
         client = subprocess.run(
-            [*CLI, "client", "--insecure", "--server", f"127.0.0.1:{relay.port}", "--data",
-             str(data[0]), "--once", "--connect-timeout", "60"],
-            capture_output=True, text=True, timeout=300,
+            [
+                *CLI,
+                "client",
+                "--insecure",
+                "--server",
+                f"127.0.0.1:{relay.port}",
+                "--data",
+                str(data[0]),
+                "--once",
+                "--connect-timeout",
+                "60",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         out = server.communicate(timeout=120)[0].decode()
     finally:
@@ -484,7 +610,9 @@ def test_insecure_needs_the_flag_on_both_sides_and_is_plaintext(tmp_path: Path) 
     assert needle() in bytes(relay.data)  # without TLS the model is readable on the wire
 
 
-@pytest.mark.skip(reason="needs fedcore secure aggregation (its own issue): a deployment with "
-                  "secure aggregation on and one client killed mid-round must complete the round")
+@pytest.mark.skip(
+    reason="needs fedcore secure aggregation (its own issue): a deployment with "
+    "secure aggregation on and one client killed mid-round must complete the round"
+)
 def test_secure_aggregation_survives_a_killed_client() -> None:  # pragma: no cover
     raise NotImplementedError

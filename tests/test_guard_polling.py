@@ -15,8 +15,15 @@ LOCAL = 9093
 PUBLIC = ("0.0.0.0", 9092)
 
 
-def _call(guard: ListenerGuard, *, server: tuple[str, int], client: tuple[str, int],
-          path: str, method: str = "POST", kind: str = "http") -> tuple[int, list[str]]:
+def _call(
+    guard: ListenerGuard,
+    *,
+    server: tuple[str, int],
+    client: tuple[str, int],
+    path: str,
+    method: str = "POST",
+    kind: str = "http",
+) -> tuple[int, list[str]]:
     reached: list[str] = []
     sent: list[dict[str, Any]] = []
 
@@ -53,37 +60,54 @@ def test_fleet_routes_are_exactly_flowers_fleet_api() -> None:
 def test_public_listener_serves_only_fleet_posts(guard: ListenerGuard, peer: str) -> None:
     ok, reached = _call(guard, server=PUBLIC, client=(peer, 5000), path="/v1/fleet/pull-messages")
     assert ok == 200 and reached == ["/v1/fleet/pull-messages"]
-    for path in ("/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/acquire-task",
-                 "/v1/runtime/pull-task-input", "/docs", "/openapi.json", "/health",
-                 "/v1/fleet/../control/start-run", "/v1/fleet/pull-messages/"):
+    for path in (
+        "/v1/control/start-run",
+        "/v1/control/register-node",
+        "/v1/runtime/acquire-task",
+        "/v1/runtime/pull-task-input",
+        "/docs",
+        "/openapi.json",
+        "/health",
+        "/v1/fleet/../control/start-run",
+        "/v1/fleet/pull-messages/",
+    ):
         status, reached = _call(guard, server=PUBLIC, client=(peer, 5000), path=path)
         assert (status, reached) == (403, []), path
-    status, reached = _call(guard, server=PUBLIC, client=(peer, 5000), path="/v1/fleet/pull-messages",
-                            method="GET")
+    status, reached = _call(
+        guard, server=PUBLIC, client=(peer, 5000), path="/v1/fleet/pull-messages", method="GET"
+    )
     assert (status, reached) == (403, [])
 
 
 def test_local_listener_serves_loopback_peers_only(guard: ListenerGuard) -> None:
     for peer in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"):
-        status, reached = _call(guard, server=("127.0.0.1", LOCAL), client=(peer, 1),
-                                path="/v1/control/start-run")
+        status, reached = _call(
+            guard, server=("127.0.0.1", LOCAL), client=(peer, 1), path="/v1/control/start-run"
+        )
         assert status == 200 and reached, peer
     for peer in ("10.0.0.2", "192.168.1.4", "::ffff:10.0.0.2", "fe80::1", "garbage"):
-        status, reached = _call(guard, server=("127.0.0.1", LOCAL), client=(peer, 1),
-                                path="/v1/control/start-run")
+        status, reached = _call(
+            guard, server=("127.0.0.1", LOCAL), client=(peer, 1), path="/v1/control/start-run"
+        )
         assert (status, reached) == (403, []), peer
     # the local port on a non-loopback address is not the local listener
-    status, _ = _call(guard, server=("10.0.0.1", LOCAL), client=("10.0.0.2", 1),
-                      path="/v1/control/start-run")
+    status, _ = _call(
+        guard, server=("10.0.0.1", LOCAL), client=("10.0.0.2", 1), path="/v1/control/start-run"
+    )
     assert status == 403
 
 
 def test_websockets_and_missing_addresses_are_refused(guard: ListenerGuard) -> None:
-    status, reached = _call(guard, server=PUBLIC, client=("1.2.3.4", 1), path="/v1/control/x",
-                            kind="websocket")
+    status, reached = _call(
+        guard, server=PUBLIC, client=("1.2.3.4", 1), path="/v1/control/x", kind="websocket"
+    )
     assert (status, reached) == (1008, [])
-    status, reached = _call(guard, server=("127.0.0.1", LOCAL), client=None,  # type: ignore[arg-type]
-                            path="/v1/control/start-run")
+    status, reached = _call(
+        guard,
+        server=("127.0.0.1", LOCAL),
+        client=None,  # type: ignore[arg-type]
+        path="/v1/control/start-run",
+    )
     assert (status, reached) == (403, [])
 
 
@@ -155,5 +179,8 @@ def test_public_listener_opens_only_when_told_from_loopback() -> None:
     assert _call(g, server=PUBLIC, client=("10.0.0.2", 1), path=OPEN_PATH)[0] == 403
     assert _call(g, server=("127.0.0.1", LOCAL), client=("10.0.0.2", 1), path=OPEN_PATH)[0] == 403
     assert _call(g, server=PUBLIC, client=("10.0.0.2", 1), path=fleet) == (503, [])
-    assert _call(g, server=("127.0.0.1", LOCAL), client=("127.0.0.1", 1), path=OPEN_PATH) == (200, [])
+    assert _call(g, server=("127.0.0.1", LOCAL), client=("127.0.0.1", 1), path=OPEN_PATH) == (
+        200,
+        [],
+    )
     assert _call(g, server=PUBLIC, client=("10.0.0.2", 1), path=fleet) == (200, [fleet])

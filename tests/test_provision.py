@@ -1,4 +1,4 @@
-"""`fedcore provision`: key file modes, certificate SANs, no overwrite without --force, add/revoke."""
+"""`fedcore provision`: key modes, certificate SANs, no overwrite without --force, add/revoke."""
 
 from __future__ import annotations
 
@@ -32,13 +32,18 @@ def _mode(p: Path) -> int:
 
 
 def _all_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture
 def fed(tmp_path: Path) -> FederationPaths:
     return provision(
-        tmp_path / "fed", clients=3, server_names=["fl.example.org"], server_ips=["10.1.2.3", "fd00::7"]
+        tmp_path / "fed",
+        clients=3,
+        server_names=["fl.example.org"],
+        server_ips=["10.1.2.3", "fd00::7"],
     )
 
 
@@ -74,7 +79,9 @@ def test_server_certificate_sans_and_chain(fed: FederationPaths) -> None:
     assert ips == {ipaddress.ip_address(a) for a in ("10.1.2.3", "fd00::7", "127.0.0.1", "::1")}
     # every kit carries the same CA
     for i in (1, 2, 3):
-        assert (fed.client_kit(f"client-{i}") / "ca.pem").read_bytes() == (fed.ca_dir / "ca.pem").read_bytes()
+        assert (fed.client_kit(f"client-{i}") / "ca.pem").read_bytes() == (
+            fed.ca_dir / "ca.pem"
+        ).read_bytes()
 
 
 def test_nothing_is_overwritten_without_force(fed: FederationPaths) -> None:
@@ -165,8 +172,10 @@ def test_node_identity_keys_reads_registered_keys_from_the_grid(fed: FederationP
 
     class Grid:
         def get_nodes(self):
-            return [NodeInfo(node_id=5, public_key=public_key_pem(admitted["client-3"])),
-                    NodeInfo(node_id=6)]
+            return [
+                NodeInfo(node_id=5, public_key=public_key_pem(admitted["client-3"])),
+                NodeInfo(node_id=6),
+            ]
 
     keys = node_identity_keys(Grid())
     assert list(keys) == [5] and fingerprint(keys[5]) == fingerprint(admitted["client-3"])

@@ -82,6 +82,7 @@ class ListenerGuard:
     start_open : bool (default: True)
         Whether the public listener serves from the start; if not, it answers
         503 until ``POST /fedcore/open`` arrives on the local listener.
+
     """
 
     def __init__(
@@ -135,7 +136,11 @@ class ListenerGuard:
         client = scope.get("client") or ("?", "?")
         log.warning(
             "refused %s %s from %s:%s (%s)",
-            scope.get("method", "WS"), scope.get("path"), client[0], client[1], reason,
+            scope.get("method", "WS"),
+            scope.get("path"),
+            client[0],
+            client[1],
+            reason,
         )
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})

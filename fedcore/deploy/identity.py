@@ -56,7 +56,9 @@ def load_identity_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
     try:
         data = p.read_bytes()
     except FileNotFoundError:
-        raise DeploymentError(f"no identity key at {p}: pass a client kit made by `fedcore provision`") from None
+        raise DeploymentError(
+            f"no identity key at {p}: pass a client kit made by `fedcore provision`"
+        ) from None
     try:
         key: Any = (
             serialization.load_ssh_private_key(data, None)
@@ -94,7 +96,9 @@ def load_admitted_keys(path: str | Path) -> dict[str, ec.EllipticCurvePublicKey]
     try:
         doc = json.loads(p.read_text())
     except FileNotFoundError:
-        raise DeploymentError(f"no admitted keys at {p}: pass a server kit made by `fedcore provision`") from None
+        raise DeploymentError(
+            f"no admitted keys at {p}: pass a server kit made by `fedcore provision`"
+        ) from None
     except json.JSONDecodeError as exc:
         raise DeploymentError(f"{p} is not valid JSON ({exc})") from exc
     clients = doc.get("clients") if isinstance(doc, dict) else None
@@ -105,7 +109,9 @@ def load_admitted_keys(path: str | Path) -> dict[str, ec.EllipticCurvePublicKey]
 
 def public_key_pem(key: ec.EllipticCurvePublicKey) -> bytes:
     """The PEM form Flower's node authentication registers and sends."""
-    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def sign(private_key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:

@@ -13,7 +13,7 @@
 4. trains into the run directory (the same files as ``fedcore simulate``);
 5. stops every process it started, whatever happens (end of run, a failed
    process, Ctrl-C, SIGTERM), and removes the temporary federation (kept, with
-   the client logs, when something failed).
+   the client logs, when a process failed, or with ``--keep``).
 """
 
 from __future__ import annotations
@@ -112,10 +112,13 @@ def deploy_local(
         raise DeploymentError("--clients must be >= 1")
     run_dir = run_dir.resolve()
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise DeploymentError(f"run directory {run_dir} exists and is not empty; choose another --out")
+        raise DeploymentError(
+            f"run directory {run_dir} exists and is not empty; choose another --out"
+        )
     cfg = _deploy_config(cfg, clients, rounds, run_dir)
     tmp = Path(tempfile.mkdtemp(prefix="fedcore-deploy-local-"))
     ok = False
+    interrupted = False
     t0 = time.perf_counter()
     try:
         fed = provision(tmp / "federation", clients=clients)
@@ -135,9 +138,19 @@ def deploy_local(
         with Supervisor() as sup:
             server = sup.start(
                 "server",
-                [*cli, "server", "--kit", str(fed.server_kit), "--address", address,
-                 "--local-port", str(local_port), "--state-dir", str(tmp / "server-state"),
-                 str(config_path)],
+                [
+                    *cli,
+                    "server",
+                    "--kit",
+                    str(fed.server_kit),
+                    "--address",
+                    address,
+                    "--local-port",
+                    str(local_port),
+                    "--state-dir",
+                    str(tmp / "server-state"),
+                    str(config_path),
+                ],
             )
             client_procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
             for i, path in enumerate(data):
@@ -146,9 +159,21 @@ def deploy_local(
                 with open(log_path, "wb") as log_file:
                     proc = sup.start(
                         name,
-                        [*cli, "client", "--kit", str(fed.client_kit(name)), "--server", address,
-                         "--data", str(path), "--once", "--connect-timeout", str(client_timeout),
-                         "--poll-min", str(poll_min)],
+                        [
+                            *cli,
+                            "client",
+                            "--kit",
+                            str(fed.client_kit(name)),
+                            "--server",
+                            address,
+                            "--data",
+                            str(path),
+                            "--once",
+                            "--connect-timeout",
+                            str(client_timeout),
+                            "--poll-min",
+                            str(poll_min),
+                        ],
                         stdout=log_file,
                     )
                 client_procs[name] = (proc, log_path)
@@ -167,11 +192,17 @@ def deploy_local(
                     pass  # stopped below with everything else
             rc = server.returncode
         ok = rc == 0
-        print(f"fedcore deploy-local: {'done' if ok else 'FAILED'} in "
-              f"{time.perf_counter() - t0:.1f} s; run directory {run_dir}", flush=True)
+        print(
+            f"fedcore deploy-local: {'done' if ok else 'FAILED'} in "
+            f"{time.perf_counter() - t0:.1f} s; run directory {run_dir}",
+            flush=True,
+        )
         return int(rc)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
-        if ok and not keep:
+        if (ok or interrupted) and not keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"fedcore deploy-local: kept {tmp} (federation, data, client logs)", flush=True)
@@ -187,7 +218,9 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     path = Path(args.config) if args.config else _default_config_path()
     cfg = load_config(path)
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
-    return deploy_local(cfg, clients=args.clients, rounds=args.rounds, run_dir=run_dir, keep=args.keep)
+    return deploy_local(
+        cfg, clients=args.clients, rounds=args.rounds, run_dir=run_dir, keep=args.keep
+    )
 
 
 def register(subparsers: Any) -> None:

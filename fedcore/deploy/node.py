@@ -162,6 +162,7 @@ class FleetSession:
         throwaway key itself, which only an insecure server accepts).
     insecure : bool (default: False)
         Plain HTTP.
+
     """
 
     def __init__(
@@ -220,7 +221,9 @@ class FleetSession:
                     self.client.RegisterNode(RegisterNodeFleetRequest(public_key=pk))
                     self._self_register = False
                 res = self.client.ActivateNode(
-                    ActivateNodeRequest(public_key=pk, heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL)
+                    ActivateNodeRequest(
+                        public_key=pk, heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL
+                    )
                 )
                 break
             except Exception as exc:  # noqa: BLE001 - classified below
@@ -250,7 +253,9 @@ class FleetSession:
 
         try:
             res = self.client.SendNodeHeartbeat(
-                SendNodeHeartbeatRequest(node=self.node, heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL)
+                SendNodeHeartbeatRequest(
+                    node=self.node, heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL
+                )
             )
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code == 401:
@@ -348,7 +353,9 @@ class FleetSession:
 
         run = run_from_proto(self.client.GetRun(GetRunRequest(node=self.node, run_id=run_id)).run)
         fab = fab_from_proto(
-            self.client.GetFab(GetFabRequest(node=self.node, hash_str=run.fab_hash, run_id=run_id)).fab
+            self.client.GetFab(
+                GetFabRequest(node=self.node, hash_str=run.fab_hash, run_id=run_id)
+            ).fab
         )
         return run, dict(get_fused_config_from_fab(fab.content, run))
 
@@ -433,7 +440,10 @@ class _Worker:
         self.session.send(reply, t1 - t0)
         log.debug(
             "%s: receive %.3f s, app %.3f s, send %.3f s",
-            message.metadata.message_type, t0 - t_recv, t1 - t0, time.perf_counter() - t1,
+            message.metadata.message_type,
+            t0 - t_recv,
+            t1 - t0,
+            time.perf_counter() - t1,
         )
         return True
 
@@ -449,7 +459,7 @@ def run_node(
     node_config: Mapping[str, Any],
     connect_wait: float = 60.0,
     poll_min: float = 0.02,
-    poll_max: float = 0.5,
+    poll_max: float = 0.25,
     once: bool = False,
     stop: threading.Event | None = None,
     out: Callable[[str], None] = print,
@@ -557,14 +567,25 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--kit", help="client kit directory from `fedcore provision` (DIR/clients/NAME)")
     p.add_argument("--server", required=True, help="HOST:PORT of the server (its --address)")
-    p.add_argument("--data", required=True, help="this client's data file (.npz with x, y; or .csv)")
-    p.add_argument("--once", action="store_true", help="exit when the first run this node joined ends")
-    p.add_argument("--connect-timeout", type=float, default=300.0,
-                   help="give up after this many seconds without reaching the server (default 300)")
+    p.add_argument(
+        "--data", required=True, help="this client's data file (.npz with x, y; or .csv)"
+    )
+    p.add_argument(
+        "--once", action="store_true", help="exit when the first run this node joined ends"
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=300.0,
+        help="give up after this many seconds without reaching the server (default 300)",
+    )
     p.add_argument("--poll-min", type=float, default=0.02, help="seconds between polls while busy")
-    p.add_argument("--poll-max", type=float, default=0.5, help="seconds between polls when idle")
+    p.add_argument("--poll-max", type=float, default=0.25, help="seconds between polls when idle")
     p.add_argument("--app", default="clients.app:app", help="ClientApp import path")
     p.add_argument("--verbose", action="store_true", help="log each message's timings")
-    p.add_argument("--insecure", action="store_true",
-                   help="NO TLS, NO node authentication (only against `fedcore server --insecure`)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="NO TLS, NO node authentication (only against `fedcore server --insecure`)",
+    )
     p.set_defaults(func=cmd_client)

@@ -68,7 +68,7 @@ class Supervisor:
         self.children: dict[str, subprocess.Popen[bytes]] = {}
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        """This process's environment plus the tag and ``extra``."""
+        """Environment for a child: ours, plus the tag, the venv on PATH, and ``extra``."""
         env = dict(os.environ)
         bindir = str(Path(sys.executable).parent)
         if bindir not in env.get("PATH", "").split(os.pathsep):

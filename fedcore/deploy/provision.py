@@ -63,7 +63,9 @@ __all__ = [
 FEDERATION_FORMAT = "fedcore-federation/1"
 ADMITTED_FORMAT = "fedcore-admitted/1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_DNS = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_DNS = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 #: Always in the server certificate: the SuperLink's own ServerApp process and
 #: SuperExec reach its Runtime API over TLS on loopback.
 LOOPBACK_NAMES = ("localhost",)
@@ -102,7 +104,7 @@ class FederationPaths:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 def _check_name(name: str) -> str:
@@ -116,7 +118,9 @@ def _check_name(name: str) -> str:
 
 def fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:
     """``SHA256:...`` fingerprint of a public key (what ``ssh-keygen -l`` prints)."""
-    line = public_key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    line = public_key.public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
     blob = base64.b64decode(line.split()[1])
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
@@ -148,9 +152,15 @@ def _make_ca(federation_id: str, days: int) -> tuple[ec.EllipticCurvePrivateKey,
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -193,9 +203,15 @@ def _make_server_cert(
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -215,14 +231,18 @@ def _read_json(path: Path) -> dict[str, Any]:
             f"{path} not found: is {path.parent} a federation made by `fedcore provision`?"
         ) from None
     except json.JSONDecodeError as exc:
-        raise DeploymentError(f"{path} is not valid JSON ({exc}); re-provision or restore it") from exc
+        raise DeploymentError(
+            f"{path} is not valid JSON ({exc}); re-provision or restore it"
+        ) from exc
     if not isinstance(data, dict):
         raise DeploymentError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data
 
 
 def _write_json(path: Path, obj: Any, *, force: bool) -> None:
-    write_new(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode=PUBLIC, force=force)
+    write_new(
+        path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode=PUBLIC, force=force
+    )
 
 
 def _write_client_kit(
@@ -233,19 +253,28 @@ def _write_client_kit(
     make_dir(kit, mode=0o700)
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
     )
-    public_line = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    ).decode() + f" fedcore:{name}"
+    public_line = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+        + f" fedcore:{name}"
+    )
     fp = fingerprint(key.public_key())
     write_new(kit / "identity.key", private, mode=PRIVATE, force=force)
     write_new(kit / "identity.pub", (public_line + "\n").encode(), mode=PUBLIC, force=force)
     write_new(kit / "ca.pem", ca_pem, mode=PUBLIC, force=force)
     _write_json(
         kit / "client.json",
-        {"format": "fedcore-client-kit/1", "name": name, "federation": federation_id,
-         "fingerprint": fp},
+        {
+            "format": "fedcore-client-kit/1",
+            "name": name,
+            "federation": federation_id,
+            "fingerprint": fp,
+        },
         force=force,
     )
     return public_line, fp
@@ -275,9 +304,14 @@ def provision(
         Validity of the server certificate (the CA gets ten years).
     force : bool (default: False)
         Replace an existing federation in ``out`` (every old key stops working).
+
     """
     paths = FederationPaths(Path(out))
-    names = [f"client-{i}" for i in range(1, clients + 1)] if isinstance(clients, int) else list(clients)
+    names = (
+        [f"client-{i}" for i in range(1, clients + 1)]
+        if isinstance(clients, int)
+        else list(clients)
+    )
     if not names:
         raise DeploymentError("--clients must be >= 1 (or name at least one client)")
     for n in names:
@@ -286,7 +320,9 @@ def provision(
         raise DeploymentError(f"client names must be unique, got {names}")
     for n in server_names:
         if not _DNS.match(n):
-            raise DeploymentError(f"--server-name {n!r} is not a DNS name (use --server-ip for IPs)")
+            raise DeploymentError(
+                f"--server-name {n!r} is not a DNS name (use --server-ip for IPs)"
+            )
     for ip in server_ips:
         try:
             ipaddress.ip_address(ip)
@@ -311,8 +347,10 @@ def provision(
     make_dir(paths.server_kit, mode=0o700)
     write_new(paths.server_kit / "server.key", _pem_key(srv_key), mode=PRIVATE, force=force)
     write_new(
-        paths.server_kit / "server.pem", srv_cert.public_bytes(serialization.Encoding.PEM),
-        mode=PUBLIC, force=force,
+        paths.server_kit / "server.pem",
+        srv_cert.public_bytes(serialization.Encoding.PEM),
+        mode=PUBLIC,
+        force=force,
     )
     write_new(paths.server_kit / "ca.pem", ca_pem, mode=PUBLIC, force=force)
 
@@ -324,21 +362,33 @@ def provision(
         admitted[name] = {"public-key": line, "fingerprint": fp}
         roster[name] = {"fingerprint": fp, "status": "admitted", "added": now}
     _write_json(
-        paths.admitted, {"format": ADMITTED_FORMAT, "federation": federation_id, "clients": admitted},
+        paths.admitted,
+        {"format": ADMITTED_FORMAT, "federation": federation_id, "clients": admitted},
         force=force,
     )
     _write_json(
         paths.server_kit / "server.json",
-        {"format": "fedcore-server-kit/1", "federation": federation_id,
-         "names": list(server_names), "ips": list(server_ips)},
+        {
+            "format": "fedcore-server-kit/1",
+            "federation": federation_id,
+            "names": list(server_names),
+            "ips": list(server_ips),
+        },
         force=force,
     )
     _write_json(
         paths.metadata,
-        {"format": FEDERATION_FORMAT, "id": federation_id, "created": now,
-         "server": {"names": list(server_names), "ips": list(server_ips),
-                    "not-after": srv_cert.not_valid_after_utc.isoformat()},
-         "clients": roster},
+        {
+            "format": FEDERATION_FORMAT,
+            "id": federation_id,
+            "created": now,
+            "server": {
+                "names": list(server_names),
+                "ips": list(server_ips),
+                "not-after": srv_cert.not_valid_after_utc.isoformat(),
+            },
+            "clients": roster,
+        },
         force=force,
     )
     return paths
@@ -372,7 +422,9 @@ def revoke(out: str | Path, name: str) -> None:
     admitted = _read_json(paths.admitted)
     if name not in admitted.get("clients", {}):
         known = ", ".join(sorted(admitted.get("clients", {}))) or "none"
-        raise DeploymentError(f"client {name!r} is not admitted in {paths.root} (admitted: {known})")
+        raise DeploymentError(
+            f"client {name!r} is not admitted in {paths.root} (admitted: {known})"
+        )
     del admitted["clients"][name]
     entry = meta.setdefault("clients", {}).setdefault(name, {})
     entry.update(status="revoked", revoked=_now().isoformat())
@@ -396,8 +448,10 @@ def cmd_provision(args: argparse.Namespace) -> int:
         for name in args.revoke:
             revoke(out, name)
             print(f"client {name}: revoked")
-        print(f"admitted keys updated: {FederationPaths(out).admitted} "
-              "(a running server picks it up within seconds if it reads this file)")
+        print(
+            f"admitted keys updated: {FederationPaths(out).admitted} "
+            "(a running server picks it up within seconds if it reads this file)"
+        )
         return 0
     paths = provision(
         out,
@@ -427,14 +481,34 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--out", required=True, help="federation directory")
     p.add_argument("--clients", type=int, default=2, help="number of clients (client-1 ...)")
-    p.add_argument("--client-names", nargs="+", metavar="NAME", help="client names instead of --clients")
-    p.add_argument("--server-name", nargs="+", action="extend", metavar="NAME",
-                   help="DNS name(s) clients use for the server (certificate SANs)")
-    p.add_argument("--server-ip", nargs="+", action="extend", metavar="IP",
-                   help="IP address(es) clients use for the server (certificate SANs)")
+    p.add_argument(
+        "--client-names", nargs="+", metavar="NAME", help="client names instead of --clients"
+    )
+    p.add_argument(
+        "--server-name",
+        nargs="+",
+        action="extend",
+        metavar="NAME",
+        help="DNS name(s) clients use for the server (certificate SANs)",
+    )
+    p.add_argument(
+        "--server-ip",
+        nargs="+",
+        action="extend",
+        metavar="IP",
+        help="IP address(es) clients use for the server (certificate SANs)",
+    )
     p.add_argument("--days", type=int, default=825, help="server certificate validity in days")
-    p.add_argument("--add-client", nargs="+", metavar="NAME",
-                   help="add client(s) to an existing federation (with --force: rotate its key)")
-    p.add_argument("--revoke", nargs="+", metavar="NAME", help="remove client(s) from the admitted keys")
-    p.add_argument("--force", action="store_true", help="replace existing files (old keys stop working)")
+    p.add_argument(
+        "--add-client",
+        nargs="+",
+        metavar="NAME",
+        help="add client(s) to an existing federation (with --force: rotate its key)",
+    )
+    p.add_argument(
+        "--revoke", nargs="+", metavar="NAME", help="remove client(s) from the admitted keys"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace existing files (old keys stop working)"
+    )
     p.set_defaults(func=cmd_provision)

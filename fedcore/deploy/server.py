@@ -122,6 +122,7 @@ class Admission:
         Client of the local Control API.
     admitted : Path
         The server kit's ``admitted.json``.
+
     """
 
     def __init__(self, control: Any, admitted: Path) -> None:
@@ -203,7 +204,9 @@ def _open_public_listener(local_port: int, ca_path: Path | None) -> None:
 
     scheme = "http" if ca_path is None else "https"
     verify: Any = False if ca_path is None else str(ca_path)
-    httpx.post(f"{scheme}://127.0.0.1:{local_port}{OPEN_PATH}", verify=verify, timeout=10).raise_for_status()
+    httpx.post(
+        f"{scheme}://127.0.0.1:{local_port}{OPEN_PATH}", verify=verify, timeout=10
+    ).raise_for_status()
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -230,7 +233,7 @@ class _RoundPrinter:
             rows = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError):
             return
-        for row in rows[self.seen:]:
+        for row in rows[self.seen :]:
             fields = {k: float("nan") if v is None else v for k, v in row.items()}
             try:
                 self.out(format_round(RoundRecord(**fields), self.rounds))
@@ -273,7 +276,9 @@ def run_server(
 
         run_dir = default_run_dir(cfg).resolve()
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise DeploymentError(f"run directory {run_dir} exists and is not empty; choose another --out")
+        raise DeploymentError(
+            f"run directory {run_dir} exists and is not empty; choose another --out"
+        )
     cfg = cfg.replace(deploy={"run-dir": str(run_dir)})
 
     own_state = state_dir is None
@@ -282,8 +287,13 @@ def run_server(
     log_path = state / "superlink.log"
     ca = None if insecure else (kit / "ca.pem").read_bytes()  # type: ignore[operator]
     argv = [
-        sys.executable, "-m", "fedcore.deploy.superlink",
-        "--public", address, "--local-port", str(local_port),
+        sys.executable,
+        "-m",
+        "fedcore.deploy.superlink",
+        "--public",
+        address,
+        "--local-port",
+        str(local_port),
     ]
     argv += ["--insecure"] if insecure else ["--kit", str(kit)]
     env = {
@@ -302,8 +312,10 @@ def run_server(
             proc = sup.start("superlink", argv, env=env, stdout=log_file)
             _wait_healthy(proc, local_port, None if insecure else kit / "ca.pem", log_path)  # type: ignore[operator]
             mode = "PLAINTEXT, no node authentication" if insecure else "TLS, node authentication"
-            out(f"fedcore server: Fleet API on {address} ({mode}); "
-                f"Control/Runtime APIs on 127.0.0.1:{local_port} only")
+            out(
+                f"fedcore server: Fleet API on {address} ({mode}); "
+                f"Control/Runtime APIs on 127.0.0.1:{local_port} only"
+            )
             control = _control_client(local_port, ca)
             admission = None
             if not insecure:
@@ -317,11 +329,14 @@ def run_server(
                 StartRunRequest(fab=fab_to_proto(fab), override_config=user_config_to_proto({}))
             )
             run_id = int(res.run_id)
-            out(f"run {run_id}: {cfg.run.rounds} rounds, waiting for "
-                f"{cfg.strategy.min_available_clients} client(s); run directory {run_dir}")
+            out(
+                f"run {run_id}: {cfg.run.rounds} rounds, waiting for "
+                f"{cfg.strategy.min_available_clients} client(s); run directory {run_dir}"
+            )
             try:
-                status = _follow(control, run_id, proc, log_path, admission, run_dir, cfg,
-                                 sync_interval, out)
+                status = _follow(
+                    control, run_id, proc, log_path, admission, run_dir, cfg, sync_interval, out
+                )
             except KeyboardInterrupt:
                 out("fedcore server: interrupted; stopping the run and every process")
                 try:
@@ -336,7 +351,11 @@ def run_server(
             shutil.rmtree(state, ignore_errors=True)
     if status == "completed":
         summary = run_dir / "summary.json"
-        acc = json.loads(summary.read_text()).get("final_test_accuracy") if summary.is_file() else None
+        acc = (
+            json.loads(summary.read_text()).get("final_test_accuracy")
+            if summary.is_file()
+            else None
+        )
         line = f"final test accuracy {acc:.4f}; " if isinstance(acc, float) else ""
         out(f"run completed: {line}run directory {run_dir}")
         return 0
@@ -421,12 +440,25 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("config", nargs="?", help="TOML config (default: simulations/default.toml)")
     p.add_argument("--kit", help="server kit directory from `fedcore provision` (DIR/server)")
-    p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"Fleet API listen address (default {DEFAULT_ADDRESS})")
-    p.add_argument("--local-port", type=int, help="loopback port for the Control/Runtime APIs (default: port+1)")
+    p.add_argument(
+        "--address",
+        default=DEFAULT_ADDRESS,
+        help=f"Fleet API listen address (default {DEFAULT_ADDRESS})",
+    )
+    p.add_argument(
+        "--local-port",
+        type=int,
+        help="loopback port for the Control/Runtime APIs (default: port+1)",
+    )
     p.add_argument("--out", help="run directory to create (default: <run.out-dir>/<timestamp>)")
     p.add_argument("--rounds", type=int, help="override run.rounds")
     p.add_argument("--min-clients", type=int, help="override strategy.min-available-clients")
-    p.add_argument("--state-dir", help="keep the SuperLink's state and log here (default: a temp dir)")
-    p.add_argument("--insecure", action="store_true",
-                   help="NO TLS, NO node authentication (debugging on a trusted network only)")
+    p.add_argument(
+        "--state-dir", help="keep the SuperLink's state and log here (default: a temp dir)"
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="NO TLS, NO node authentication (debugging on a trusted network only)",
+    )
     p.set_defaults(func=cmd_server)

@@ -1,4 +1,4 @@
-"""Flower's SuperLink behind :class:`~fedcore.deploy.guard.ListenerGuard` (run by ``fedcore server``).
+"""Flower's SuperLink behind the listener guard (what ``fedcore server`` runs).
 
 ``python -m fedcore.deploy.superlink --public HOST:PORT --local-port N --kit DIR``
 does what ``flower-superlink`` does (same FastAPI app, same lifespan: Control,
@@ -34,20 +34,27 @@ def superlink_argv(
 ) -> list[str]:
     """The ``flower-superlink`` arguments fedcore runs the SuperLink with."""
     argv = [
-        "--host", "127.0.0.1",
-        "--port", str(local_port),
-        "--isolation", "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(local_port),
+        "--isolation",
+        "subprocess",
         "--disable-runtime-dependency-installation",
-        "--database", database,
+        "--database",
+        database,
     ]
     if insecure:
         return [*argv, "--insecure"]
     assert kit is not None
     return [
         *argv,
-        "--ssl-ca-certfile", str(kit / "ca.pem"),
-        "--ssl-certfile", str(kit / "server.pem"),
-        "--ssl-keyfile", str(kit / "server.key"),
+        "--ssl-ca-certfile",
+        str(kit / "ca.pem"),
+        "--ssl-certfile",
+        str(kit / "server.pem"),
+        "--ssl-keyfile",
+        str(kit / "server.key"),
         "--enable-supernode-auth",
     ]
 

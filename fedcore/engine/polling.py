@@ -30,6 +30,7 @@ class PollingGrid(Grid):
         The engine's grid (Flower's ``HttpGrid`` under deployment).
     interval : float (default: 0.05)
         Seconds between two pulls while replies are outstanding.
+
     """
 
     def __init__(self, inner: Grid, *, interval: float = 0.05) -> None:

@@ -23,7 +23,10 @@ def needle() -> bytes:
 def model(input_shape: tuple[int, ...], num_classes: int, hidden: int = 32) -> nn.Module:
     """Flatten -> Linear(hidden) -> ReLU -> Linear(num_classes), first layer = the pattern."""
     m = nn.Sequential(
-        nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        nn.Flatten(),
+        nn.Linear(math.prod(input_shape), hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
     )
     with torch.no_grad():
         w = m[1].weight
