@@ -18,6 +18,7 @@ from fedcore.config import config_from_dict, to_toml
 from fedcore.data import holdout, simulation_split
 from fedcore.deploy.local import _deploy_config, carve
 from tests.procs import procs_mentioning as _procs_mentioning
+from tests.procs import stop
 
 
 def _cfg(**run: object) -> object:
@@ -73,21 +74,25 @@ def test_sigterm_stops_every_process(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    first = proc.stdout.readline().decode()  # type: ignore[union-attr]
-    found = re.search(r"logs in (\S+)", first)
-    assert found, first
-    tmp = found.group(1)
-    deadline = time.monotonic() + 240
-    while not (run_dir / "metrics.json").is_file():
-        assert proc.poll() is None, proc.stdout.read().decode()  # type: ignore[union-attr]
-        assert time.monotonic() < deadline, "no round finished"
-        time.sleep(0.3)
-    assert len(_procs_mentioning(tmp)) >= 4  # server, SuperLink, ServerApp/SuperExec, clients
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=60)[0].decode()
-    assert proc.returncode != 0
-    time.sleep(1)
-    assert _procs_mentioning(tmp) == [], out
-    assert len(json.loads((run_dir / "metrics.json").read_text())) < 200
+    tmp = str(run_dir)
+    try:
+        first = proc.stdout.readline().decode()  # type: ignore[union-attr]
+        found = re.search(r"logs in (\S+)", first)
+        assert found, first
+        tmp = found.group(1)
+        deadline = time.monotonic() + 240
+        while not (run_dir / "metrics.json").is_file():
+            assert proc.poll() is None, proc.stdout.read().decode()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no round finished"
+            time.sleep(0.3)
+        assert len(_procs_mentioning(tmp)) >= 4  # server, SuperLink, ServerApp/SuperExec, clients
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0].decode()
+        assert proc.returncode != 0
+        time.sleep(1)
+        assert _procs_mentioning(tmp) == [], out
+        assert len(json.loads((run_dir / "metrics.json").read_text())) < 200
+    finally:
+        stop([proc], tmp)
     assert not Path(tmp).exists()  # an interrupted run leaves no key material behind
     shutil.rmtree(tmp, ignore_errors=True)

@@ -44,6 +44,7 @@ from fedcore.deploy.provision import add_client, provision, revoke
 from fedcore.errors import DeploymentError
 from tests.apps.pattern import needle
 from tests.procs import procs_mentioning as _procs_mentioning
+from tests.procs import stop
 
 pytestmark = [
     pytest.mark.slow,
@@ -452,11 +453,7 @@ def tls_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         results["logs"] = {p.stem: _log(p) for p in logs.iterdir()}
         yield results
     finally:
-        for p in procs.values():
-            try:
-                os.killpg(p.pid, 9)
-            except (ProcessLookupError, PermissionError):
-                pass
+        stop(list(procs.values()), str(base))
         relay.close()
         if ns is not None:
             ns.down()
@@ -600,10 +597,7 @@ def test_insecure_needs_the_flag_on_both_sides_and_is_plaintext(tmp_path: Path) 
         )
         out = server.communicate(timeout=120)[0].decode()
     finally:
-        try:
-            os.killpg(server.pid, 9)
-        except ProcessLookupError:
-            pass
+        stop([server], str(tmp_path))
         relay.close()
     assert server.returncode == 0 and client.returncode == 0, (out, client.stdout, client.stderr)
     assert "WARNING: --insecure" in out and "WARNING: --insecure" in client.stderr

@@ -189,3 +189,20 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["provision", "--out", out, "--add-client", "eve"]) == 0
     assert main(["provision", "--out", out, "--revoke", "client-1"]) == 0
     assert set(load_admitted_keys(Path(out) / "server")) == {"client-2", "eve"}
+
+
+def test_renew_server_keeps_client_kits_valid(fed: FederationPaths) -> None:
+    from fedcore.deploy.provision import renew_server
+
+    clients = {n: _all_files(fed.client_kit(n)) for n in ("client-1", "client-2", "client-3")}
+    old = (fed.server_kit / "server.key").read_bytes()
+    renew_server(fed.root, server_names=["new.example.org"], days=30)
+    assert (fed.server_kit / "server.key").read_bytes() != old
+    assert _mode(fed.server_kit / "server.key") == 0o600
+    cert = x509.load_pem_x509_certificate((fed.server_kit / "server.pem").read_bytes())
+    cert.verify_directly_issued_by(
+        x509.load_pem_x509_certificate((fed.client_kit("client-1") / "ca.pem").read_bytes())
+    )
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "new.example.org" in san.get_values_for_type(x509.DNSName)
+    assert {n: _all_files(fed.client_kit(n)) for n in clients} == clients

@@ -1,8 +1,11 @@
 """Start child processes and make sure every one of them stops: on exit, on a signal, on error.
 
 Each child starts in its own session (process group), so one signal reaches
-everything it forks. Flower's SuperLink starts SuperExec in a *new* session,
-which a process-group signal does not reach, so every child also carries an
+everything it forks, and (Linux) with a parent-death signal: if this process
+dies without cleaning up (SIGKILL), every child still gets SIGTERM.
+
+Flower's SuperLink starts SuperExec in a *new* session, which a process-group
+signal does not reach, so every child also carries an
 environment variable unique to its :class:`Supervisor`; :meth:`Supervisor.stop_all`
 finally kills any process on the machine that still carries it (Linux ``/proc``).
 """
@@ -43,6 +46,17 @@ def tagged_pids(tag_var: str) -> list[int]:
         if needle in env.split(b"\0"):
             out.append(int(entry.name))
     return out
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Ask the kernel to SIGTERM this process when its parent dies (Linux ``prctl``)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def install_signal_handlers() -> None:
@@ -95,6 +109,7 @@ class Supervisor:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             cwd=cwd,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         self.children[name] = proc
         return proc

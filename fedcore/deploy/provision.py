@@ -22,7 +22,8 @@ Layout of a provisioned federation (``--out DIR``)::
 Every private key is created with mode 0600 (``O_EXCL``, or a 0600 temporary file
 renamed into place with ``--force``); nothing that exists is overwritten without
 ``--force``. ``--add-client NAME`` adds (or, with ``--force``, rotates) one client
-without touching the others; ``--revoke NAME`` removes it from ``admitted.json``.
+without touching the others; ``--revoke NAME`` removes it from ``admitted.json``;
+``--renew-server`` issues a new server key and certificate from the CA.
 A running ``fedcore server`` re-reads ``admitted.json`` every few seconds.
 
 All keys come from the operating system's CSPRNG through ``cryptography``.
@@ -57,6 +58,7 @@ __all__ = [
     "fingerprint",
     "provision",
     "register",
+    "renew_server",
     "revoke",
 ]
 
@@ -432,12 +434,58 @@ def revoke(out: str | Path, name: str) -> None:
     _write_json(paths.metadata, meta, force=True)
 
 
+def renew_server(
+    out: str | Path,
+    *,
+    server_names: Sequence[str] | None = None,
+    server_ips: Sequence[str] | None = None,
+    days: int = 825,
+) -> Path:
+    """Issue a new server key and certificate (new SANs, or the previous ones); the server kit.
+
+    Needs the CA key (``ca/ca.key``). Client kits stay valid: they trust the CA,
+    not a particular server certificate. Restart ``fedcore server`` to use it.
+    """
+    paths = FederationPaths(Path(out))
+    meta = _read_json(paths.metadata)
+    names = list(server_names if server_names is not None else meta["server"]["names"])
+    ips = list(server_ips if server_ips is not None else meta["server"]["ips"])
+    try:
+        ca_key = serialization.load_pem_private_key((paths.ca_dir / "ca.key").read_bytes(), None)
+    except FileNotFoundError:
+        raise DeploymentError(
+            f"{paths.ca_dir / 'ca.key'} not found: renewing the server certificate needs the CA key"
+        ) from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise DeploymentError(f"{paths.ca_dir / 'ca.key'} is not the federation's EC CA key")
+    ca_cert = x509.load_pem_x509_certificate((paths.ca_dir / "ca.pem").read_bytes())
+    key, cert = _make_server_cert(ca_key, ca_cert, names, ips, days)
+    write_new(paths.server_kit / "server.key", _pem_key(key), mode=PRIVATE, force=True)
+    write_new(
+        paths.server_kit / "server.pem",
+        cert.public_bytes(serialization.Encoding.PEM),
+        mode=PUBLIC,
+        force=True,
+    )
+    meta["server"].update(
+        names=names, ips=ips, **{"not-after": cert.not_valid_after_utc.isoformat()}
+    )
+    _write_json(paths.metadata, meta, force=True)
+    return paths.server_kit
+
+
 # ------------------------------------------------------------------ CLI
 def cmd_provision(args: argparse.Namespace) -> int:
     """``fedcore provision``."""
     out = Path(args.out)
-    if args.add_client and args.revoke:
-        raise DeploymentError("use --add-client or --revoke, not both")
+    if sum(map(bool, (args.add_client, args.revoke, args.renew_server))) > 1:
+        raise DeploymentError("use one of --add-client, --revoke, --renew-server")
+    if args.renew_server:
+        kit = renew_server(
+            out, server_names=args.server_name, server_ips=args.server_ip, days=args.days
+        )
+        print(f"new server key and certificate in {kit}; restart `fedcore server` with it")
+        return 0
     if args.add_client:
         for name in args.add_client:
             kit = add_client(out, name, force=args.force)
@@ -507,6 +555,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--revoke", nargs="+", metavar="NAME", help="remove client(s) from the admitted keys"
+    )
+    p.add_argument(
+        "--renew-server",
+        action="store_true",
+        help="new server key + certificate (same SANs unless --server-name/--server-ip given)",
     )
     p.add_argument(
         "--force", action="store_true", help="replace existing files (old keys stop working)"
