@@ -129,6 +129,8 @@ class Admission:
         self.control = control
         self.admitted = admitted
         self.registered: dict[bytes, tuple[str, int]] = {}  # PEM -> (name, node id)
+        self.retired: set[bytes] = set()  # revoked in this run: Flower keeps the key taken
+        self.refused: set[bytes] = set()
         self._mtime: float | None = None
 
     def sync(self) -> list[str]:
@@ -141,14 +143,35 @@ class Admission:
         changes = []
         for pem, (name, node_id) in list(self.registered.items()):
             if pem not in wanted:
-                self.control.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
+                try:
+                    self.control.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
+                except Exception as exc:  # noqa: BLE001 - report, keep serving
+                    changes.append(f"could not revoke {name}: {exc}")
+                    continue
                 del self.registered[pem]
+                self.retired.add(pem)
                 changes.append(f"revoked {name}")
         for pem, name in wanted.items():
-            if pem not in self.registered:
+            if pem in self.registered:
+                continue
+            if pem in self.retired:
+                changes.append(
+                    f"not re-admitting {name}: its key was revoked during this run; "
+                    f"issue a new one (`fedcore provision --add-client {name} --force`)"
+                )
+                self.retired.discard(pem)  # say it once
+                self.refused.add(pem)
+                continue
+            if pem in self.refused:
+                continue
+            try:
                 res = self.control.RegisterNode(RegisterNodeRequest(public_key=pem, name=name))
-                self.registered[pem] = (name, int(res.node_id))
-                changes.append(f"admitted {name}")
+            except Exception as exc:  # noqa: BLE001 - report, keep serving
+                changes.append(f"could not admit {name}: {exc}")
+                self.refused.add(pem)
+                continue
+            self.registered[pem] = (name, int(res.node_id))
+            changes.append(f"admitted {name}")
         return changes
 
     def sync_if_changed(self) -> list[str]:
