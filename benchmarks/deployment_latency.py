@@ -16,7 +16,7 @@ process on 127.0.0.1.
 A round is measured from the end of one round's central evaluation to the end
 of the next one's; round 1 (start-up, clients joining) is left out.
 
-    python benchmarks/deployment_latency.py [--fedcore-rounds 6] [--flower-rounds 4]
+    python benchmarks/deployment_latency.py [--fedcore-rounds 8] [--flower-rounds 4]
 
 Last line: one JSON object with ``fedcore_round_s`` and ``flower_round_s``.
 """
@@ -270,7 +270,7 @@ def flower_arm(base: Path, rounds: int, fed: object, data: list[Path]) -> list[f
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--fedcore-rounds", type=int, default=6)
+    p.add_argument("--fedcore-rounds", type=int, default=8)
     p.add_argument("--flower-rounds", type=int, default=4)
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = p.parse_args()

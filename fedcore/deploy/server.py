@@ -303,6 +303,11 @@ def run_server(
             f"run directory {run_dir} exists and is not empty; choose another --out"
         )
     cfg = cfg.replace(deploy={"run-dir": str(run_dir)})
+    if cfg.data.num_classes == 0:  # a client's own file may lack a class: fix the count for all
+        from ..data import holdout
+
+        _, test = holdout(cfg.data, seed=cfg.run.seed)
+        cfg = cfg.replace(data={"num-classes": test.num_classes})
 
     own_state = state_dir is None
     state = Path(tempfile.mkdtemp(prefix="fedcore-server-")) if state_dir is None else state_dir
