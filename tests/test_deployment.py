@@ -17,7 +17,9 @@ One federation (module fixture) serves every check, to keep the suite short:
 
 A second, small federation runs ``--insecure`` on both sides through the same
 kind of relay: there the pattern *is* on the wire (so the check above can fail),
-and both sides print their warning.
+and both sides print their warning. A third has stock ``flower-supernode``
+clients (with their kits) train against ``fedcore server``: the apps run
+unchanged on Flower's own deployment engine.
 """
 
 from __future__ import annotations
@@ -610,3 +612,69 @@ def test_insecure_needs_the_flag_on_both_sides_and_is_plaintext(tmp_path: Path) 
 )
 def test_secure_aggregation_survives_a_killed_client() -> None:  # pragma: no cover
     raise NotImplementedError
+
+
+def test_stock_flower_supernodes_join_a_fedcore_server(tmp_path: Path) -> None:
+    """Flower's deployment engine unchanged on the client side: flower-supernode + its kit."""
+    cfg = _config(1, clients=2, min_clients=2)
+    fed = provision(tmp_path / "fed", clients=2)
+    data = carve(cfg, tmp_path / "data")
+    cfg_path = tmp_path / "config.toml"
+    cfg_path.write_text(to_toml(cfg))
+    port, local_port = free_port(), free_port()
+    bindir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                *CLI,
+                "server",
+                "--kit",
+                str(fed.server_kit),
+                "--address",
+                f"127.0.0.1:{port}",
+                "--local-port",
+                str(local_port),
+                "--out",
+                str(tmp_path / "run"),
+                str(cfg_path),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    ]
+    try:
+        for i in (1, 2):
+            kit = fed.client_kit(f"client-{i}")
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(bindir / "flower-supernode"),
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--root-certificates",
+                        str(kit / "ca.pem"),
+                        "--auth-supernode-private-key",
+                        str(kit / "identity.key"),
+                        "--node-config",
+                        f"data-path='{data[i - 1]}'",
+                        "--port",
+                        str(free_port()),
+                    ],
+                    env={**env, "FLWR_HOME": str(tmp_path / f"home-{i}")},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+        out = procs[0].communicate(timeout=400)[0].decode()
+    finally:
+        stop(procs, str(tmp_path))
+    assert procs[0].returncode == 0, out
+    rows = _metrics_rows(tmp_path / "run")
+    assert len(rows) == 1 and rows[0]["clients"] == 2 and rows[0]["failures"] == 0, rows
