@@ -21,6 +21,9 @@ i.e. for ``block = 16`` about ``1e-6`` relative to the mean magnitude, against
 ``(N - 1) * u32`` for a plain float32 running sum such as Flower's. ``block = 1``
 gives pure float64 accumulation (about 2x slower, see docs/benchmarks.md).
 
+A contribution whose ``max|theta_i| * n_i * block`` exceeds 1e37 (it could
+overflow a float32 block) is added to the float64 accumulator directly.
+
 Integer and boolean arrays (e.g. BatchNorm's ``num_batches_tracked``) are
 accumulated in float64, weighted the same way, rounded half-to-even and cast
 back to their dtype.
@@ -49,6 +52,7 @@ __all__ = [
 ]
 
 _NPY_MAGIC = b"\x93NUMPY"
+_F32_SAFE = 1e37  # block sums stay below float32's 3.4e38 with margin
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,8 @@ def array_view(arr: Array) -> np.ndarray:
 
 def numpy_to_array(arr: np.ndarray) -> Array:
     """``Array`` from a NumPy array with one copy (Flower's ``np.save`` path makes two)."""
-    arr = np.ascontiguousarray(arr)
+    if not arr.flags.c_contiguous:
+        arr = arr.copy(order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
     head = io.BytesIO()
     np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(arr))
     return Array(
@@ -134,6 +139,7 @@ class WeightedMean:
     >>> acc.add(a, 1); acc.add(b, 2)
     >>> acc.result()["w"].numpy().tolist()    # (1*[1,2] + 2*[4,8]) / 3
     [3.0, 6.0]
+
     """
 
     def __init__(self, template: Mapping[str, ArraySpec], *, block: int = 16) -> None:
@@ -147,13 +153,13 @@ class WeightedMean:
         self._blk: dict[str, torch.Tensor] = {}
         self._in_block = 0
         self._done = False
+        self._magnitude: dict[str, float] = {}
 
     def check(self, arrays: ArrayRecord, *, finite: bool = True) -> dict[str, np.ndarray]:
         """Views of ``arrays`` if they match the template; else ``AggregationError``.
 
         ``finite`` also refuses NaN and Inf, at the cost of one extra read of the
-        data (a float32 sum: NaN/Inf always survive it; only a non-finite sum is
-        re-checked element-wise, so a finite array that overflows is not refused).
+        data (``torch.aminmax``: NaN and Inf always show in the min or max).
         """
         if set(arrays.keys()) != set(self.template):
             missing = sorted(set(self.template) - set(arrays.keys()))
@@ -162,6 +168,7 @@ class WeightedMean:
                 f"array keys differ from the model: missing {missing}, extra {extra}"
             )
         views: dict[str, np.ndarray] = {}
+        self._magnitude: dict[str, float] = {}
         for name, spec in self.template.items():
             view = array_view(arrays[name])
             if view.shape != spec.shape or str(view.dtype) != spec.dtype:
@@ -169,10 +176,11 @@ class WeightedMean:
                     f"array '{name}' is {view.dtype}{list(view.shape)}, "
                     f"the model has {spec.dtype}{list(spec.shape)}"
                 )
-            if finite and view.dtype.kind == "f":
-                t = _as_tensor(view)
-                if not np.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
+            if finite and view.dtype.kind == "f" and view.size:
+                lo, hi = (float(v) for v in torch.aminmax(_as_tensor(view)))
+                if not (np.isfinite(lo) and np.isfinite(hi)):
                     raise AggregationError(f"array '{name}' contains NaN or Inf")
+                self._magnitude[name] = max(-lo, hi)
             views[name] = view
         return views
 
@@ -189,7 +197,9 @@ class WeightedMean:
         w = float(weight)
         for name, view in views.items():
             t = _as_tensor(view)
-            if view.dtype.kind == "f":
+            # A contribution that could overflow a float32 block goes straight to float64.
+            huge = self._magnitude.get(name, 0.0) * w * self.block > _F32_SAFE
+            if view.dtype.kind == "f" and not huge:
                 blk = self._blk.get(name)
                 if blk is None:
                     blk = self._blk[name] = torch.zeros(view.shape, dtype=torch.float32)

@@ -3,9 +3,10 @@
 ::
 
     fedcore simulate [CONFIG] [--out DIR] [--rounds N] [--clients N] [--seed S] [--workers W]
+    fedcore simulate --resume RUN_DIR [--rounds N]
 
-Exit codes: 0 success, 2 a configuration or data error (the message names the
-key, the value and what is allowed), 1 anything else.
+Exit codes: 0 success, 2 a configuration, data or checkpoint error (the message
+names the key or file, the value and what is allowed), 1 anything else.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import Config, load_config, to_flat
-from .errors import ConfigError, DataError, FedcoreError
+from .errors import CheckpointError, ConfigError, DataError, FedcoreError
 
 __all__ = ["main"]
 
@@ -48,6 +49,22 @@ def _apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
     return cfg.replace(**sections) if sections else cfg
 
 
+def _importable(config_path: Path | None) -> None:
+    """Make modules next to the config file (and in the working directory) importable.
+
+    ``model.factory = "mynets:make_model"`` then finds ``mynets.py`` beside the
+    config, in this process and in the engine's worker processes.
+    """
+    extra = [str(Path.cwd())]
+    if config_path is not None:
+        extra.insert(0, str(config_path.resolve().parent))
+    for entry in reversed(extra):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    current = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join([*extra, *([current] if current else [])])
+
+
 def preflight(cfg: Config) -> None:
     """Everything that can be checked before training: data, partitions, model, loops."""
     from .data import simulation_split
@@ -62,8 +79,9 @@ def preflight(cfg: Config) -> None:
 def centralized_baseline(cfg: Config) -> dict[str, float]:
     """The same model trained centrally on the union of the clients' training data.
 
-    Same optimizer settings and the same number of passes over each example
-    (``rounds * local-epochs`` epochs); evaluated on the same held-out test set.
+    Same initial weights and optimizer settings, ``run.baseline-epochs`` epochs over
+    the union of the clients' local training parts; evaluated on the same held-out
+    test set as the federated model.
     """
     import numpy as np
     import torch
@@ -86,9 +104,11 @@ def centralized_baseline(cfg: Config) -> dict[str, float]:
     model = initial_model(cfg, test)
     seed = derive_seed(cfg.run.seed, "baseline")
     settings = TrainSettings.from_config(cfg.train, seed=seed)
-    settings = TrainSettings(**{**settings.__dict__, "epochs": cfg.run.rounds * cfg.train.local_epochs})
+    settings = TrainSettings(**{**settings.__dict__, "epochs": cfg.run.baseline_epochs})
     torch.manual_seed(seed)
-    train(model, make_loader(union, batch_size=settings.batch_size, shuffle=True, seed=seed), settings)
+    train(
+        model, make_loader(union, batch_size=settings.batch_size, shuffle=True, seed=seed), settings
+    )
     return evaluate(model, make_loader(test, batch_size=512, shuffle=False))
 
 
@@ -98,21 +118,40 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .report import write_json
 
     t0 = time.perf_counter()
-    path = Path(args.config) if args.config else _default_config_path()
+    resume_dir = Path(args.resume) if args.resume else None
+    if resume_dir is not None:
+        if args.out:
+            raise ConfigError("--out", args.out, "cannot be combined with --resume RUN_DIR")
+        if not (resume_dir / "config.toml").is_file():
+            raise CheckpointError(f"{resume_dir} is not a fedcore run directory (no config.toml)")
+    if args.config:
+        path: Path | None = Path(args.config)
+    elif resume_dir is not None:
+        path = resume_dir / "config.toml"
+    else:
+        path = _default_config_path()
+    _importable(path)
     cfg = _apply_overrides(load_config(path), args)
     preflight(cfg)
-    if args.out:
+    if resume_dir is not None:
+        from .checkpoint import load_checkpoint
+
+        load_checkpoint(resume_dir, expect=cfg)  # refuse a bad checkpoint before starting
+        run_dir = resume_dir
+    elif args.out:
         run_dir = Path(args.out)
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError("--out", str(run_dir), "exists and is not empty; choose a new directory")
+            raise ConfigError(
+                "--out", str(run_dir), "exists and is not empty; choose a new directory"
+            )
     else:
         from .server import default_run_dir
 
         run_dir = default_run_dir(cfg)
     print(
         f"fedcore simulate: {path or 'built-in defaults'} | {cfg.run.clients} clients, "
-        f"{cfg.run.rounds} rounds, {cfg.data.source}/{cfg.data.partition}, model {cfg.model.factory}, "
-        f"seed {cfg.run.seed}",
+        f"{cfg.run.rounds} rounds, {cfg.data.source}/{cfg.data.partition}, "
+        f"model {cfg.model.factory}, seed {cfg.run.seed}",
         flush=True,
     )
     from server.app import app as server_app
@@ -123,7 +162,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         run_config=to_flat(cfg),
         num_clients=cfg.run.clients,
         workers=cfg.engine.workers,
-        server_node_config={"run-dir": str(run_dir), "progress": True},
+        server_node_config={
+            "run-dir": str(run_dir),
+            "progress": True,
+            "resume": resume_dir is not None,
+        },
     )
     import json
 
@@ -135,10 +178,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         summary["centralized_baseline"] = {
             "test_accuracy": base["accuracy"],
             "test_loss": base["loss"],
-            "epochs": cfg.run.rounds * cfg.train.local_epochs,
+            "epochs": cfg.run.baseline_epochs,
         }
         write_json(run_dir / "summary.json", summary)
-        line += f" | centralized baseline (same model, data, epochs) {base['accuracy']:.4f}"
+        line += (
+            f" | centralized baseline (same model and data, {cfg.run.baseline_epochs} epochs) "
+            f"{base['accuracy']:.4f}"
+        )
     print(line)
     print(f"wall time {time.perf_counter() - t0:.1f} s")
     print(f"run directory: {run_dir}")
@@ -166,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--clients", type=int, help="override run.clients")
     sim.add_argument("--seed", type=int, help="override run.seed")
     sim.add_argument("--workers", type=int, help="override engine.workers (0 = one per core)")
+    sim.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a killed run from its last completed round (uses RUN_DIR/config.toml "
+        "unless CONFIG is given; --rounds may extend it)",
+    )
     sim.set_defaults(func=cmd_simulate)
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
@@ -180,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, CheckpointError) as exc:
         print(f"fedcore: error: {exc}", file=sys.stderr)
         return 2
     except FedcoreError as exc:

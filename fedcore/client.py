@@ -53,7 +53,7 @@ def _file_data(
 
 
 def local_data(cfg: Config, node_config: Mapping[str, Any]) -> ClientData:
-    """This client's own data, from its data file or its simulation partition."""
+    """The client's own data, from its data file or its simulation partition."""
     if DATA_PATH in node_config:
         return _file_data(
             str(node_config[DATA_PATH]),

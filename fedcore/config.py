@@ -95,9 +95,16 @@ class RunConfig:
     clients: int = 10
     out_dir: str = "runs"
     centralized_baseline: bool = True
+    baseline_epochs: int = 10
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first bad value."""
+        _require(
+            self.baseline_epochs >= 1,
+            "run.baseline-epochs",
+            self.baseline_epochs,
+            "must be an integer >= 1",
+        )
         _require(self.rounds >= 1, "run.rounds", self.rounds, "must be an integer >= 1")
         _require(self.clients >= 1, "run.clients", self.clients, "must be an integer >= 1")
         _require(self.seed >= 0, "run.seed", self.seed, "must be an integer >= 0")
@@ -229,19 +236,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first bad value."""
-        _require(
-            self.local_epochs >= 1, "train.local-epochs", self.local_epochs, "must be >= 1"
-        )
+        _require(self.local_epochs >= 1, "train.local-epochs", self.local_epochs, "must be >= 1")
         _require(self.batch_size >= 1, "train.batch-size", self.batch_size, "must be >= 1")
-        _require(
-            math.isfinite(self.lr) and self.lr > 0, "train.lr", self.lr, "must be > 0"
-        )
-        _require(
-            0.0 <= self.momentum < 1.0, "train.momentum", self.momentum, "must be in [0, 1)"
-        )
-        _require(
-            self.weight_decay >= 0, "train.weight-decay", self.weight_decay, "must be >= 0"
-        )
+        _require(math.isfinite(self.lr) and self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _require(0.0 <= self.momentum < 1.0, "train.momentum", self.momentum, "must be in [0, 1)")
+        _require(self.weight_decay >= 0, "train.weight-decay", self.weight_decay, "must be >= 0")
         _require(
             self.optimizer in OPTIMIZERS,
             "train.optimizer",
@@ -261,6 +260,11 @@ class StrategyConfig:
     min_evaluate_clients: int = 2
     min_available_clients: int = 2
     round_timeout: float = 600.0
+    min_train_replies: int = 1
+    round_retries: int = 2
+    retry_backoff: float = 1.0
+    max_num_examples: int = 0  # 0 = no cap
+    max_reply_mb: float = 0.0  # 0 = auto: 2 x the model's size + 1 MB
     accumulation_block: int = 16
 
     def validate(self) -> None:
@@ -284,6 +288,33 @@ class StrategyConfig:
             "strategy.round-timeout",
             self.round_timeout,
             "must be > 0 seconds",
+        )
+        _require(
+            self.min_train_replies >= 1,
+            "strategy.min-train-replies",
+            self.min_train_replies,
+            "must be an integer >= 1 (valid training replies needed to accept a round)",
+        )
+        _require(
+            self.round_retries >= 0, "strategy.round-retries", self.round_retries, "must be >= 0"
+        )
+        _require(
+            math.isfinite(self.retry_backoff) and self.retry_backoff >= 0,
+            "strategy.retry-backoff",
+            self.retry_backoff,
+            "must be >= 0 seconds (doubled after each retry)",
+        )
+        _require(
+            self.max_num_examples >= 0,
+            "strategy.max-num-examples",
+            self.max_num_examples,
+            "must be >= 0 (0 = no cap)",
+        )
+        _require(
+            math.isfinite(self.max_reply_mb) and self.max_reply_mb >= 0,
+            "strategy.max-reply-mb",
+            self.max_reply_mb,
+            "must be >= 0 (0 = twice the model's size plus 1 MB)",
         )
         _require(
             self.accumulation_block >= 1,
@@ -443,7 +474,11 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
 
 
 def load_config(path: str | Path | None = None) -> Config:
-    """Read and validate a TOML config file (``None``: all defaults)."""
+    """Read and validate a TOML config file (``None``: all defaults).
+
+    A relative ``data.path`` is taken relative to the config file's directory, so a
+    config and its data file can be moved together.
+    """
     if path is None:
         return config_from_dict({})
     p = Path(path)
@@ -455,6 +490,10 @@ def load_config(path: str | Path | None = None) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("<file>", str(p), f"is not valid TOML: {exc}") from exc
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"]:
+        if not Path(data["path"]).is_absolute():
+            raw["data"] = {**data, "path": str((p.parent / data["path"]).resolve())}
     return config_from_dict(raw)
 
 
@@ -523,4 +562,3 @@ def to_toml(cfg: Config) -> str:
             lines.extend(f"{k} = {_toml_value(v)}" for k, v in sub.items())
             lines.append("")
     return "\n".join(lines)
-

@@ -167,8 +167,7 @@ def _read_csv(p: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
         header = [h.strip() for h in header]
         if label_column not in header:
             raise DataError(
-                f"{p}: no label column '{label_column}' in header {header}; "
-                "set data.label-column"
+                f"{p}: no label column '{label_column}' in header {header}; set data.label-column"
             )
         li = header.index(label_column)
         rows: list[list[float]] = []

@@ -47,6 +47,7 @@ class ConfigError(FedcoreError):
         The offending value as found.
     allowed : str
         What would be accepted, phrased so the user can act on it.
+
     """
 
     def __init__(self, key: str, value: object, allowed: str) -> None:
@@ -79,6 +80,7 @@ class ReplyError(FedcoreError):
         Protocol stage, e.g. ``"train"`` or ``"evaluate"``.
     reason : str
         Why it was rejected.
+
     """
 
     def __init__(self, client_id: int, stage: str, reason: str) -> None:

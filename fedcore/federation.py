@@ -21,6 +21,7 @@ from .strategies.base import Rejection, Strategy, TrainResult
 
 __all__ = [
     "Observer",
+    "RoundPolicy",
     "RoundRecord",
     "TrainStage",
     "plain_train_stage",
@@ -89,7 +90,10 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 0.2) 
 
 
 def _observed(
-    replies: Iterable[Message], observer: Observer, server_round: int, stage: str,
+    replies: Iterable[Message],
+    observer: Observer,
+    server_round: int,
+    stage: str,
     seen: set[int],
 ) -> Iterator[Message]:
     for msg in replies:
@@ -98,7 +102,9 @@ def _observed(
         yield msg
 
 
-def _timeouts(msgs: Sequence[Message], seen: set[int], stage: str, timeout: float) -> list[Rejection]:
+def _timeouts(
+    msgs: Sequence[Message], seen: set[int], stage: str, timeout: float
+) -> list[Rejection]:
     return [
         Rejection(m.metadata.dst_node_id, stage, f"no reply within {timeout:g} s")
         for m in msgs
@@ -148,6 +154,63 @@ def plain_train_stage(
     return replace(tr, rejected=tr.rejected + tuple(late)) if late else tr
 
 
+@dataclass(frozen=True)
+class RoundPolicy:
+    """When a round counts, and what happens when it does not.
+
+    A training attempt succeeds when at least ``min_replies`` valid replies were
+    aggregated. A failed attempt keeps the previous model and is retried up to
+    ``retries`` times, sleeping ``backoff * 2**attempt`` seconds before each retry;
+    after that the round is recorded as failed (``clients = 0``) and the run goes on.
+    """
+
+    timeout: float = 600.0
+    min_available: int = 2
+    min_replies: int = 1
+    retries: int = 2
+    backoff: float = 1.0
+
+
+def _train_attempt(
+    grid: Grid,
+    strategy: Strategy,
+    train_stage: TrainStage,
+    policy: RoundPolicy,
+    *,
+    rnd: int,
+    attempt: int,
+    arrays: ArrayRecord,
+    train_config: ConfigRecord,
+    observer: Observer,
+) -> tuple[TrainResult | None, list[int], list[Rejection], str]:
+    """One attempt: (result if it counts, node ids, rejections, why it failed)."""
+    try:
+        node_ids = wait_for_nodes(grid, policy.min_available, policy.timeout)
+    except RoundFailedError as exc:
+        return None, [], [], str(exc)
+    config = ConfigRecord(dict(train_config))
+    if attempt:
+        config["attempt"] = attempt
+    tr = train_stage(
+        grid,
+        strategy,
+        server_round=rnd,
+        arrays=arrays,
+        config=config,
+        node_ids=node_ids,
+        timeout=policy.timeout,
+        observer=observer,
+    )
+    rejected = list(tr.rejected)
+    if tr.arrays is None or tr.num_clients < policy.min_replies:
+        why = (
+            f"{tr.num_clients} valid training repl{'y' if tr.num_clients == 1 else 'ies'}, "
+            f"strategy.min-train-replies = {policy.min_replies}"
+        )
+        return None, node_ids, rejected, why
+    return tr, node_ids, rejected, ""
+
+
 def run_federation(
     grid: Grid,
     strategy: Strategy,
@@ -156,65 +219,81 @@ def run_federation(
     rounds: int,
     train_config: ConfigRecord,
     evaluate_config: ConfigRecord,
-    round_timeout: float,
-    min_available: int,
+    policy: RoundPolicy,
     central_evaluate: CentralEvaluate | None = None,
     observer: Observer | None = None,
     start_round: int = 1,
     train_stage: TrainStage = plain_train_stage,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> ArrayRecord:
     """Run rounds ``start_round..rounds`` and return the final global arrays.
 
-    A round in which no training reply is valid keeps the previous model and is
-    reported with ``clients = 0``.
+    Every dropped or rejected reply is logged with its client id, stage and cause.
+    A round whose training fails (see :class:`RoundPolicy`) keeps the previous model.
     """
     obs = observer or Observer()
     nan = float("nan")
     for rnd in range(start_round, rounds + 1):
         t0 = time.perf_counter()
-        node_ids = wait_for_nodes(grid, min_available, round_timeout)
         rejected: list[Rejection] = []
-
-        # -- train --
-        tr = train_stage(
-            grid,
-            strategy,
-            server_round=rnd,
-            arrays=arrays,
-            config=train_config,
-            node_ids=node_ids,
-            timeout=round_timeout,
-            observer=obs,
-        )
-        rejected += list(tr.rejected)
-        if tr.arrays is not None:
+        tr: TrainResult | None = None
+        node_ids: list[int] = []
+        for attempt in range(policy.retries + 1):
+            if attempt:
+                delay = policy.backoff * 2 ** (attempt - 1)
+                log.warning("round %d: retry %d/%d in %.1f s", rnd, attempt, policy.retries, delay)
+                sleep(delay)
+            tr, node_ids, dropped, why = _train_attempt(
+                grid,
+                strategy,
+                train_stage,
+                policy,
+                rnd=rnd,
+                attempt=attempt,
+                arrays=arrays,
+                train_config=train_config,
+                observer=obs,
+            )
+            rejected += dropped
+            for r in dropped:
+                log.warning("round %d: dropped %s", rnd, r)
+            if tr is not None:
+                break
+            log.warning(
+                "round %d: attempt %d failed (%s); keeping the previous model",
+                rnd,
+                attempt + 1,
+                why,
+            )
+        if tr is not None and tr.arrays is not None:
             arrays = tr.arrays
-        else:
-            log.warning("round %d: no valid training reply; keeping the previous model", rnd)
 
-        # -- federated evaluation --
-        msgs = strategy.configure_evaluate(rnd, arrays, evaluate_config, node_ids)
+        # -- federated evaluation (not retried: it does not change the model) --
         fed: dict[str, float] = {}
+        msgs = (
+            strategy.configure_evaluate(rnd, arrays, evaluate_config, node_ids) if node_ids else []
+        )
         if msgs:
             obs.stage_started(rnd, "evaluate", len(msgs))
             seen: set[int] = set()
-            replies = grid.send_and_receive(msgs, timeout=round_timeout)
+            replies = grid.send_and_receive(msgs, timeout=policy.timeout)
             ev = strategy.aggregate_evaluate(rnd, _observed(replies, obs, rnd, "evaluate", seen))
-            rejected += list(ev.rejected) + _timeouts(msgs, seen, "evaluate", round_timeout)
+            dropped = list(ev.rejected) + _timeouts(msgs, seen, "evaluate", policy.timeout)
+            for r in dropped:
+                log.warning("round %d: dropped %s", rnd, r)
+            rejected += dropped
             fed = ev.metrics
 
         # -- centralized evaluation --
         central = central_evaluate(arrays) if central_evaluate else {}
-        for r in rejected:
-            log.warning("round %d: rejected %s", rnd, r)
         record = RoundRecord(
             round=rnd,
-            train_loss=tr.metrics.get("train_loss", nan),
+            train_loss=tr.metrics.get("train_loss", nan) if tr else nan,
             eval_loss=central.get("loss", nan),
             accuracy=central.get("accuracy", nan),
             fed_eval_loss=fed.get("eval_loss", nan),
             fed_accuracy=fed.get("eval_acc", nan),
-            clients=tr.num_clients,
+            clients=tr.num_clients if tr else 0,
             failures=len(rejected),
             seconds=time.perf_counter() - t0,
         )

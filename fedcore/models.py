@@ -70,7 +70,9 @@ MODELS.register("cnn", cnn)
 
 
 def _call_factory(
-    factory: Callable[..., Any], kwargs: dict[str, Any], input_shape: tuple[int, ...],
+    factory: Callable[..., Any],
+    kwargs: dict[str, Any],
+    input_shape: tuple[int, ...],
     num_classes: int,
 ) -> Any:
     try:
@@ -95,6 +97,7 @@ def build_model(
     ConfigError
         The factory name or import path is wrong, its keyword arguments do not fit,
         it does not return an ``nn.Module``, or the output shape is wrong.
+
     """
     factory = resolve_callable(cfg.factory, MODELS, key="model.factory")
     shape = tuple(int(d) for d in input_shape)

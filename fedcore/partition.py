@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError
 
 __all__ = ["dirichlet", "iid", "partition", "shards"]
-
-_MAX_DIRICHLET_TRIES = 1000
 
 
 def _check_counts(num_examples: int, num_clients: int) -> None:
@@ -52,31 +50,27 @@ def dirichlet(
 ) -> list[np.ndarray]:
     """Label-skewed split: class ``c``'s examples go to clients in Dirichlet(alpha) shares.
 
-    Draws are repeated (from the same generator, so still deterministic) until every
-    client holds at least one example.
+    A client left empty by the draw (likely with small ``alpha`` and many clients)
+    receives one example taken at random from the currently largest client, so every
+    client holds at least one example while the skew is kept.
     """
     labels = np.asarray(labels)
     _check_counts(len(labels), num_clients)
     if not alpha > 0:
         raise ConfigError("data.alpha", alpha, "must be > 0")
-    classes = np.unique(labels)
-    by_class = [np.flatnonzero(labels == c) for c in classes]
-    for _ in range(_MAX_DIRICHLET_TRIES):
-        buckets: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-        for idx in by_class:
-            idx = rng.permutation(idx)
-            shares = rng.dirichlet(np.full(num_clients, alpha))
-            cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(np.int64)
-            for client, part in enumerate(np.split(idx, cuts)):
-                buckets[client].append(part)
-        parts = [np.sort(np.concatenate(b)).astype(np.int64) for b in buckets]
-        if min(len(p) for p in parts) > 0:
-            return parts
-    raise DataError(
-        f"Dirichlet(alpha={alpha}) left a client with no examples in "
-        f"{_MAX_DIRICHLET_TRIES} draws ({len(labels)} examples, {num_clients} clients); "
-        "raise data.alpha or use fewer clients"
-    )
+    buckets: list[list[int]] = [[] for _ in range(num_clients)]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        shares = rng.dirichlet(np.full(num_clients, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(np.int64)
+        for client, part in enumerate(np.split(idx, cuts)):
+            buckets[client].extend(part.tolist())
+    for client in range(num_clients):
+        if not buckets[client]:
+            donor = max(range(num_clients), key=lambda i: (len(buckets[i]), -i))
+            take = int(rng.integers(len(buckets[donor])))
+            buckets[client].append(buckets[donor].pop(take))
+    return [np.sort(np.asarray(b, dtype=np.int64)) for b in buckets]
 
 
 def shards(

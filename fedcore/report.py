@@ -21,11 +21,10 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord
 
 from .aggregation import array_view
@@ -39,15 +38,32 @@ __all__ = [
 ]
 
 
-def atomic_write(path: str | Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` via write-fsync-rename; ``mode`` applies from creation."""
+def atomic_write(
+    path: str | Path,
+    data: bytes,
+    *,
+    mode: int = 0o644,
+    midway: Callable[[], None] | None = None,
+) -> None:
+    """Write ``data`` to ``path`` via write-fsync-rename; ``mode`` applies from creation.
+
+    ``midway`` is called after half the bytes are written (crash-safety tests use it
+    to die half-way through a write).
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if midway is not None:
+                half = len(data) // 2
+                f.write(data[:half])
+                f.flush()
+                midway()
+                f.write(data[half:])
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -64,12 +80,18 @@ def atomic_write(path: str | Path, data: bytes, *, mode: int = 0o644) -> None:
         os.close(dir_fd)
 
 
-def arrays_to_safetensors(arrays: ArrayRecord, metadata: Mapping[str, str] | None = None) -> bytes:
-    """Serialize an ``ArrayRecord`` as safetensors bytes (no pickle)."""
+def arrays_to_safetensors(arrays: ArrayRecord, metadata: Mapping[str, Any] | None = None) -> bytes:
+    """Serialize an ``ArrayRecord`` as safetensors bytes (no pickle), deterministically.
+
+    ``metadata`` is stored as one sorted-JSON string under ``"fedcore"``: safetensors
+    keeps metadata in a hash map whose key order varies between processes, so more
+    than one key would make identical models differ byte-wise.
+    """
     from safetensors.numpy import save
 
-    tensors = {k: np.ascontiguousarray(array_view(a)) for k, a in arrays.items()}
-    return save(tensors, metadata=dict(metadata) if metadata else None)
+    tensors = {k: array_view(a) for k, a in arrays.items()}  # C-ordered, shape kept (0-d too)
+    meta = {"fedcore": json.dumps(dict(metadata), sort_keys=True)} if metadata else None
+    return save(tensors, metadata=meta)
 
 
 def arrays_from_safetensors(data: bytes) -> ArrayRecord:
@@ -121,8 +143,11 @@ def write_plot(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     rounds = [r["round"] for r in rows]
     fig = Figure(figsize=(9, 3.5), dpi=100)
     ax_loss, ax_acc = fig.subplots(1, 2)
-    for key, label in (("train_loss", "train (clients)"), ("eval_loss", "test (server)"),
-                       ("fed_eval_loss", "validation (clients)")):
+    for key, label in (
+        ("train_loss", "train (clients)"),
+        ("eval_loss", "test (server)"),
+        ("fed_eval_loss", "validation (clients)"),
+    ):
         ax_loss.plot(rounds, [r[key] for r in rows], marker=".", label=label)
     for key, label in (("accuracy", "test (server)"), ("fed_accuracy", "validation (clients)")):
         ax_acc.plot(rounds, [r[key] for r in rows], marker=".", label=label)

@@ -27,9 +27,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid
 
+from .aggregation import spec_of
+from .checkpoint import ServerState, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import Config, config_from_flat, to_toml
 from .data import Dataset, holdout
-from .federation import Observer, RoundRecord, run_federation
+from .faults import crash_point
+from .federation import Observer, RoundPolicy, RoundRecord, run_federation
 from .models import build_model
 from .records import load_arrays, model_to_arrays
 from .report import arrays_to_safetensors, atomic_write, write_json, write_metrics, write_plot
@@ -37,7 +40,7 @@ from .seeds import derive_seed
 from .strategies import FedAvg, Rejection, Strategy
 from .training import evaluate, make_loader
 
-__all__ = ["RunObserver", "RunSummary", "build_strategy", "fast_polling", "serve"]
+__all__ = ["RunObserver", "RunSummary", "build_strategy", "fast_polling", "round_policy", "serve"]
 
 log = logging.getLogger("fedcore")
 
@@ -63,6 +66,20 @@ def build_strategy(cfg: Config) -> Strategy:
         min_train_clients=s.min_train_clients,
         min_evaluate_clients=s.min_evaluate_clients,
         accumulation_block=s.accumulation_block,
+        max_examples=s.max_num_examples or None,
+        max_reply_bytes=int(s.max_reply_mb * 2**20) or None,
+    )
+
+
+def round_policy(cfg: Config) -> RoundPolicy:
+    """The round policy from the ``[strategy]`` section."""
+    s = cfg.strategy
+    return RoundPolicy(
+        timeout=s.round_timeout,
+        min_available=s.min_available_clients,
+        min_replies=s.min_train_replies,
+        retries=s.round_retries,
+        backoff=s.retry_backoff,
     )
 
 
@@ -73,13 +90,23 @@ def initial_model(cfg: Config, test: Dataset) -> torch.nn.Module:
 
 
 class RunObserver(Observer):
-    """Writes metrics after every round; prints progress bars and one line per round."""
+    """After every round: checkpoint, metrics files, one summary line (and progress bars)."""
 
-    def __init__(self, run_dir: Path, rounds: int, *, progress: bool) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: Config,
+        strategy: Strategy,
+        *,
+        progress: bool,
+        history: Sequence[dict[str, Any]] = (),
+    ) -> None:
         self.run_dir = run_dir
-        self.rounds = rounds
+        self.cfg = cfg
+        self.strategy = strategy
+        self.rounds = cfg.run.rounds
         self.progress = progress
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = list(history)
         self._bar: Any = None
 
     def stage_started(self, server_round: int, stage: str, num_messages: int) -> None:
@@ -110,10 +137,22 @@ class RunObserver(Observer):
     def round_finished(
         self, record: RoundRecord, arrays: ArrayRecord, rejected: Sequence[Rejection]
     ) -> None:
-        """Record the row, rewrite metrics files, print the summary line."""
+        """Checkpoint the state, rewrite the metrics files, print the summary line."""
         self._close_bar()
         self.rows.append(record.as_dict())
+        crash_point("before-checkpoint", server_round=record.round)
+        save_checkpoint(
+            self.run_dir,
+            ServerState(
+                round=record.round,
+                arrays=arrays,
+                strategy_state=self.strategy.state_dict(),
+                history=self.rows,
+                config=self.cfg,
+            ),
+        )
         write_metrics(self.run_dir, self.rows)
+        crash_point("after-metrics", server_round=record.round)
         line = format_round(record, self.rounds)
         if self.progress:
             print(line, flush=True)
@@ -159,8 +198,39 @@ def fast_polling(grid: Grid, interval: float) -> Grid:
     return PollingGrid(grid, interval=interval)
 
 
-def serve(grid: Grid, context: Context) -> RunSummary:
-    """Run the whole federated training described by ``context.run_config``."""
+class Observers(Observer):
+    """Fan one event out to several observers, in order."""
+
+    def __init__(self, *observers: Observer) -> None:
+        self.observers = observers
+
+    def stage_started(self, server_round: int, stage: str, num_messages: int) -> None:
+        """Forward."""
+        for o in self.observers:
+            o.stage_started(server_round, stage, num_messages)
+
+    def reply_received(self, server_round: int, stage: str) -> None:
+        """Forward."""
+        for o in self.observers:
+            o.reply_received(server_round, stage)
+
+    def round_finished(
+        self, record: RoundRecord, arrays: ArrayRecord, rejected: Sequence[Rejection]
+    ) -> None:
+        """Forward."""
+        for o in self.observers:
+            o.round_finished(record, arrays, rejected)
+
+
+def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -> RunSummary:
+    """Run the whole federated training described by ``context.run_config``.
+
+    ``observers`` also receive every round event (after the run directory is updated).
+
+    With ``node_config["resume"]`` set, continue the run in ``node_config["run-dir"]``
+    from its checkpoint (refused if the checkpoint is corrupt or from another
+    config or model).
+    """
     t0 = time.perf_counter()
     cfg = config_from_flat(context.run_config)
     node_config = context.node_config
@@ -172,40 +242,61 @@ def serve(grid: Grid, context: Context) -> RunSummary:
         run_dir = default_run_dir(cfg)
     grid = fast_polling(grid, cfg.deploy.poll_interval)
     progress = bool(node_config.get("progress", False))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "config.toml", to_toml(cfg).encode())
+    resume = bool(node_config.get("resume", False))
 
     _, test = holdout(cfg.data, seed=cfg.run.seed)
     model = initial_model(cfg, test)
+    arrays = model_to_arrays(model)
+    strategy = build_strategy(cfg)
+    history: list[dict[str, Any]] = []
+    start = 1
+    if resume:
+        for stale in remove_stale_temporaries(run_dir):
+            log.warning("removed %s left by an interrupted write", stale.name)
+        state = load_checkpoint(run_dir, expect=cfg, model_spec=spec_of(arrays))
+        arrays, start, history = state.arrays, state.round + 1, [dict(r) for r in state.history]
+        strategy.load_state_dict(state.strategy_state)
+        (log.info if not progress else print)(
+            f"resuming {run_dir} after round {state.round} of {cfg.run.rounds}"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "config.toml", to_toml(cfg).encode())
+
     test_loader = make_loader(test, batch_size=512, shuffle=False)
 
-    def central_evaluate(arrays: ArrayRecord) -> dict[str, float]:
-        load_arrays(model, arrays)
+    def central_evaluate(current: ArrayRecord) -> dict[str, float]:
+        load_arrays(model, current)
         return evaluate(model, test_loader)
 
-    observer = RunObserver(run_dir, cfg.run.rounds, progress=progress)
+    observer = RunObserver(run_dir, cfg, strategy, progress=progress, history=history)
     train_config = ConfigRecord(
-        {"lr": cfg.train.lr, "local-epochs": cfg.train.local_epochs,
-         "batch-size": cfg.train.batch_size}
+        {
+            "lr": cfg.train.lr,
+            "local-epochs": cfg.train.local_epochs,
+            "batch-size": cfg.train.batch_size,
+        }
     )
     final = run_federation(
         grid,
-        build_strategy(cfg),
-        arrays=model_to_arrays(model),
+        strategy,
+        arrays=arrays,
         rounds=cfg.run.rounds,
         train_config=train_config,
         evaluate_config=ConfigRecord(),
-        round_timeout=cfg.strategy.round_timeout,
-        min_available=cfg.strategy.min_available_clients,
+        policy=round_policy(cfg),
         central_evaluate=central_evaluate,
-        observer=observer,
+        observer=Observers(observer, *observers),
+        start_round=start,
     )
     atomic_write(
-        run_dir / "model.safetensors",
-        arrays_to_safetensors(final, {"format": "fedcore", "rounds": str(cfg.run.rounds)}),
+        run_dir / "model.safetensors", arrays_to_safetensors(final, {"rounds": cfg.run.rounds})
     )
     write_plot(run_dir, observer.rows)
-    last = observer.rows[-1]
+    last = (
+        observer.rows[-1]
+        if observer.rows
+        else {"accuracy": float("nan"), "eval_loss": float("nan")}
+    )
     summary = RunSummary(
         run_dir=run_dir,
         rounds=cfg.run.rounds,

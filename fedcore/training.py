@@ -138,5 +138,7 @@ def checked_metrics(result: Any, required: tuple[str, ...], fn_name: str) -> dic
         try:
             out[str(k)] = float(v)
         except (TypeError, ValueError):
-            raise ModelError(f"{fn_name} returned {k}={v!r}; metric values must be numbers") from None
+            raise ModelError(
+                f"{fn_name} returned {k}={v!r}; metric values must be numbers"
+            ) from None
     return out

@@ -37,7 +37,12 @@ def small_config():
     return config_from_dict(
         {
             "run": {"seed": 7, "rounds": 3, "clients": 4, "centralized-baseline": False},
-            "data": {"source": "synthetic", "synthetic-examples": 400, "partition": "iid"},
+            "data": {
+                "source": "synthetic",
+                "synthetic-examples": 600,
+                "synthetic-classes": 3,
+                "partition": "iid",
+            },
             "model": {"factory": "mlp", "kwargs": {"hidden": 32}},
             "train": {"local-epochs": 1, "batch-size": 16, "lr": 0.1},
             "engine": {"workers": 2},

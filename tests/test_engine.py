@@ -22,7 +22,9 @@ def _msgs(grid, config=None, nodes=None):
 
 @pytest.fixture(scope="module")
 def grid():
-    with EmbeddedGrid(client_app="tests.apps.echo:app", run_config={}, num_clients=5, workers=2) as g:
+    with EmbeddedGrid(
+        client_app="tests.apps.echo:app", run_config={}, num_clients=5, workers=2
+    ) as g:
         yield g
 
 
@@ -38,10 +40,14 @@ def test_replies_come_back_in_push_order_from_both_workers(grid):
 
 
 def test_context_state_persists_per_client(grid):
-    before = {r.metadata.src_node_id: r.content["metrics"]["calls"]
-              for r in grid.send_and_receive(_msgs(grid), timeout=60)}
-    after = {r.metadata.src_node_id: r.content["metrics"]["calls"]
-             for r in grid.send_and_receive(_msgs(grid), timeout=60)}
+    before = {
+        r.metadata.src_node_id: r.content["metrics"]["calls"]
+        for r in grid.send_and_receive(_msgs(grid), timeout=60)
+    }
+    after = {
+        r.metadata.src_node_id: r.content["metrics"]["calls"]
+        for r in grid.send_and_receive(_msgs(grid), timeout=60)
+    }
     assert all(after[n] == before[n] + 1 for n in before)
 
 

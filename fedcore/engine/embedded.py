@@ -153,6 +153,7 @@ class EmbeddedGrid(Grid):
         Worker processes; 0 means one per CPU core (at most ``num_clients``).
     run_id : int (default: 1)
         Run id written into messages and contexts.
+
     """
 
     def __init__(

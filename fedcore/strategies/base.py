@@ -93,9 +93,7 @@ def num_examples_of(
     if isinstance(n, float) and n.is_integer():
         n = int(n)
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ReplyError(
-            node, stage, f"'{NUM_EXAMPLES}' must be a positive integer, got {n!r}"
-        )
+        raise ReplyError(node, stage, f"'{NUM_EXAMPLES}' must be a positive integer, got {n!r}")
     if max_examples is not None and n > max_examples:
         raise ReplyError(
             node, stage, f"'{NUM_EXAMPLES}' = {n} exceeds the configured cap {max_examples}"
@@ -143,9 +141,7 @@ class Strategy(ABC):
         """Messages that ask the sampled nodes to evaluate ``arrays``."""
 
     @abstractmethod
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> EvaluateResult:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> EvaluateResult:
         """Combine evaluation replies into example-weighted metrics."""
 
     def state_dict(self) -> dict[str, Any]:

@@ -38,6 +38,10 @@ class FedAvg(Strategy):
         Clients summed in float32 before a float64 flush (see ``fedcore.aggregation``).
     max_examples : int, optional
         Replies claiming more than this many examples are rejected.
+    max_reply_bytes : int, optional
+        Replies whose arrays exceed this many bytes are rejected before any of their
+        data is read. Default: twice the global model's size plus 1 MiB.
+
     """
 
     def __init__(
@@ -50,6 +54,7 @@ class FedAvg(Strategy):
         min_evaluate_clients: int = 2,
         accumulation_block: int = 16,
         max_examples: int | None = None,
+        max_reply_bytes: int | None = None,
     ) -> None:
         self.seed = seed
         self.fraction_train = fraction_train
@@ -58,6 +63,7 @@ class FedAvg(Strategy):
         self.min_evaluate_clients = min_evaluate_clients
         self.accumulation_block = accumulation_block
         self.max_examples = max_examples
+        self.max_reply_bytes = max_reply_bytes
         self._template: ArrayRecord | None = None
 
     # -- training -------------------------------------------------------------
@@ -87,6 +93,7 @@ class FedAvg(Strategy):
         if self._template is None:
             raise AggregationError("aggregate_train called before configure_train")
         acc = WeightedMean(spec_of(self._template), block=self.accumulation_block)
+        limit = self.max_reply_bytes or 2 * _nbytes(self._template) + 2**20
         metrics = WeightedMetrics()
         rejected: list[Rejection] = []
         total = 0
@@ -100,6 +107,14 @@ class FedAvg(Strategy):
                         msg.metadata.src_node_id,
                         "train",
                         f"expected exactly one ArrayRecord '{ARRAYS}', found {found}",
+                    )
+                size = _nbytes(arrays)
+                if size > limit:
+                    raise ReplyError(
+                        msg.metadata.src_node_id,
+                        "train",
+                        f"arrays of {size} bytes exceed the {limit}-byte limit "
+                        "(strategy.max-reply-mb)",
                     )
                 try:
                     acc.add(arrays, n)
@@ -134,18 +149,14 @@ class FedAvg(Strategy):
         )
         return _messages(arrays, config, server_round, nodes, MessageType.EVALUATE)
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> EvaluateResult:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> EvaluateResult:
         """Example-weighted mean of each metric over the valid replies."""
         metrics = WeightedMetrics()
         rejected: list[Rejection] = []
         count = total = 0
         for msg in replies:
             try:
-                reply_metrics, n = num_examples_of(
-                    msg, "evaluate", max_examples=self.max_examples
-                )
+                reply_metrics, n = num_examples_of(msg, "evaluate", max_examples=self.max_examples)
             except ReplyError as exc:
                 rejected.append(Rejection(exc.client_id, exc.stage, exc.reason))
                 continue
@@ -153,6 +164,10 @@ class FedAvg(Strategy):
             count += 1
             total += n
         return EvaluateResult(metrics.result(), count, total, tuple(rejected))
+
+
+def _nbytes(arrays: ArrayRecord) -> int:
+    return sum(len(a.data) for a in arrays.values())
 
 
 def _messages(
@@ -166,6 +181,8 @@ def _messages(
     cfg["server-round"] = server_round
     content = RecordDict({ARRAYS: arrays, CONFIG: cfg})
     return [
-        Message(content=content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
+        Message(
+            content=content, dst_node_id=node, message_type=message_type, group_id=str(server_round)
+        )
         for node in nodes
     ]

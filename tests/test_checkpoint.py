@@ -1,0 +1,100 @@
+"""Checkpoints: round trip, and every way a bad one is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from fedcore.aggregation import spec_of
+from fedcore.checkpoint import (
+    CHECKPOINT_FILE,
+    ServerState,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+from fedcore.config import Config
+from fedcore.errors import CheckpointError
+
+
+def _state(round_=3, cfg=None, value=1.5):
+    arrays = ArrayRecord(
+        {"w": Array(np.full((2, 3), value, np.float32)), "n": Array(np.array(7, np.int64))}
+    )
+    history = [
+        {"round": r, "accuracy": 0.5 + r / 10, "train_loss": float("nan")}
+        for r in range(1, round_ + 1)
+    ]
+    return ServerState(round_, arrays, {"m": [1.0, 2.0]}, history, cfg or Config())
+
+
+def test_round_trip(tmp_path):
+    st = _state()
+    save_checkpoint(tmp_path, st)
+    back = load_checkpoint(tmp_path, expect=Config(), model_spec=spec_of(st.arrays))
+    assert back.round == 3 and back.strategy_state == {"m": [1.0, 2.0]}
+    assert back.history[2]["accuracy"] == pytest.approx(0.8)
+    assert np.isnan(back.history[0]["train_loss"])
+    for k in ("w", "n"):
+        assert back.arrays[k].data == st.arrays[k].data
+    assert back.config == Config()
+
+
+def test_missing(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("keep", [0, 5, 100, -10])
+def test_truncated(tmp_path, keep):
+    save_checkpoint(tmp_path, _state())
+    p = tmp_path / CHECKPOINT_FILE
+    data = p.read_bytes()
+    p.write_bytes(data[:keep] if keep >= 0 else data[:keep])
+    with pytest.raises(CheckpointError, match="truncated|corrupt"):
+        load_checkpoint(tmp_path)
+
+
+def test_flipped_model_byte_is_detected(tmp_path):
+    save_checkpoint(tmp_path, _state())
+    p = tmp_path / CHECKPOINT_FILE
+    data = bytearray(p.read_bytes())
+    data[-3] ^= 0x40  # inside the tensor data
+    p.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(tmp_path)
+
+
+def test_not_a_fedcore_file(tmp_path):
+    from safetensors.numpy import save
+
+    (tmp_path / CHECKPOINT_FILE).write_bytes(save({"w": np.zeros(2, np.float32)}))
+    with pytest.raises(CheckpointError, match="not a fedcore checkpoint|corrupt"):
+        load_checkpoint(tmp_path)
+
+
+def test_other_config_is_refused_naming_the_key(tmp_path):
+    save_checkpoint(tmp_path, _state())
+    other = Config().replace(data={"alpha": 0.9})
+    with pytest.raises(CheckpointError, match=r"another config \(data.alpha: 0.5 -> 0.9"):
+        load_checkpoint(tmp_path, expect=other)
+    # keys that cannot change the model may differ (e.g. more rounds, other workers)
+    load_checkpoint(tmp_path, expect=Config().replace(run={"rounds": 40}, engine={"workers": 1}))
+
+
+def test_other_model_is_refused(tmp_path):
+    save_checkpoint(tmp_path, _state())
+    other = ArrayRecord(
+        {"w": Array(np.zeros((3, 3), np.float32)), "n": Array(np.array(7, np.int64))}
+    )
+    with pytest.raises(CheckpointError, match="another model"):
+        load_checkpoint(tmp_path, model_spec=spec_of(other))
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    (tmp_path / ".checkpoint.safetensors.abc.tmp").write_bytes(b"half")
+    (tmp_path / "keep.txt").write_text("x")
+    removed = remove_stale_temporaries(tmp_path)
+    assert [p.name for p in removed] == [".checkpoint.safetensors.abc.tmp"]
+    assert (tmp_path / "keep.txt").exists()

@@ -1,0 +1,325 @@
+"""Round policy under failures, reply fuzzing, and exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedcore.checkpoint import load_checkpoint
+from fedcore.config import config_from_dict, to_flat
+from fedcore.engine.embedded import node_id_for, run_embedded
+from fedcore.errors import ConfigError
+from fedcore.strategies import FedAvg
+
+from .conftest import ROOT
+
+
+def _simulate(cfg, run_dir, monkeypatch=None, env=None, resume=False):
+    from server.app import app as server_app
+
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    run_embedded(
+        server_app,
+        client_app="tests.apps.flaky:app",
+        run_config=to_flat(cfg),
+        num_clients=cfg.run.clients,
+        workers=cfg.engine.workers,
+        server_node_config={"run-dir": str(run_dir), "resume": resume},
+    )
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_failed_clients_are_dropped_with_reasons_and_the_rest_aggregated(
+    small_config, tmp_path, monkeypatch, caplog
+):
+    caplog.set_level(logging.WARNING, logger="fedcore")
+    cfg = small_config.replace(run={"rounds": 2})
+    rows = _simulate(cfg, tmp_path / "run", monkeypatch, {"FLAKY_FAIL": "1,3@2", "FLAKY_NAN": "2"})
+    # round 1: client 1 raised, client 2 sent NaN -> 2 of 4 aggregated
+    assert rows[0]["clients"] == 2 and rows[1]["clients"] == 1
+    text = caplog.text
+    assert f"client {node_id_for(1)} (train): client reported an error" in text
+    assert "injected failure: partition 1, round 1" in text
+    assert f"client {node_id_for(2)} (train):" in text and "NaN or Inf" in text
+    assert f"client {node_id_for(3)} (train)" in text and "round 2" in text
+
+
+def test_too_few_replies_retries_then_keeps_the_previous_model(small_config, tmp_path, monkeypatch):
+    cfg = small_config.replace(
+        run={"rounds": 3},
+        strategy={"min-train-replies": 3, "round-retries": 1, "retry-backoff": 0.0},
+    )
+    # round 2: three of four clients fail in every attempt -> round 2 fails
+    rows = _simulate(cfg, tmp_path / "run", monkeypatch, {"FLAKY_FAIL": "0@2,1@2,2@2"})
+    assert [r["clients"] for r in rows] == [4, 0, 4]
+    assert rows[1]["failures"] == 6  # 3 clients x 2 attempts, each with a reason
+    # the model after round 2 is exactly the model after round 1
+    assert rows[1]["eval_loss"] == rows[0]["eval_loss"]
+    assert rows[1]["accuracy"] == rows[0]["accuracy"]
+
+
+# ------------------------------------------------------------------ fuzzing
+
+
+def _good_reply(to, value, n):
+    arrays = ArrayRecord({"w": Array(np.full(3, value, np.float32))})
+    return Message(
+        RecordDict(
+            {"arrays": arrays, "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0})}
+        ),
+        reply_to=to,
+    )
+
+
+_arrays = st.one_of(
+    st.just(ArrayRecord({"w": Array(np.zeros(4, np.float32))})),
+    st.just(ArrayRecord({"w": Array(np.zeros(3, np.float64))})),
+    st.just(ArrayRecord({"v": Array(np.zeros(3, np.float32))})),
+    st.just(
+        ArrayRecord({"w": Array(np.zeros(3, np.float32)), "x": Array(np.zeros(1, np.float32))})
+    ),
+    st.just(ArrayRecord({"w": Array(np.array([np.nan, 0, 0], np.float32))})),
+    st.just(ArrayRecord({"w": Array(np.array([0, -np.inf, 0], np.float32))})),
+    st.just(ArrayRecord({"w": Array(np.zeros(3, np.int32))})),
+    st.just(
+        ArrayRecord(
+            {"w": Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=b"\x93NUMPY")}
+        )
+    ),
+    st.just(ArrayRecord({"w": Array(np.zeros(100_000, np.float32))})),
+    st.just(ArrayRecord()),
+)
+_n = st.one_of(
+    st.integers(-5, 0), st.just(2**40), st.floats(allow_nan=True), st.just(2.5), st.just([1, 2])
+)
+
+
+@st.composite
+def bad_replies(draw, to):
+    kind = draw(st.sampled_from(["arrays", "n", "error", "no-metrics", "no-arrays", "two-arrays"]))
+    if kind == "error":
+        return Message(Error(2, draw(st.text(max_size=20))), reply_to=to)
+    arrays = (
+        draw(_arrays) if kind == "arrays" else ArrayRecord({"w": Array(np.ones(3, np.float32))})
+    )
+    n = draw(_n) if kind == "n" else 5
+    content = RecordDict({"arrays": arrays})
+    if kind != "no-metrics":
+        content["metrics"] = MetricRecord({"num-examples": n})
+    if kind == "no-arrays":
+        del content["arrays"]
+    if kind == "two-arrays":
+        content["more"] = ArrayRecord({"w": Array(np.ones(3, np.float32))})
+    return Message(content, reply_to=to)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), n_bad=st.integers(1, 5), n_good=st.integers(0, 3))
+def test_fuzzed_replies_never_crash_and_never_change_the_model(data, n_bad, n_good):
+    s = FedAvg(seed=0, max_examples=10**6)
+    template = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    msgs = s.configure_train(1, template, ConfigRecord(), list(range(10, 10 + n_bad + n_good)))
+    good = [_good_reply(m, float(i + 1), i + 1) for i, m in enumerate(msgs[:n_good])]
+    bad = [data.draw(bad_replies(m)) for m in msgs[n_good:]]
+    order = data.draw(st.permutations(good + bad))
+    result = s.aggregate_train(1, order)
+    assert result.num_clients == n_good
+    assert len(result.rejected) == n_bad
+    assert all(r.reason and r.stage == "train" for r in result.rejected)
+    assert {r.node_id for r in result.rejected} == {m.metadata.dst_node_id for m in msgs[n_good:]}
+    if n_good:
+        expected = sum((i + 1) * (i + 1) for i in range(n_good)) / sum(i + 1 for i in range(n_good))
+        assert np.allclose(result.arrays["w"].numpy(), expected)
+    else:
+        assert result.arrays is None
+
+
+_scalars = st.one_of(
+    st.integers(-10, 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+_keys = st.sampled_from(
+    [
+        "rounds",
+        "clients",
+        "seed",
+        "alpha",
+        "partition",
+        "source",
+        "factory",
+        "lr",
+        "bogus",
+        "fraction-train",
+        "round-timeout",
+        "min-train-replies",
+        "kwargs",
+        "workers",
+        "path",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["run", "data", "model", "train", "strategy", "engine", "nope"]),
+        st.one_of(st.dictionaries(_keys, _scalars, max_size=4), _scalars),
+        max_size=4,
+    )
+)
+def test_fuzzed_configs_give_a_config_error_or_a_valid_config(raw):
+    try:
+        cfg = config_from_dict(raw)
+    except ConfigError as exc:
+        assert exc.key and str(exc)
+    else:
+        cfg.validate()
+
+
+# ------------------------------------------------------------------ SIGKILL + resume
+
+
+def _cli(*args, env=None, timeout=180):
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedcore.cli", "simulate", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+KILL_CONFIG = """
+[run]
+seed = 5
+rounds = 6
+clients = 4
+centralized-baseline = false
+[data]
+source = "synthetic"
+synthetic-examples = 400
+synthetic-classes = 3
+partition = "dirichlet"
+alpha = 1.0
+[model]
+factory = "mlp"
+[model.kwargs]
+hidden = 16
+[train]
+local-epochs = 1
+batch-size = 16
+[engine]
+workers = 1
+"""
+
+
+def _run_to_completion(cfg_path, run_dir, first_env=None, kill_after=None):
+    """Start a run, kill it (crash point or timer), then resume it to the end.
+
+    Returns whether the first process really died of SIGKILL.
+    """
+    proc = _cli(str(cfg_path), "--out", str(run_dir), env=first_env)
+    if kill_after is not None:
+        try:
+            proc.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=180)
+    was_killed = proc.returncode == -signal.SIGKILL
+    if not was_killed:
+        assert proc.returncode == 0, proc.stderr.read()
+        return False
+    if (run_dir / "checkpoint.safetensors").exists():
+        proc = _cli("--resume", str(run_dir))
+    else:  # killed before the first checkpoint: nothing to resume, start again
+        shutil.rmtree(run_dir, ignore_errors=True)
+        proc = _cli(str(cfg_path), "--out", str(run_dir))
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    return True
+
+
+@pytest.mark.slow
+def test_sigkill_at_ten_points_then_resume_gives_the_uninterrupted_model(tmp_path):
+    cfg_path = tmp_path / "kill.toml"
+    cfg_path.write_text(KILL_CONFIG)
+    ref = tmp_path / "reference"
+    t0 = time.monotonic()
+    proc = _cli(str(cfg_path), "--out", str(ref))
+    _, err = proc.communicate(timeout=180)
+    duration = time.monotonic() - t0
+    assert proc.returncode == 0, err
+    reference = (ref / "model.safetensors").read_bytes()
+    ref_rows = json.loads((ref / "metrics.json").read_text())
+
+    # named crash points (including half-way through a checkpoint write) ...
+    points = [
+        {"FEDCORE_CRASH_AT": "checkpoint-partial:1"},
+        {"FEDCORE_CRASH_AT": "checkpoint-partial:4"},
+        {"FEDCORE_CRASH_AT": "checkpoint-written:2"},
+        {"FEDCORE_CRASH_AT": "before-checkpoint:3"},
+        {"FEDCORE_CRASH_AT": "after-metrics:5"},
+        {"FEDCORE_CRASH_AT": "checkpoint-partial:6"},
+    ]
+    # ... and SIGKILL of the whole process group at seeded random times within the
+    # reference run's duration (so they hit start-up, rounds and writes alike)
+    rng = random.Random(1234)
+    timers = [rng.uniform(0.15, 0.9) * duration for _ in range(5)]
+    cases = [(p, None) for p in points] + [(None, t) for t in timers]
+    assert len(cases) >= 10
+    killed_runs = 0
+    for i, (env, delay) in enumerate(cases):
+        run_dir = tmp_path / f"run{i}"
+        killed_runs += _run_to_completion(cfg_path, run_dir, first_env=env, kill_after=delay)
+        assert (run_dir / "model.safetensors").read_bytes() == reference, (
+            f"case {i}: {env or delay}"
+        )
+        rows = json.loads((run_dir / "metrics.json").read_text())
+        strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+        assert strip(rows) == strip(ref_rows), f"case {i}"
+        assert not list(run_dir.glob(".*.tmp"))
+        assert load_checkpoint(run_dir).round == 6
+    assert killed_runs >= 9  # every crash point fired, and most timers hit a live run
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_config(tmp_path):
+    cfg_path = tmp_path / "kill.toml"
+    cfg_path.write_text(KILL_CONFIG.replace("rounds = 6", "rounds = 1"))
+    proc = _cli(str(cfg_path), "--out", str(tmp_path / "run"))
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    other = tmp_path / "other.toml"
+    other.write_text(KILL_CONFIG.replace("alpha = 1.0", "alpha = 2.0"))
+    proc = _cli(str(other), "--resume", str(tmp_path / "run"))
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 2
+    assert "another config (data.alpha: 1.0 -> 2.0" in err
