@@ -265,7 +265,7 @@ class StrategyConfig:
     retry_backoff: float = 1.0
     max_num_examples: int = 0  # 0 = no cap
     max_reply_mb: float = 0.0  # 0 = auto: 2 x the model's size + 1 MB
-    accumulation_block: int = 16
+    accumulation_block: int = 32
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first bad value."""

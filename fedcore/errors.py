@@ -11,6 +11,7 @@
     ├── RoundFailedError     a round could not complete (too few replies); model kept
     ├── CheckpointError      a checkpoint is missing, corrupt or from another run
     ├── SecureAggregationError   a secure-aggregation protocol step failed
+    ├── EngineError          an engine could not start or finish the apps' run
     └── DeploymentError      provisioning, a kit, or a deployment process is unusable
 
 Every message says what was expected, what was found and how to fix it.
@@ -24,6 +25,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DeploymentError",
+    "EngineError",
     "FedcoreError",
     "ModelError",
     "ReplyError",
@@ -100,6 +102,10 @@ class CheckpointError(FedcoreError):
 
 class SecureAggregationError(FedcoreError):
     """A secure-aggregation step failed (bad signature, tampered share, too few peers)."""
+
+
+class EngineError(FedcoreError):
+    """A simulation engine could not start or finish a run (a process failed, a timeout)."""
 
 
 class DeploymentError(FedcoreError):

@@ -168,3 +168,18 @@ def test_result_is_taken_once():
     acc.result()
     with pytest.raises(AggregationError):
         acc.result()
+
+
+@pytest.mark.parametrize("huge_at", [(0,), (1,), (2,), (0, 1), (1, 2, 4), (4,)])
+@pytest.mark.parametrize("block", [1, 2, 3])
+def test_huge_contributions_go_to_float64_without_disturbing_the_blocks(huge_at, block):
+    g = np.random.default_rng(0)
+    vals = [g.normal(0, 1, 8).astype(np.float32) for _ in range(5)]
+    for i in huge_at:
+        vals[i] = (vals[i] * 1e36).astype(np.float32)  # * weight * block > 1e37
+    weights = [3, 1, 4, 1, 5]
+    out = weighted_mean([(rec(w=v), n) for v, n in zip(vals, weights)], block=block)["w"].numpy()
+    exact = sum(np.float64(n) * v.astype(np.float64) for v, n in zip(vals, weights)) / sum(weights)
+    scale = sum(n * np.abs(v.astype(np.float64)) for v, n in zip(vals, weights)) / sum(weights)
+    assert np.all(np.isfinite(out))
+    assert np.all(np.abs(out - exact) <= 1e-6 * scale)

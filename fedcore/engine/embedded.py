@@ -1,11 +1,19 @@
 """The embedded simulation engine: an in-process ``flwr.serverapp.Grid``.
 
 The unchanged ServerApp runs in this process against :class:`EmbeddedGrid`; the
-unchanged ClientApp runs in a pool of worker processes (one per core by
-default). Virtual client ``i`` always lives on worker ``i % workers``, which
-keeps its own ``Context`` (node config ``partition-id``/``num-partitions``,
-persistent ``state``) and loads only its clients' partitions. No Ray, no
-SuperLink, no sockets.
+unchanged ClientApp runs on ``workers`` executors (one per core by default).
+Executor 0 is a thread of this process, the others are worker processes, so
+two cores cost one extra process, not two: each process that imports torch
+costs 250-450 MB, and starting one costs seconds of CPU. Virtual client ``i``
+always lives on executor ``i % workers``, which keeps its own ``Context`` (node
+config ``partition-id``/``num-partitions``, persistent ``state``) and loads only
+its clients' partitions. No Ray, no SuperLink, no sockets.
+
+Clients on executor 0 share the server's process: an exception is an error
+reply as everywhere, but a client that ends its process (``os._exit``, a
+segfault) ends the run; a crashed worker process is reported and replaced.
+While the grid is open, torch runs on one intra-op thread in this process,
+as in every worker (the clients then compute the same numbers on any executor).
 
 Messages cross the process boundary as Flower's own protobuf bytes
 (``message_to_proto``), never pickled. Replies come back to the ServerApp in
@@ -21,6 +29,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -62,16 +71,22 @@ def _worker_main(
     num_partitions: int,
     run_id: int,
     torch_threads: int,
+    in_process: bool = False,
 ) -> None:
-    """Worker loop: receive a message, run the ClientApp for its node, send the reply."""
-    try:
-        import torch
+    """Worker loop: receive a message, run the ClientApp for its node, send the reply.
 
-        torch.set_num_threads(torch_threads)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    TaskIdentity.run_id = run_id
-    TaskIdentity.task_id = 1
+    ``in_process``: the loop runs in a thread of the server's process, whose
+    process-wide settings (torch threads, ``TaskIdentity``) the grid owns.
+    """
+    if not in_process:
+        try:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        except ImportError:  # pragma: no cover - torch is a dependency
+            pass
+        TaskIdentity.run_id = run_id
+        TaskIdentity.task_id = 1
     app = _load_app(app_path)
     contexts = {
         node_id_for(p): Context(
@@ -95,26 +110,69 @@ def _worker_main(
         proto.ParseFromString(data)
         msg = message_from_proto(proto)
         context = contexts[msg.metadata.dst_node_id]
-        TaskIdentity.node_id = context.node_id
+        if not in_process:  # (replies take their identity from the message they answer)
+            TaskIdentity.node_id = context.node_id
         try:
             reply = app(msg, context)
         except Exception as exc:  # noqa: BLE001 - a failing client is data, not a crash
             reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
             reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
-        conn.send_bytes(message_to_proto(reply).SerializeToString())
+        try:
+            conn.send_bytes(message_to_proto(reply).SerializeToString())
+        except OSError:  # the grid was closed while this client ran
+            return
+
+
+def _thread_main(conn: Connection, *args: Any) -> None:
+    """Executor 0's loop; its pipe closes when it ends, so the grid sees it end."""
+    try:
+        _worker_main(conn, *args, in_process=True)
+    finally:
+        conn.close()
+
+
+class _Thread:
+    """The process-like handle of executor 0, a thread of the server's process."""
+
+    def __init__(self, target: Any, args: tuple[Any, ...], name: str) -> None:
+        self._thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self.exitcode: int | str | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.exitcode = "thread ended"
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def kill(self) -> None:
+        """Do nothing: a thread cannot be killed; closing its pipe ends its loop."""
 
 
 class _Worker:
-    """One worker process, with a sender thread so pushes never block on a full pipe."""
+    """One executor: a worker process, or a thread for ``in_process``.
 
-    def __init__(self, ctx: Any, index: int, args: tuple[Any, ...]) -> None:
+    A sender thread makes sure pushes never block on a full pipe.
+    """
+
+    def __init__(self, ctx: Any, index: int, args: tuple[Any, ...], in_process: bool) -> None:
         self.index = index
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(
-            target=_worker_main, args=(child, *args), name=f"fedcore-worker-{index}", daemon=True
-        )
+        self.process: Any
+        if in_process:
+            self.process = _Thread(_thread_main, (child, *args), name=f"fedcore-executor-{index}")
+        else:
+            self.process = ctx.Process(
+                target=_worker_main, args=(child, *args), name=f"fedcore-worker-{index}",
+                daemon=True,
+            )
         self.process.start()
-        child.close()
+        if not in_process:  # (the thread closes its end itself)
+            child.close()
         self.outbox: queue.Queue[bytes | None] = queue.Queue()
         self.sender = threading.Thread(target=self._send_loop, daemon=True)
         self.sender.start()
@@ -150,7 +208,8 @@ class EmbeddedGrid(Grid):
     num_clients : int
         Number of virtual clients (partitions).
     workers : int (default: 0)
-        Worker processes; 0 means one per CPU core (at most ``num_clients``).
+        Executors: a thread of this process, then worker processes; 0 means one
+        per CPU core (at most ``num_clients``).
     run_id : int (default: 1)
         Run id written into messages and contexts.
 
@@ -178,7 +237,23 @@ class EmbeddedGrid(Grid):
             run_id,
             1,
         )
-        self._workers = [_Worker(self._ctx, i, self._args_for(i)) for i in range(n_workers)]
+        # One torch thread in this process too while clients run in it (restored on close).
+        import torch
+
+        self._torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        # Worker processes start by forking this process when that is safe (Linux,
+        # no other thread yet): they inherit the imported modules instead of
+        # importing torch, Flower and the app again (seconds of CPU each), and
+        # share those pages with it. Otherwise, and for restarts, they are spawned.
+        fork = sys.platform == "linux" and threading.active_count() == 1
+        start_ctx = mp.get_context("fork") if fork else self._ctx
+        workers_ = {
+            i: _Worker(start_ctx, i, self._args_for(i), in_process=False)
+            for i in range(1, n_workers)
+        }  # (processes first: executor 0 and the senders are threads)
+        workers_[0] = _Worker(self._ctx, 0, self._args_for(0), in_process=True)
+        self._workers = [workers_[i] for i in range(n_workers)]
         self._replies: dict[str, Message] = {}
         self._owner: dict[str, _Worker] = {}
         self._messages: dict[str, Message] = {}
@@ -301,13 +376,19 @@ class EmbeddedGrid(Grid):
                 )
         worker.pending.clear()
         worker.stop()
-        replacement = _Worker(self._ctx, worker.index, self._args_for(worker.index))
+        replacement = _Worker(
+            self._ctx, worker.index, self._args_for(worker.index), in_process=worker.index == 0
+        )
         self._workers[worker.index] = replacement
 
     def close(self) -> None:
-        """Stop every worker process."""
+        """Stop every executor; restore this process's torch threads."""
         for w in self._workers:
             w.stop()
+        if self._workers:
+            import torch
+
+            torch.set_num_threads(self._torch_threads)
         self._workers = []
 
     def __enter__(self) -> EmbeddedGrid:

@@ -34,7 +34,7 @@ class FedAvg(Strategy):
         Fraction of connected nodes sampled per round for each stage.
     min_train_clients, min_evaluate_clients : int (default: 2)
         Lower bound on the sample size (capped at the nodes connected).
-    accumulation_block : int (default: 16)
+    accumulation_block : int (default: 32)
         Clients summed in float32 before a float64 flush (see ``fedcore.aggregation``).
     max_examples : int, optional
         Replies claiming more than this many examples are rejected.
@@ -52,7 +52,7 @@ class FedAvg(Strategy):
         fraction_evaluate: float = 1.0,
         min_train_clients: int = 2,
         min_evaluate_clients: int = 2,
-        accumulation_block: int = 16,
+        accumulation_block: int = 32,
         max_examples: int | None = None,
         max_reply_bytes: int | None = None,
     ) -> None:
