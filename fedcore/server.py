@@ -2,8 +2,14 @@
 
 :func:`serve` is what the ServerApp's ``main`` calls on every engine. The
 server's ``node_config`` may carry ``run-dir`` (where to write) and
-``progress`` (draw progress bars); under ``flwr run`` neither is set and the run
-goes to ``<run.out-dir>/<timestamp>``, reported through logging.
+``progress`` (draw progress bars). Flower's deployment engine gives a ServerApp
+no node config: there the run goes to ``deploy.run-dir`` if set (``fedcore
+server`` sets it), else to ``<run.out-dir>/<timestamp>``, reported through logging.
+
+On every grid but fedcore's embedded one, the ServerApp drives its own
+push/pull loop (:class:`~fedcore.engine.polling.PollingGrid`, every
+``deploy.poll-interval`` seconds) instead of the engine's (3 s under Flower's
+deployment engine).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from .seeds import derive_seed
 from .strategies import FedAvg, Rejection, Strategy
 from .training import evaluate, make_loader
 
-__all__ = ["RunObserver", "RunSummary", "build_strategy", "round_policy", "serve"]
+__all__ = ["RunObserver", "RunSummary", "build_strategy", "fast_polling", "round_policy", "serve"]
 
 log = logging.getLogger("fedcore")
 
@@ -182,6 +188,16 @@ def default_run_dir(cfg: Config) -> Path:
     return path
 
 
+def fast_polling(grid: Grid, interval: float) -> Grid:
+    """``grid`` wrapped in a :class:`PollingGrid`, unless it is fedcore's embedded grid."""
+    from .engine.embedded import EmbeddedGrid
+    from .engine.polling import PollingGrid
+
+    if isinstance(grid, EmbeddedGrid | PollingGrid):
+        return grid
+    return PollingGrid(grid, interval=interval)
+
+
 class Observers(Observer):
     """Fan one event out to several observers, in order."""
 
@@ -218,9 +234,13 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
     t0 = time.perf_counter()
     cfg = config_from_flat(context.run_config)
     node_config = context.node_config
-    run_dir = (
-        Path(str(node_config["run-dir"])) if "run-dir" in node_config else default_run_dir(cfg)
-    )
+    if "run-dir" in node_config:
+        run_dir = Path(str(node_config["run-dir"]))
+    elif cfg.deploy.run_dir:
+        run_dir = Path(cfg.deploy.run_dir)
+    else:
+        run_dir = default_run_dir(cfg)
+    grid = fast_polling(grid, cfg.deploy.poll_interval)
     progress = bool(node_config.get("progress", False))
     resume = bool(node_config.get("resume", False))
 
