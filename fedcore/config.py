@@ -349,6 +349,7 @@ class DeployConfig:
 
     run_dir: str = ""
     poll_interval: float = 0.05
+    resume: bool = False  # continue the run in run-dir from its checkpoint
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first bad value."""

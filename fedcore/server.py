@@ -227,9 +227,9 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
 
     ``observers`` also receive every round event (after the run directory is updated).
 
-    With ``node_config["resume"]`` set, continue the run in ``node_config["run-dir"]``
-    from its checkpoint (refused if the checkpoint is corrupt or from another
-    config or model).
+    With ``node_config["resume"]`` (or ``deploy.resume``) set, continue the run in
+    the run directory from its checkpoint (refused if the checkpoint is corrupt or
+    from another config or model).
     """
     t0 = time.perf_counter()
     cfg = config_from_flat(context.run_config)
@@ -242,7 +242,7 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
         run_dir = default_run_dir(cfg)
     grid = fast_polling(grid, cfg.deploy.poll_interval)
     progress = bool(node_config.get("progress", False))
-    resume = bool(node_config.get("resume", False))
+    resume = bool(node_config.get("resume", cfg.deploy.resume))
 
     _, test = holdout(cfg.data, seed=cfg.run.seed)
     model = initial_model(cfg, test)

@@ -99,6 +99,49 @@ def load_client_kit(path: str | Path) -> ClientKit:
     return ClientKit(p, str(name), (p / "ca.pem").read_bytes(), p / "identity.key")
 
 
+#: Seconds between heartbeats the server expects: Flower's minimum, so the server
+#: counts a killed client as gone after 2 x 10 s instead of Flower's default 2 x 30 s
+#: (its HeartbeatSender has a fixed 30 s schedule; :class:`_Heartbeat` sends every 5 s).
+HEARTBEAT_INTERVAL = 10.0
+
+
+class _Heartbeat:
+    """Calls ``send`` every ``period`` seconds on a daemon thread until stopped."""
+
+    def __init__(self, send: Callable[[], bool], period: float) -> None:
+        self._send = send
+        self._period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fedcore-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            try:
+                self._send()
+            except Exception:  # noqa: BLE001 - a missed beat is retried next period
+                log.debug("heartbeat failed", exc_info=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def still_online(exc: BaseException) -> bool:
+    """Whether activation failed only because an earlier session is still counted online."""
+    import httpx
+
+    return (
+        isinstance(exc, httpx.HTTPStatusError)
+        and "could not be activated" in exc.response.text
+    )
+
+
 class Refused(DeploymentError):
     """The server refused this node; retrying will not help."""
 
@@ -204,11 +247,14 @@ class FleetSession:
 
     # -- connection -----------------------------------------------------------
     def connect(self, *, wait: float) -> int:
-        """Activate this node (retrying transient errors for ``wait`` s); its node id."""
-        from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
+        """Activate this node (retrying transient errors for ``wait`` s); its node id.
+
+        An identity whose earlier session (a client process that was killed) the
+        server still counts as online cannot be activated until that session's
+        heartbeat expires (at most ``2 * HEARTBEAT_INTERVAL`` s): that is retried too.
+        """
         from flwr.proto.fleet_pb2 import ActivateNodeRequest, RegisterNodeFleetRequest
         from flwr.proto.node_pb2 import Node
-        from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
         pk = public_key_to_bytes(self._private.public_key())
@@ -221,17 +267,16 @@ class FleetSession:
                     self.client.RegisterNode(RegisterNodeFleetRequest(public_key=pk))
                     self._self_register = False
                 res = self.client.ActivateNode(
-                    ActivateNodeRequest(
-                        public_key=pk, heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL
-                    )
+                    ActivateNodeRequest(public_key=pk, heartbeat_interval=HEARTBEAT_INTERVAL)
                 )
                 break
             except Exception as exc:  # noqa: BLE001 - classified below
-                refused = explain(exc, self.address)
-                if refused is not None:
-                    raise refused from exc
-                if not transient(exc):
-                    raise DeploymentError(f"joining {self.address} failed: {exc}") from exc
+                if not still_online(exc):
+                    refused = explain(exc, self.address)
+                    if refused is not None:
+                        raise refused from exc
+                    if not transient(exc):
+                        raise DeploymentError(f"joining {self.address} failed: {exc}") from exc
                 last = exc
             if time.monotonic() + delay > deadline:
                 raise DeploymentError(
@@ -242,20 +287,29 @@ class FleetSession:
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
         self.node = Node(node_id=res.node_id)
-        self._heartbeat = HeartbeatSender(self._send_heartbeat)
+        self._heartbeat = _Heartbeat(self._send_heartbeat, HEARTBEAT_INTERVAL / 2)
         self._heartbeat.start()
         return int(res.node_id)
 
+    def reconnect(self, *, wait: float) -> int:
+        """Activate again (after a server restart the node id may change); its node id.
+
+        Raises :class:`Refused` if the server no longer admits this identity.
+        """
+        if self._heartbeat is not None and self._heartbeat.is_running:
+            self._heartbeat.stop()
+        self._heartbeat = None
+        self.node = None
+        self.lost.clear()
+        return self.connect(wait=wait)
+
     def _send_heartbeat(self) -> bool:
         import httpx
-        from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
         from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
 
         try:
             res = self.client.SendNodeHeartbeat(
-                SendNodeHeartbeatRequest(
-                    node=self.node, heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL
-                )
+                SendNodeHeartbeatRequest(node=self.node, heartbeat_interval=HEARTBEAT_INTERVAL)
             )
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code == 401:
@@ -479,9 +533,26 @@ def run_node(
     try:
         node_id = session.connect(wait=connect_wait)
         out(f"connected to {session.address} as node {node_id}")
+
+        rejoins: list[float] = []
+
+        def rejoin(why: str) -> int:
+            # A restarted server forgets this node; one that revoked it refuses to
+            # activate it again (Refused propagates). Refused requests right after
+            # re-joining mean something else is wrong: give up after 3 in a minute.
+            now = time.monotonic()
+            rejoins[:] = [t for t in rejoins if now - t < 60] + [now]
+            if len(rejoins) > 3:
+                raise Refused(f"{why}, even after re-joining 3 times in a minute")
+            out(f"{why}; re-joining {session.address}")
+            new_id = session.reconnect(wait=connect_wait)
+            out(f"re-joined as node {new_id}")
+            return new_id
+
         while not stop.is_set():
             if session.lost.is_set():
-                raise Refused(f"{session.address} no longer recognises this node (revoked?)")
+                node_id = rejoin("the server no longer recognises this node")
+                continue
             try:
                 busy = worker.step(node_id)
                 if not busy and once and time.monotonic() - last_check > 1.0:
@@ -493,7 +564,9 @@ def run_node(
             except Exception as exc:  # noqa: BLE001 - classified below
                 refused = explain(exc, session.address)
                 if refused is not None:
-                    raise refused from exc
+                    node_id = rejoin(f"the server refused a request ({refused})")
+                    failing_since = None
+                    continue
                 if not transient(exc):
                     log.warning("a message could not be handled: %s: %s", type(exc).__name__, exc)
                     stop.wait(poll_max)

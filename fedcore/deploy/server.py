@@ -298,9 +298,15 @@ def run_server(
         from ..server import default_run_dir
 
         run_dir = default_run_dir(cfg).resolve()
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if cfg.deploy.resume:
+        from ..checkpoint import load_checkpoint
+
+        state = load_checkpoint(run_dir, expect=cfg)  # refuse a bad checkpoint before starting
+        out(f"fedcore server: resuming {run_dir} after round {state.round} of {cfg.run.rounds}")
+    elif run_dir.exists() and any(run_dir.iterdir()):
         raise DeploymentError(
-            f"run directory {run_dir} exists and is not empty; choose another --out"
+            f"run directory {run_dir} exists and is not empty; choose another --out "
+            f"(or continue it: --resume {run_dir})"
         )
     cfg = cfg.replace(deploy={"run-dir": str(run_dir)})
     if cfg.data.num_classes == 0:  # a client's own file may lack a class: fix the count for all
@@ -436,9 +442,21 @@ def cmd_server(args: argparse.Namespace) -> int:
     from ..config import load_config
 
     install_signal_handlers()
-    path = Path(args.config) if args.config else _default_config_path()
+    resume = Path(args.resume).resolve() if args.resume else None
+    if resume is not None and args.out:
+        raise DeploymentError("--out cannot be combined with --resume RUN_DIR")
+    if args.config:
+        path: Path | None = Path(args.config)
+    elif resume is not None:
+        path = resume / "config.toml"
+        if not path.is_file():
+            raise DeploymentError(f"{resume} is not a fedcore run directory (no config.toml)")
+    else:
+        path = _default_config_path()
     cfg = load_config(path)
     overrides: dict[str, Any] = {}
+    if resume is not None:
+        overrides["deploy"] = {"run-dir": str(resume), "resume": True}
     if args.rounds is not None:
         overrides["run"] = {"rounds": args.rounds}
     if args.min_clients is not None:
@@ -479,6 +497,11 @@ def register(subparsers: Any) -> None:
         help="loopback port for the Control/Runtime APIs (default: port+1)",
     )
     p.add_argument("--out", help="run directory to create (default: <run.out-dir>/<timestamp>)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a run from its last checkpoint (RUN_DIR/config.toml unless CONFIG)",
+    )
     p.add_argument("--rounds", type=int, help="override run.rounds")
     p.add_argument("--min-clients", type=int, help="override strategy.min-available-clients")
     p.add_argument(
