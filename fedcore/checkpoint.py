@@ -59,6 +59,9 @@ RESUME_MAY_CHANGE = frozenset(
         "strategy.round-timeout",
         "strategy.round-retries",
         "strategy.retry-backoff",
+        "deploy.run-dir",
+        "deploy.poll-interval",
+        "deploy.resume",
     }
 )
 

@@ -193,7 +193,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 #: Modules that add sub-commands: each has ``register(subparsers)`` which adds its
 #: parsers and sets ``func`` (a callable taking the parsed args, returning the exit code).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "fedcore.deploy.provision",
+    "fedcore.deploy.server",
+    "fedcore.deploy.node",
+    "fedcore.deploy.local",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from .config import Config, config_from_flat
 from .data import ClientData, client_data, load_file, split_local
 from .errors import DataError
+from .faults import crash_point
 from .models import build_model
 from .records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, load_arrays, model_to_arrays
 from .seeds import derive_seed
@@ -94,6 +95,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     load_arrays(model, msg.content.array_records[ARRAYS])
     conf = msg.content.config_records.get(CONFIG, ConfigRecord())
     server_round = int(conf.get("server-round", 0))
+    crash_point("client-train", server_round=server_round)
     seed = derive_seed(cfg.run.seed, "train", server_round, _client_key(context))
     settings = TrainSettings.from_config(cfg.train, seed=seed)
     overrides = {k: conf[k] for k in ("lr", "local-epochs", "batch-size") if k in conf}

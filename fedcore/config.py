@@ -1,7 +1,8 @@
 """Typed, validated run configuration: one TOML file -> frozen dataclasses.
 
 A config file has one table per section (``[run]``, ``[data]``, ``[model]``,
-``[train]``, ``[strategy]``, ``[engine]``, ``[secagg]``); keys are kebab-case. Every value is
+``[train]``, ``[strategy]``, ``[engine]``, ``[deploy]``, ``[secagg]``); keys are kebab-case.
+Every value is
 checked before anything trains, and a bad one raises :class:`ConfigError` naming
 the dotted key, the value found and what is allowed::
 
@@ -32,6 +33,7 @@ from .errors import ConfigError
 __all__ = [
     "Config",
     "DataConfig",
+    "DeployConfig",
     "EngineConfig",
     "ModelConfig",
     "RunConfig",
@@ -338,6 +340,30 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class DeployConfig:
+    """``[deploy]``: the ServerApp under a deployment engine (``fedcore server``, ``flwr run``).
+
+    ``run-dir`` is the exact run directory when the engine gives the ServerApp no
+    ``run-dir`` node config (Flower's deployment engine never does); empty means
+    ``<run.out-dir>/<timestamp>``. ``poll-interval`` is how often the ServerApp
+    pulls for replies (Flower's own grid waits 3 s between pulls).
+    """
+
+    run_dir: str = ""
+    poll_interval: float = 0.05
+    resume: bool = False  # continue the run in run-dir from its checkpoint
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on the first bad value."""
+        _require(
+            math.isfinite(self.poll_interval) and 0 < self.poll_interval <= 10,
+            "deploy.poll-interval",
+            self.poll_interval,
+            "must be > 0 and <= 10 seconds (e.g. 0.05)",
+        )
+
+
+@dataclass(frozen=True)
 class SecAggConfig:
     """``[secagg]``: secure aggregation (SecAgg+); the server learns only the weighted sum.
 
@@ -419,6 +445,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def validate(self) -> None:

@@ -11,7 +11,8 @@
     ├── RoundFailedError     a round could not complete (too few replies); model kept
     ├── CheckpointError      a checkpoint is missing, corrupt or from another run
     ├── SecureAggregationError   a secure-aggregation protocol step failed
-    └── EngineError          an engine could not start or finish the apps' run
+    ├── EngineError          an engine could not start or finish the apps' run
+    └── DeploymentError      provisioning, a kit, or a deployment process is unusable
 
 Every message says what was expected, what was found and how to fix it.
 """
@@ -23,6 +24,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DeploymentError",
     "EngineError",
     "FedcoreError",
     "ModelError",
@@ -104,3 +106,7 @@ class SecureAggregationError(FedcoreError):
 
 class EngineError(FedcoreError):
     """A simulation engine could not start or finish a run (a process failed, a timeout)."""
+
+
+class DeploymentError(FedcoreError):
+    """Provisioning, a kit, or a deployment process (server, client) is unusable."""

@@ -2,8 +2,14 @@
 
 :func:`serve` is what the ServerApp's ``main`` calls on every engine. The
 server's ``node_config`` may carry ``run-dir`` (where to write) and
-``progress`` (draw progress bars); under ``flwr run`` neither is set and the run
-goes to ``<run.out-dir>/<timestamp>``, reported through logging.
+``progress`` (draw progress bars). Flower's deployment engine gives a ServerApp
+no node config: there the run goes to ``deploy.run-dir`` if set (``fedcore
+server`` sets it), else to ``<run.out-dir>/<timestamp>``, reported through logging.
+
+On every grid but fedcore's embedded one, the ServerApp drives its own
+push/pull loop (:class:`~fedcore.engine.polling.PollingGrid`, every
+``deploy.poll-interval`` seconds) instead of the engine's (3 s under Flower's
+deployment engine).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ __all__ = [
     "build_evaluate_stage",
     "build_strategy",
     "build_train_stage",
+    "fast_polling",
     "round_policy",
     "serve",
 ]
@@ -261,6 +268,16 @@ def default_run_dir(cfg: Config) -> Path:
     return path
 
 
+def fast_polling(grid: Grid, interval: float) -> Grid:
+    """``grid`` wrapped in a :class:`PollingGrid`, unless it is fedcore's embedded grid."""
+    from .engine.embedded import EmbeddedGrid
+    from .engine.polling import PollingGrid
+
+    if isinstance(grid, EmbeddedGrid | PollingGrid):
+        return grid
+    return PollingGrid(grid, interval=interval)
+
+
 class Observers(Observer):
     """Fan one event out to several observers, in order."""
 
@@ -290,18 +307,22 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
 
     ``observers`` also receive every round event (after the run directory is updated).
 
-    With ``node_config["resume"]`` set, continue the run in ``node_config["run-dir"]``
-    from its checkpoint (refused if the checkpoint is corrupt or from another
-    config or model).
+    With ``node_config["resume"]`` (or ``deploy.resume``) set, continue the run in
+    the run directory from its checkpoint (refused if the checkpoint is corrupt or
+    from another config or model).
     """
     t0 = time.perf_counter()
     cfg = config_from_flat(context.run_config)
     node_config = context.node_config
-    run_dir = (
-        Path(str(node_config["run-dir"])) if "run-dir" in node_config else default_run_dir(cfg)
-    )
+    if "run-dir" in node_config:
+        run_dir = Path(str(node_config["run-dir"]))
+    elif cfg.deploy.run_dir:
+        run_dir = Path(cfg.deploy.run_dir)
+    else:
+        run_dir = default_run_dir(cfg)
+    grid = fast_polling(grid, cfg.deploy.poll_interval)
     progress = bool(node_config.get("progress", False))
-    resume = bool(node_config.get("resume", False))
+    resume = bool(node_config.get("resume", cfg.deploy.resume))
 
     _, test = holdout(cfg.data, seed=cfg.run.seed)
     model = initial_model(cfg, test)

@@ -1,0 +1,326 @@
+"""Seconds per round of a real loopback deployment: fedcore vs stock Flower, 3 clients.
+
+Both arms: the same model (MLP, 32 hidden units), the same synthetic data split
+into one .npz per client, TLS with the same provisioned certificate, node
+authentication with the same provisioned identities, every party a separate
+process on 127.0.0.1.
+
+- fedcore: ``fedcore server`` (Flower's SuperLink behind the listener guard,
+  fedcore's ServerApp pulling every 50 ms) + ``fedcore client`` x 3
+  (ClientApp in-process, 20 ms - 0.25 s polling);
+- Flower: ``flower-superlink`` + ``flower-supernode`` x 3 (default isolation:
+  SuperExec starts one ``flwr-clientapp`` process per message) running a stock
+  ServerApp (``benchmarks/flower_serverapp.py``: Flower's ``FedAvg.start`` on its
+  ``HttpGrid``) and the fedcore ClientApp.
+
+A round is measured from the end of one round's central evaluation to the end
+of the next one's; round 1 (start-up, clients joining) is left out.
+
+    python benchmarks/deployment_latency.py [--fedcore-rounds 8] [--flower-rounds 4]
+
+Last line: one JSON object with ``fedcore_round_s`` and ``flower_round_s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+from fedcore.config import Config, config_from_dict, to_dict, to_toml  # noqa: E402
+from fedcore.deploy.local import carve, free_port  # noqa: E402
+from fedcore.deploy.processes import Supervisor  # noqa: E402
+from fedcore.deploy.provision import provision  # noqa: E402
+
+CLIENTS = 3
+
+
+def config(rounds: int, run_dir: Path) -> Config:
+    return config_from_dict(
+        {
+            "run": {"seed": 1, "rounds": rounds, "clients": CLIENTS, "centralized-baseline": False},
+            "data": {
+                "source": "synthetic",
+                "synthetic-examples": 600,
+                "partition": "iid",
+                "num-classes": 10,
+            },
+            "model": {"factory": "mlp", "kwargs": {"hidden": 32}},
+            "train": {"local-epochs": 1, "batch-size": 16, "lr": 0.1},
+            "strategy": {
+                "min-available-clients": CLIENTS,
+                "min-train-clients": CLIENTS,
+                "min-evaluate-clients": CLIENTS,
+            },
+            "deploy": {"run-dir": str(run_dir)},
+        }
+    )
+
+
+def _wait(proc: object, timeout: float, what: str) -> int:
+    import subprocess
+
+    try:
+        return int(proc.wait(timeout=timeout))  # type: ignore[attr-defined]
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"{what} did not finish within {timeout:.0f} s") from None
+
+
+def fedcore_arm(base: Path, rounds: int, fed: object, data: list[Path]) -> list[float]:
+    run_dir = base / "fedcore-run"
+    cfg = config(rounds, run_dir)
+    cfg_path = base / "fedcore.toml"
+    cfg_path.write_text(to_toml(cfg))
+    port, local_port = free_port(), free_port()
+    cli = [sys.executable, "-m", "fedcore.cli"]
+    logs = base / "logs"
+    with Supervisor() as sup:
+        with open(logs / "fedcore-server.log", "wb") as f:
+            server = sup.start(
+                "server",
+                [
+                    *cli,
+                    "server",
+                    "--kit",
+                    str(fed.server_kit),  # type: ignore[attr-defined]
+                    "--address",
+                    f"127.0.0.1:{port}",
+                    "--local-port",
+                    str(local_port),
+                    str(cfg_path),
+                ],
+                stdout=f,
+            )
+        for i, path in enumerate(data):
+            name = f"client-{i + 1}"
+            with open(logs / f"fedcore-{name}.log", "wb") as f:
+                sup.start(
+                    name,
+                    [
+                        *cli,
+                        "client",
+                        "--kit",
+                        str(fed.client_kit(name)),  # type: ignore[attr-defined]
+                        "--server",
+                        f"127.0.0.1:{port}",
+                        "--data",
+                        str(path),
+                        "--once",
+                    ],
+                    stdout=f,
+                )
+        rc = _wait(server, 900, "the fedcore run")
+    if rc != 0:
+        raise SystemExit(f"fedcore server failed; see {logs}")
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    return [float(r["seconds"]) for r in rows[1:]]
+
+
+def _flower_fab(cfg: Config) -> bytes:
+    import tomli_w
+    from flwr.cli.build import build_fab_from_files
+
+    pyproject = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {
+            "name": "flowerbaseline",
+            "version": "1.0.0",
+            "description": "baseline",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "bench",
+                    "components": {
+                        "serverapp": "flower_serverapp:app",
+                        "clientapp": "clients.app:app",
+                    },
+                    "config": to_dict(cfg),
+                }
+            }
+        },
+    }
+    files = {
+        "pyproject.toml": tomli_w.dumps(pyproject).encode(),
+        "flower_serverapp.py": (ROOT / "benchmarks" / "flower_serverapp.py").read_bytes(),
+        "clients/__init__.py": (ROOT / "clients" / "__init__.py").read_bytes(),
+        "clients/app.py": (ROOT / "clients" / "app.py").read_bytes(),
+    }
+    return build_fab_from_files(files)[0]
+
+
+def flower_arm(base: Path, rounds: int, fed: object, data: list[Path]) -> list[float]:
+    import httpx
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import ListRunsRequest, RegisterNodeRequest, StartRunRequest
+    from flwr.supercore.control import ControlHttpClient
+    from flwr.supercore.fab import Fab
+
+    from fedcore.deploy.identity import load_admitted_keys, public_key_pem
+
+    run_dir = base / "flower-run"
+    cfg = config(rounds, run_dir)
+    kit = fed.server_kit  # type: ignore[attr-defined]
+    port = free_port()
+    logs = base / "logs"
+    flwr_env = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    with Supervisor() as sup:
+        with open(logs / "flower-superlink.log", "wb") as f:
+            link = sup.start(
+                "superlink",
+                [
+                    "flower-superlink",
+                    "--ssl-ca-certfile",
+                    str(kit / "ca.pem"),
+                    "--ssl-certfile",
+                    str(kit / "server.pem"),
+                    "--ssl-keyfile",
+                    str(kit / "server.key"),
+                    "--enable-supernode-auth",
+                    "--disable-runtime-dependency-installation",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                env={**flwr_env, "FLWR_HOME": str(base / "flwr-home-link")},
+                stdout=f,
+            )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if (
+                    httpx.get(
+                        f"https://127.0.0.1:{port}/health", verify=str(kit / "ca.pem")
+                    ).status_code
+                    == 200
+                ):
+                    break
+            except httpx.HTTPError:
+                pass
+            if link.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"flower-superlink did not start; see {logs}")
+            time.sleep(0.2)
+        control = ControlHttpClient.from_server_address(
+            f"127.0.0.1:{port}", False, (kit / "ca.pem").read_bytes(), interceptors=[]
+        )
+        for name, key in load_admitted_keys(kit).items():  # what `flwr supernode register` does
+            control.RegisterNode(RegisterNodeRequest(public_key=public_key_pem(key), name=name))
+        for i, path in enumerate(data):
+            name = f"client-{i + 1}"
+            ck = fed.client_kit(name)  # type: ignore[attr-defined]
+            with open(logs / f"flower-{name}.log", "wb") as f:
+                sup.start(
+                    name,
+                    [
+                        "flower-supernode",
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--root-certificates",
+                        str(ck / "ca.pem"),
+                        "--auth-supernode-private-key",
+                        str(ck / "identity.key"),
+                        "--node-config",
+                        f"data-path='{path}'",
+                        "--port",
+                        str(free_port()),
+                    ],
+                    env={**flwr_env, "FLWR_HOME": str(base / f"flwr-home-{name}")},
+                    stdout=f,
+                )
+        fab_bytes = _flower_fab(cfg)
+        res = control.StartRun(
+            StartRunRequest(
+                fab=fab_to_proto(Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})),
+                override_config=user_config_to_proto({}),
+            )
+        )
+        deadline = time.monotonic() + 1800
+        while True:
+            run = control.ListRuns(ListRunsRequest(run_id=res.run_id)).run_dict[res.run_id]
+            if run.status.status == "finished":
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit("the Flower run did not finish within 30 min")
+            time.sleep(1)
+        control.close()
+    if run.status.sub_status != "completed":
+        raise SystemExit(
+            f"the Flower run {run.status.sub_status}: {run.status.details}; see {logs}"
+        )
+    stamps = json.loads((run_dir / "flower_rounds.json").read_text())["stamps"]
+    # stamps[0] = initial evaluation, stamps[r] = end of round r; round 1 is left out
+    return [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--fedcore-rounds", type=int, default=8)
+    p.add_argument("--flower-rounds", type=int, default=4)
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    args = p.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="fedcore-bench-deploy-"))
+    (base / "logs").mkdir()
+    try:
+        fed = provision(base / "fed", clients=CLIENTS)
+        data = carve(config(1, base), base / "data")
+        t = time.perf_counter()
+        fedcore = fedcore_arm(base, args.fedcore_rounds, fed, data)
+        t_fedcore = time.perf_counter() - t
+        print(
+            f"fedcore: rounds 2..{args.fedcore_rounds}: {[round(x, 2) for x in fedcore]} s "
+            f"(whole run incl. start-up {t_fedcore:.1f} s)",
+            flush=True,
+        )
+        t = time.perf_counter()
+        flower = flower_arm(base, args.flower_rounds, fed, data)
+        t_flower = time.perf_counter() - t
+        print(
+            f"flower:  rounds 2..{args.flower_rounds}: {[round(x, 2) for x in flower]} s "
+            f"(whole run incl. start-up {t_flower:.1f} s)",
+            flush=True,
+        )
+    finally:
+        if args.keep:
+            print(f"work directory kept: {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+    f_mean, s_mean = statistics.mean(fedcore), statistics.mean(flower)
+    print(
+        json.dumps(
+            {
+                "fedcore_round_s": round(f_mean, 3),
+                "flower_round_s": round(s_mean, 3),
+                "speedup": round(s_mean / f_mean, 1),
+                "fedcore_rounds_s": [round(x, 3) for x in fedcore],
+                "flower_rounds_s": [round(x, 3) for x in flower],
+                "fedcore_run_s": round(t_fedcore, 1),
+                "flower_run_s": round(t_flower, 1),
+                "clients": CLIENTS,
+                "tls": True,
+                "node_auth": True,
+                "cpus": os.cpu_count(),
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+                "python": platform.python_version(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

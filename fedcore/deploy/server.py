@@ -1,0 +1,515 @@
+"""``fedcore server``: Flower's SuperLink with TLS and node authentication, then one fedcore run.
+
+::
+
+    fedcore server --kit fed/server [--address 0.0.0.0:9092] [CONFIG] [--out RUN_DIR]
+
+1. starts the SuperLink (:mod:`fedcore.deploy.superlink`): TLS with the kit's
+   certificate, node authentication on, runtime dependency installation off,
+   the Fleet API on ``--address``, Control and Runtime APIs only on
+   ``127.0.0.1:--local-port`` (see :mod:`fedcore.deploy.guard`);
+2. registers the kit's admitted client keys through the local Control API, and
+   keeps them in step with ``admitted.json`` while it runs (``fedcore provision
+   --add-client/--revoke`` take effect within seconds);
+3. starts the run: a FAB holding the fedcore ServerApp/ClientApp entry points
+   and the resolved config, the run directory in ``deploy.run-dir``;
+4. prints each finished round, and when the run ends stops every process it
+   started (also on Ctrl-C, SIGTERM or an error) and exits 0 if the run completed.
+
+The ServerApp is ``server/app.py``, unchanged, run by Flower's SuperExec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import stat
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, to_dict
+from ..errors import DeploymentError
+from .processes import Supervisor, install_signal_handlers
+
+__all__ = ["Admission", "build_fab", "check_kit", "register", "run_server"]
+
+DEFAULT_ADDRESS = "0.0.0.0:9092"
+INSECURE_WARNING = (
+    "\n"
+    "  WARNING: --insecure: no TLS and no node authentication. Everything on the\n"
+    "  wire is plaintext and ANY machine that reaches the port can join as a client.\n"
+    "  Use this only on a network you fully trust, for debugging.\n"
+)
+
+
+def check_kit(kit: Path) -> None:
+    """Raise :class:`DeploymentError` unless ``kit`` is a usable server kit."""
+    for name in ("ca.pem", "server.pem", "server.key", "admitted.json"):
+        if not (kit / name).is_file():
+            raise DeploymentError(
+                f"{kit / name} is missing: --kit must be the server kit made by "
+                "`fedcore provision` (the 'server' directory)"
+            )
+    mode = stat.S_IMODE((kit / "server.key").stat().st_mode)
+    if mode & 0o077:
+        raise DeploymentError(
+            f"{kit / 'server.key'} has mode {mode:o}: private keys must not be readable by "
+            f"others; run `chmod 600 {kit / 'server.key'}`"
+        )
+
+
+def _app_files() -> dict[str, bytes]:
+    import clients.app
+    import server.app
+
+    files: dict[str, bytes] = {}
+    for mod in (server.app, clients.app):
+        path = Path(str(mod.__file__))
+        pkg = path.parent.name
+        files[f"{pkg}/app.py"] = path.read_bytes()
+        init = path.parent / "__init__.py"
+        files[f"{pkg}/__init__.py"] = init.read_bytes() if init.is_file() else b""
+    return files
+
+
+def build_fab(cfg: Config) -> bytes:
+    """A Flower App Bundle: the fedcore app entry points and ``cfg`` as the run config.
+
+    The fedcore library itself is not in the bundle: the server and every
+    client use the fedcore installed on their machine.
+    """
+    import tomli_w
+    from flwr.cli.build import build_fab_from_files
+
+    from .. import __version__
+
+    pyproject = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {
+            "name": "fedcore",
+            "version": __version__,
+            "description": "fedcore ServerApp and ClientApp",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedcore",
+                    "components": {"serverapp": "server.app:app", "clientapp": "clients.app:app"},
+                    "config": to_dict(cfg),
+                }
+            }
+        },
+    }
+    files = {"pyproject.toml": tomli_w.dumps(pyproject).encode(), **_app_files()}
+    fab, _ = build_fab_from_files(files)
+    return fab
+
+
+class Admission:
+    """Keeps the SuperLink's registered node keys equal to ``admitted.json``.
+
+    Parameters
+    ----------
+    control : flwr ``ControlHttpClient``
+        Client of the local Control API.
+    admitted : Path
+        The server kit's ``admitted.json``.
+
+    """
+
+    def __init__(self, control: Any, admitted: Path) -> None:
+        self.control = control
+        self.admitted = admitted
+        self.registered: dict[bytes, tuple[str, int]] = {}  # PEM -> (name, node id)
+        self.retired: set[bytes] = set()  # revoked in this run: Flower keeps the key taken
+        self.refused: set[bytes] = set()
+        self._mtime: float | None = None
+
+    def sync(self) -> list[str]:
+        """Register newly admitted keys, unregister revoked ones; return what changed."""
+        from flwr.proto.control_pb2 import RegisterNodeRequest, UnregisterNodeRequest
+
+        from .identity import load_admitted_keys, public_key_pem
+
+        wanted = {public_key_pem(k): name for name, k in load_admitted_keys(self.admitted).items()}
+        changes = []
+        for pem, (name, node_id) in list(self.registered.items()):
+            if pem not in wanted:
+                try:
+                    self.control.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
+                except Exception as exc:  # noqa: BLE001 - report, keep serving
+                    changes.append(f"could not revoke {name}: {exc}")
+                    continue
+                del self.registered[pem]
+                self.retired.add(pem)
+                changes.append(f"revoked {name}")
+        for pem, name in wanted.items():
+            if pem in self.registered:
+                continue
+            if pem in self.retired:
+                changes.append(
+                    f"not re-admitting {name}: its key was revoked during this run; "
+                    f"issue a new one (`fedcore provision --add-client {name} --force`)"
+                )
+                self.retired.discard(pem)  # say it once
+                self.refused.add(pem)
+                continue
+            if pem in self.refused:
+                continue
+            try:
+                res = self.control.RegisterNode(RegisterNodeRequest(public_key=pem, name=name))
+            except Exception as exc:  # noqa: BLE001 - report, keep serving
+                changes.append(f"could not admit {name}: {exc}")
+                self.refused.add(pem)
+                continue
+            self.registered[pem] = (name, int(res.node_id))
+            changes.append(f"admitted {name}")
+        return changes
+
+    def sync_if_changed(self) -> list[str]:
+        """:meth:`sync` when ``admitted.json`` changed since the last call."""
+        try:
+            mtime = self.admitted.stat().st_mtime_ns
+        except FileNotFoundError:
+            return []
+        if mtime == self._mtime:
+            return []
+        self._mtime = mtime
+        return self.sync()
+
+
+def _control_client(local_port: int, ca: bytes | None) -> Any:
+    from flwr.supercore.control import ControlHttpClient
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+
+    return ControlHttpClient.from_server_address(
+        f"127.0.0.1:{local_port}",
+        ca is None,
+        ca,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-cli")],
+    )
+
+
+def _wait_healthy(proc: Any, local_port: int, ca_path: Path | None, log_path: Path) -> None:
+    import httpx
+
+    scheme = "http" if ca_path is None else "https"
+    verify: Any = False if ca_path is None else str(ca_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DeploymentError(
+                f"the SuperLink exited with code {proc.returncode} while starting:\n"
+                + _tail(log_path)
+            )
+        try:
+            r = httpx.get(f"{scheme}://127.0.0.1:{local_port}/health", verify=verify, timeout=2)
+            if r.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise DeploymentError("the SuperLink did not become healthy within 120 s:\n" + _tail(log_path))
+
+
+def _open_public_listener(local_port: int, ca_path: Path | None) -> None:
+    import httpx
+
+    from .guard import OPEN_PATH
+
+    scheme = "http" if ca_path is None else "https"
+    verify: Any = False if ca_path is None else str(ca_path)
+    httpx.post(
+        f"{scheme}://127.0.0.1:{local_port}{OPEN_PATH}", verify=verify, timeout=10
+    ).raise_for_status()
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class _RoundPrinter:
+    """Prints each new row of the run directory's ``metrics.json``."""
+
+    def __init__(self, run_dir: Path, rounds: int, out: Callable[[str], None]) -> None:
+        self.path = run_dir / "metrics.json"
+        self.rounds = rounds
+        self.out = out
+        self.seen = 0
+
+    def poll(self) -> None:
+        from ..federation import RoundRecord
+        from ..server import format_round
+
+        try:
+            rows = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return
+        for row in rows[self.seen :]:
+            fields = {k: float("nan") if v is None else v for k, v in row.items()}
+            try:
+                self.out(format_round(RoundRecord(**fields), self.rounds))
+            except TypeError:
+                self.out(str(row))
+        self.seen = len(rows)
+
+
+def run_server(
+    *,
+    kit: Path | None,
+    cfg: Config,
+    address: str = DEFAULT_ADDRESS,
+    local_port: int | None = None,
+    insecure: bool = False,
+    state_dir: Path | None = None,
+    sync_interval: float = 2.0,
+    out: Callable[[str], None] = print,
+) -> int:
+    """Serve one fedcore run; return 0 if it completed (see the module docstring)."""
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest, StopRunRequest
+    from flwr.supercore.address import parse_address
+    from flwr.supercore.fab import Fab
+
+    parsed = parse_address(address)
+    if not parsed:
+        raise DeploymentError(f"--address {address!r} is not HOST:PORT (e.g. 0.0.0.0:9092)")
+    port = int(parsed[1])
+    local_port = local_port or (port + 1)
+    if insecure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    else:
+        if kit is None:
+            raise DeploymentError("--kit is required (the server kit from `fedcore provision`)")
+        check_kit(kit)
+    run_dir = Path(cfg.deploy.run_dir).resolve() if cfg.deploy.run_dir else None
+    if run_dir is None:
+        from ..server import default_run_dir
+
+        run_dir = default_run_dir(cfg).resolve()
+    if cfg.deploy.resume:
+        from ..checkpoint import load_checkpoint
+
+        state = load_checkpoint(run_dir, expect=cfg)  # refuse a bad checkpoint before starting
+        out(f"fedcore server: resuming {run_dir} after round {state.round} of {cfg.run.rounds}")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise DeploymentError(
+            f"run directory {run_dir} exists and is not empty; choose another --out "
+            f"(or continue it: --resume {run_dir})"
+        )
+    cfg = cfg.replace(deploy={"run-dir": str(run_dir)})
+    if cfg.data.num_classes == 0:  # a client's own file may lack a class: fix the count for all
+        from ..data import holdout
+
+        _, test = holdout(cfg.data, seed=cfg.run.seed)
+        cfg = cfg.replace(data={"num-classes": test.num_classes})
+
+    own_state = state_dir is None
+    state = Path(tempfile.mkdtemp(prefix="fedcore-server-")) if state_dir is None else state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    log_path = state / "superlink.log"
+    ca = None if insecure else (kit / "ca.pem").read_bytes()  # type: ignore[operator]
+    argv = [
+        sys.executable,
+        "-m",
+        "fedcore.deploy.superlink",
+        "--public",
+        address,
+        "--local-port",
+        str(local_port),
+    ]
+    argv += ["--insecure"] if insecure else ["--kit", str(kit)]
+    env = {
+        "FLWR_HOME": str(state / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
+        "FLWR_INTERNAL_GRPC_CONTROL_API": "0",
+        "FLWR_INTERNAL_GRPC_FLEET_API": "0",
+    }
+    control = None
+    status = "unknown"
+    try:
+        with Supervisor() as sup, open(log_path, "ab") as log_file:
+            proc = sup.start("superlink", argv, env=env, stdout=log_file)
+            _wait_healthy(proc, local_port, None if insecure else kit / "ca.pem", log_path)  # type: ignore[operator]
+            mode = "PLAINTEXT, no node authentication" if insecure else "TLS, node authentication"
+            out(
+                f"fedcore server: Fleet API on {address} ({mode}); "
+                f"Control/Runtime APIs on 127.0.0.1:{local_port} only"
+            )
+            control = _control_client(local_port, ca)
+            admission = None
+            if not insecure:
+                admission = Admission(control, kit / "admitted.json")  # type: ignore[operator]
+                for change in admission.sync_if_changed():
+                    out(f"  {change}")
+            _open_public_listener(local_port, None if insecure else kit / "ca.pem")  # type: ignore[operator]
+            fab_bytes = build_fab(cfg)
+            fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
+            res = control.StartRun(
+                StartRunRequest(fab=fab_to_proto(fab), override_config=user_config_to_proto({}))
+            )
+            run_id = int(res.run_id)
+            out(
+                f"run {run_id}: {cfg.run.rounds} rounds, waiting for "
+                f"{cfg.strategy.min_available_clients} client(s); run directory {run_dir}"
+            )
+            try:
+                status = _follow(
+                    control, run_id, proc, log_path, admission, run_dir, cfg, sync_interval, out
+                )
+            except KeyboardInterrupt:
+                out("fedcore server: interrupted; stopping the run and every process")
+                try:
+                    control.StopRun(StopRunRequest(run_id=run_id))
+                except Exception:  # noqa: BLE001 - best effort while shutting down
+                    pass
+                raise
+    finally:
+        if control is not None:
+            control.close()
+        if own_state and status == "completed":
+            shutil.rmtree(state, ignore_errors=True)
+    if status == "completed":
+        summary = run_dir / "summary.json"
+        acc = (
+            json.loads(summary.read_text()).get("final_test_accuracy")
+            if summary.is_file()
+            else None
+        )
+        line = f"final test accuracy {acc:.4f}; " if isinstance(acc, float) else ""
+        out(f"run completed: {line}run directory {run_dir}")
+        return 0
+    out(f"run ended: {status}; SuperLink log: {log_path}")
+    return 1
+
+
+def _follow(
+    control: Any,
+    run_id: int,
+    proc: Any,
+    log_path: Path,
+    admission: Admission | None,
+    run_dir: Path,
+    cfg: Config,
+    sync_interval: float,
+    out: Callable[[str], None],
+) -> str:
+    """Wait for the run to finish, printing rounds and syncing admissions; its sub-status."""
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    printer = _RoundPrinter(run_dir, cfg.run.rounds, out)
+    last_sync = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise DeploymentError(
+                f"the SuperLink exited with code {proc.returncode} during the run:\n"
+                + _tail(log_path)
+            )
+        printer.poll()
+        if admission is not None and time.monotonic() - last_sync >= sync_interval:
+            last_sync = time.monotonic()
+            try:
+                for change in admission.sync_if_changed():
+                    out(f"  {change}")
+            except DeploymentError as exc:  # a bad file: keep the admitted keys we have
+                out(f"  admitted keys not reloaded: {exc}")
+        run = control.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]
+        if run.status.status == "finished":
+            printer.poll()
+            if run.status.sub_status != "completed":
+                out(f"run {run_id} {run.status.sub_status}: {run.status.details}")
+            return str(run.status.sub_status)
+        time.sleep(0.3)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """``fedcore server``."""
+    from ..cli import _default_config_path
+    from ..config import load_config
+
+    install_signal_handlers()
+    resume = Path(args.resume).resolve() if args.resume else None
+    if resume is not None and args.out:
+        raise DeploymentError("--out cannot be combined with --resume RUN_DIR")
+    if args.config:
+        path: Path | None = Path(args.config)
+    elif resume is not None:
+        path = resume / "config.toml"
+        if not path.is_file():
+            raise DeploymentError(f"{resume} is not a fedcore run directory (no config.toml)")
+    else:
+        path = _default_config_path()
+    cfg = load_config(path)
+    overrides: dict[str, Any] = {}
+    if resume is not None:
+        overrides["deploy"] = {"run-dir": str(resume), "resume": True}
+    if args.rounds is not None:
+        overrides["run"] = {"rounds": args.rounds}
+    if args.min_clients is not None:
+        overrides["strategy"] = {"min-available-clients": args.min_clients}
+    if args.out:
+        overrides["deploy"] = {"run-dir": str(Path(args.out).resolve())}
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    return run_server(
+        kit=Path(args.kit) if args.kit else None,
+        cfg=cfg,
+        address=args.address,
+        local_port=args.local_port,
+        insecure=args.insecure,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        out=lambda line: print(line, flush=True),
+    )
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``server`` sub-command."""
+    p = subparsers.add_parser(
+        "server",
+        help="serve one federated run: Flower SuperLink with TLS + node authentication",
+        description="Start Flower's SuperLink with the server kit (TLS, node authentication, "
+        "Control API on loopback only) and run the fedcore ServerApp with CONFIG.",
+    )
+    p.add_argument("config", nargs="?", help="TOML config (default: simulations/default.toml)")
+    p.add_argument("--kit", help="server kit directory from `fedcore provision` (DIR/server)")
+    p.add_argument(
+        "--address",
+        default=DEFAULT_ADDRESS,
+        help=f"Fleet API listen address (default {DEFAULT_ADDRESS})",
+    )
+    p.add_argument(
+        "--local-port",
+        type=int,
+        help="loopback port for the Control/Runtime APIs (default: port+1)",
+    )
+    p.add_argument("--out", help="run directory to create (default: <run.out-dir>/<timestamp>)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a run from its last checkpoint (RUN_DIR/config.toml unless CONFIG)",
+    )
+    p.add_argument("--rounds", type=int, help="override run.rounds")
+    p.add_argument("--min-clients", type=int, help="override strategy.min-available-clients")
+    p.add_argument(
+        "--state-dir", help="keep the SuperLink's state and log here (default: a temp dir)"
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="NO TLS, NO node authentication (debugging on a trusted network only)",
+    )
+    p.set_defaults(func=cmd_server)

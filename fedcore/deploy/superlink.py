@@ -1,0 +1,129 @@
+"""Flower's SuperLink behind the listener guard (what ``fedcore server`` runs).
+
+``python -m fedcore.deploy.superlink --public HOST:PORT --local-port N --kit DIR``
+does what ``flower-superlink`` does (same FastAPI app, same lifespan: Control,
+Fleet and Runtime APIs, node authentication, a SuperExec that starts the
+ServerApp) with three differences:
+
+1. the app is served on two sockets, the public one and ``127.0.0.1:N``, and
+   wrapped in the guard (Fleet API only on the public socket; everything on the
+   loopback one, for loopback peers only); the public socket answers 503 until
+   ``fedcore server`` opens it (after registering the admitted keys);
+2. the SuperLink's own Runtime API address (what SuperExec and the ServerApp
+   connect to) is the loopback socket;
+3. uvicorn trusts no proxy headers, so the peer address is the socket's.
+
+It relies on two private helpers of ``flwr.superlink.cli.flower_superlink``
+(``_parse_superlink_lifespan_config`` and ``SuperLinkLifespan``), which is why
+``pyproject.toml`` pins ``flwr<1.43``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "superlink_argv"]
+
+
+def superlink_argv(
+    *, local_port: int, kit: Path | None, insecure: bool, database: str = ":flwr-in-memory:"
+) -> list[str]:
+    """The ``flower-superlink`` arguments fedcore runs the SuperLink with."""
+    argv = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(local_port),
+        "--isolation",
+        "subprocess",
+        "--disable-runtime-dependency-installation",
+        "--database",
+        database,
+    ]
+    if insecure:
+        return [*argv, "--insecure"]
+    assert kit is not None
+    return [
+        *argv,
+        "--ssl-ca-certfile",
+        str(kit / "ca.pem"),
+        "--ssl-certfile",
+        str(kit / "server.pem"),
+        "--ssl-keyfile",
+        str(kit / "server.key"),
+        "--enable-supernode-auth",
+    ]
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6 and host == "::":
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual stack
+    sock.bind((host, port))
+    return sock
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point (``python -m fedcore.deploy.superlink``)."""
+    p = argparse.ArgumentParser(prog="python -m fedcore.deploy.superlink")
+    p.add_argument("--public", required=True, help="HOST:PORT of the public (Fleet API) listener")
+    p.add_argument("--local-port", type=int, required=True, help="port of the 127.0.0.1 listener")
+    p.add_argument("--kit", type=Path, help="server kit (ca.pem, server.pem, server.key)")
+    p.add_argument("--insecure", action="store_true")
+    p.add_argument("--database", default=":flwr-in-memory:")
+    args = p.parse_args(argv)
+
+    import importlib
+
+    import uvicorn
+    from flwr.supercore.address import parse_address
+    from flwr.supercore.http_logging import get_uvicorn_log_config
+    from flwr.supercore.logger import console_handler
+    from flwr.superlink.main import create_app
+
+    from .guard import ListenerGuard, fleet_routes
+
+    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
+
+    parsed = parse_address(args.public)
+    if not parsed:
+        sys.exit(f"--public {args.public!r} is not HOST:PORT")
+    host, port, _ = parsed
+    if port == args.local_port:
+        sys.exit("the public and local listeners need different ports")
+    sys.argv = [
+        "flower-superlink",
+        *superlink_argv(
+            local_port=args.local_port, kit=args.kit, insecure=args.insecure, database=args.database
+        ),
+    ]
+    config = fs._parse_superlink_lifespan_config()  # noqa: SLF001 - pinned flwr
+    app = create_app(config, fs.SuperLinkLifespan)
+    guarded = ListenerGuard(
+        app, local_port=args.local_port, public_paths=fleet_routes(), start_open=False
+    )
+    sockets = [_listen(str(host), int(port)), _listen("127.0.0.1", args.local_port)]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app=guarded,
+            reload=False,
+            workers=1,
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+            log_config=get_uvicorn_log_config(console_handler.level),
+            ssl_keyfile=config.ssl_keyfile,
+            ssl_certfile=config.ssl_certfile,
+        )
+    )
+    server.run(sockets=sockets)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
