@@ -138,17 +138,21 @@ def build_train_stage(
     """Build the round's training exchange: SecAgg+ when ``secagg.enabled``, else plain.
 
     With secure aggregation on, a strategy that needs individual updates is
-    refused (``ConfigError``). Advert signatures are checked against the CA in
-    ``node_config["ca-cert"]`` when the server has one (provisioned deployment),
-    else each client's first key is pinned (trust on first use).
+    refused (``ConfigError``). Advert signatures are checked against the keys the
+    SuperLink authenticated each node with (a provisioned deployment), else
+    against the CA in ``node_config["ca-cert"]``, else each client's first key is
+    pinned (trust on first use).
     """
     if not cfg.secagg.enabled:
         return plain_train_stage
+    from .deploy.identity import node_identity_keys
     from .secagg.server import SecureTrainStage, check_strategy
 
     check_strategy(strategy)
     roster = roster if roster is not None else _secagg_roster(node_config)
-    return SecureTrainStage(_secagg_settings(cfg), seed=cfg.run.seed, roster=roster)
+    return SecureTrainStage(
+        _secagg_settings(cfg), seed=cfg.run.seed, roster=roster, node_keys=node_identity_keys
+    )
 
 
 def build_evaluate_stage(
@@ -157,10 +161,13 @@ def build_evaluate_stage(
     """Build federated evaluation: SecAgg+ if ``secagg.enabled`` and ``secagg.evaluate``."""
     if not (cfg.secagg.enabled and cfg.secagg.evaluate):
         return plain_evaluate_stage
+    from .deploy.identity import node_identity_keys
     from .secagg.server import SecureEvaluateStage
 
     roster = roster if roster is not None else _secagg_roster(node_config)
-    return SecureEvaluateStage(_secagg_settings(cfg), seed=cfg.run.seed, roster=roster)
+    return SecureEvaluateStage(
+        _secagg_settings(cfg), seed=cfg.run.seed, roster=roster, node_keys=node_identity_keys
+    )
 
 
 def initial_model(cfg: Config, test: Dataset) -> torch.nn.Module:

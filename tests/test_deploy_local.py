@@ -46,7 +46,10 @@ def test_carve_writes_the_simulation_partitions(tmp_path: Path) -> None:
 
 
 def test_deploy_config_fixes_clients_classes_and_run_dir(tmp_path: Path) -> None:
-    cfg = _deploy_config(_cfg(), clients=1, rounds=4, run_dir=tmp_path / "run")
+    # one client: only the plain exchange (secure aggregation needs >= 3 clients)
+    cfg = _deploy_config(
+        _cfg().replace(secagg={"enabled": False}), clients=1, rounds=4, run_dir=tmp_path / "run"
+    )
     assert cfg.run.clients == 1 and cfg.run.rounds == 4
     assert cfg.strategy.min_available_clients == 1 and cfg.strategy.min_train_clients == 1
     assert cfg.data.num_classes == 10  # a client's file may lack a class; the count is fixed

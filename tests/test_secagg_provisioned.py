@@ -44,10 +44,11 @@ def _roundtrip(msg):
 class InlineGrid(Grid):
     """Delivers each message to the ClientApp in this process (protobuf round trip both ways)."""
 
-    def __init__(self, app, contexts):
+    def __init__(self, app, contexts, registered=None):
         self._run = Run.create_empty(1)
         self.app = app
         self.contexts = contexts
+        self.registered = registered or {}  # node id -> PEM key, as the SuperLink registers
 
     def set_run(self, run):
         self._run = run
@@ -61,6 +62,11 @@ class InlineGrid(Grid):
 
     def get_node_ids(self):
         return list(self.contexts)
+
+    def get_nodes(self):
+        from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
+
+        return [NodeInfo(node_id=n, public_key=self.registered.get(n, b"")) for n in self.contexts]
 
     def push_messages(self, messages):  # pragma: no cover - send_and_receive is used
         raise NotImplementedError
@@ -215,3 +221,100 @@ def test_clients_refuse_a_peer_the_server_let_through(federation):
         r.node_id for r in result.rejected if r.stage == STAGE_SHARES and "trusted CA" in r.reason
     }
     assert refused == {2000, 2001, 2002}
+
+
+# -- kits made by `fedcore provision` (EC P-384 keys, no certificates) ------------------
+
+
+@pytest.fixture
+def kit_federation(tmp_path):
+    from clients.app import app
+    from fedcore.data import holdout
+    from fedcore.deploy.identity import load_public_key, public_key_pem
+    from fedcore.deploy.provision import provision
+    from fedcore.records import model_to_arrays
+    from fedcore.server import initial_model
+
+    fed = provision(tmp_path / "fed", clients=CLIENTS)
+    cfg = config_from_dict(
+        {
+            "run": {"seed": 1, "clients": CLIENTS, "centralized-baseline": False},
+            "data": {"source": "synthetic", "synthetic-examples": 200, "partition": "iid"},
+            "model": {"factory": "mlp", "kwargs": {"hidden": 8}},
+            "train": {"local-epochs": 1, "batch-size": 16},
+        }
+    )
+    contexts, registered = {}, {}
+    for p in range(CLIENTS):
+        kit = fed.client_kit(f"client-{p + 1}")
+        node = 3000 + p
+        contexts[node] = Context(
+            run_id=1,
+            node_id=node,
+            node_config={
+                "partition-id": p,
+                "num-partitions": CLIENTS,
+                "identity-key": str(kit / "identity.key"),  # what `fedcore client` passes
+            },
+            state=RecordDict(),
+            run_config=to_flat(cfg),
+        )
+        registered[node] = public_key_pem(load_public_key((kit / "identity.pub").read_bytes()))
+    _, test = holdout(cfg.data, seed=1)
+    arrays = model_to_arrays(initial_model(cfg, test))
+    return InlineGrid(app, contexts, registered), arrays, cfg, tmp_path
+
+
+def _kit_round(grid, arrays, cfg, rnd=1):
+    from fedcore.server import build_strategy, build_train_stage
+
+    stage = build_train_stage(cfg, build_strategy(cfg))  # the server's real wiring
+    return stage(
+        grid,
+        FedAvg(seed=1),
+        server_round=rnd,
+        arrays=arrays,
+        config=ConfigRecord({"lr": 0.1, "local-epochs": 1, "batch-size": 16}),
+        node_ids=list(grid.contexts),
+        timeout=30.0,
+        observer=Observer(),
+    )
+
+
+def test_kit_keys_sign_and_the_server_checks_them_against_the_registered_keys(kit_federation):
+    grid, arrays, cfg, _ = kit_federation
+    result = _kit_round(grid, arrays, cfg)
+    assert result.rejected == () and result.num_clients == CLIENTS
+    for ctx in grid.contexts.values():
+        assert "identity" not in ctx.state.config_records["fedcore.secagg"]  # the kit key signed
+
+
+def test_a_node_signing_with_another_key_than_its_registered_one_is_removed(kit_federation):
+    from fedcore.deploy.provision import provision
+
+    grid, arrays, cfg, tmp_path = kit_federation
+    other = provision(tmp_path / "other", clients=["mallory"]).client_kit("mallory")
+    grid.contexts[3002].node_config["identity-key"] = str(other / "identity.key")
+    result = _kit_round(grid, arrays, cfg, rnd=2)
+    assert [(r.node_id, r.stage) for r in result.rejected] == [(3002, STAGE_KEYS)]
+    assert "registered" in result.rejected[0].reason
+    assert result.num_clients == CLIENTS - 1
+
+
+def test_clients_with_the_admitted_list_check_peers_themselves(kit_federation):
+    """A server that does not check (no registered keys): the admitted list stops an impostor."""
+    from fedcore.deploy.provision import provision
+
+    grid, arrays, cfg, tmp_path = kit_federation
+    admitted = tmp_path / "fed" / "server" / "admitted.json"
+    for ctx in grid.contexts.values():
+        ctx.node_config["admitted-keys"] = str(admitted)
+    other = provision(tmp_path / "other", clients=["mallory"]).client_kit("mallory")
+    grid.contexts[3003].node_config["identity-key"] = str(other / "identity.key")
+    grid.registered = {}  # the server has nothing to check with
+    result = _kit_round(grid, arrays, cfg, rnd=3)
+    assert result.arrays is None
+    refused = {
+        r.node_id for r in result.rejected if r.stage == STAGE_SHARES and "admitted" in r.reason
+    }
+    assert refused == {3000, 3001, 3002}

@@ -12,10 +12,12 @@ handler, turns ``trained - global`` and ``num-examples`` into the ring vector
 of :mod:`fedcore.secagg.quantize` and masks it; the reply carries no plaintext
 weight, update or per-client metric.
 
-Identity: a provisioned node (node config ``identity-key`` + ``identity-cert``,
-and ``ca-cert`` to verify peers) signs with its provisioned key; otherwise
-(simulation) the client makes an Ed25519 key from the CSPRNG the first time,
-keeps it in its ``Context.state`` and pins its peers' keys on first use.
+Identity: a provisioned node (node config ``identity-key``: the kit's key, which
+``fedcore client`` passes; optionally ``identity-cert`` + ``ca-cert`` for a
+certificate scheme, or ``admitted-keys`` to check peers against the admitted
+list) signs with its provisioned key; otherwise (simulation) the client makes an
+Ed25519 key from the CSPRNG the first time, keeps it in its ``Context.state``,
+and peers are pinned on first use.
 
 Register it on any ClientApp::
 
@@ -31,6 +33,7 @@ import functools
 import json
 import struct
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,12 +43,15 @@ from ..aggregation import array_view, numpy_to_array
 from ..errors import SecureAggregationError
 from ..records import ARRAYS, METRICS, NUM_EXAMPLES
 from .identity import (
+    AdmittedRoster,
     CaRoster,
     CertificateIdentity,
     EphemeralIdentity,
     Identity,
+    KeyIdentity,
     PinnedRoster,
     Roster,
+    check_key_file,
 )
 from .protocol import (
     STAGE_KEYS,
@@ -59,6 +65,7 @@ from .protocol import (
 from .quantize import encode
 
 __all__ = [
+    "ADMITTED_KEYS",
     "CA_CERT",
     "IDENTITY_CERT",
     "IDENTITY_KEY",
@@ -81,6 +88,7 @@ STATE = "fedcore.secagg"
 IDENTITY_KEY = "identity-key"
 IDENTITY_CERT = "identity-cert"
 CA_CERT = "ca-cert"
+ADMITTED_KEYS = "admitted-keys"
 
 TrainHandler = Callable[[Message, Context], Message]
 
@@ -108,15 +116,30 @@ def _record(context: Context) -> ConfigRecord:
 
 
 @functools.lru_cache(maxsize=4)
-def _provisioned_identity(key_path: str, cert_path: str) -> CertificateIdentity:
+def _certificate_identity(key_path: str, cert_path: str) -> CertificateIdentity:
     return CertificateIdentity.from_files(key_path, cert_path)
 
 
+@functools.lru_cache(maxsize=4)
+def _kit_identity(key_path: str) -> KeyIdentity:
+    from ..deploy.identity import load_identity_key  # reads PEM or OpenSSH
+
+    check_key_file(Path(key_path))
+    return KeyIdentity(load_identity_key(key_path))
+
+
 def identity_for(context: Context) -> Identity:
-    """Return this node's identity: its provisioned key, or a CSPRNG key kept in its state."""
+    """Return this node's identity: its provisioned key, or a CSPRNG key kept in its state.
+
+    Node config ``identity-key`` (the kit's key, as ``fedcore client`` passes it),
+    with ``identity-cert`` when the kit has a certificate; otherwise (simulation)
+    an Ed25519 key generated here the first time and kept in ``Context.state``.
+    """
     nc = context.node_config
-    if IDENTITY_KEY in nc and IDENTITY_CERT in nc:
-        return _provisioned_identity(str(nc[IDENTITY_KEY]), str(nc[IDENTITY_CERT]))
+    if IDENTITY_KEY in nc:
+        if IDENTITY_CERT in nc:
+            return _certificate_identity(str(nc[IDENTITY_KEY]), str(nc[IDENTITY_CERT]))
+        return _kit_identity(str(nc[IDENTITY_KEY]))
     rec = _record(context)
     raw = rec.get("identity")
     if isinstance(raw, bytes):
@@ -127,10 +150,18 @@ def identity_for(context: Context) -> Identity:
 
 
 def roster_for(context: Context) -> tuple[Roster, dict[int, bytes] | None]:
-    """Return the roster this node verifies peers with (and the pins to save, if TOFU)."""
+    """Return the roster this node verifies peers with (and the pins to save, if TOFU).
+
+    ``ca-cert`` (certificates issued by a CA), else ``admitted-keys`` (the
+    federation's admitted key list, ``admitted.json``), else trust on first use.
+    """
     nc = context.node_config
     if CA_CERT in nc:
         return CaRoster.from_file(str(nc[CA_CERT]), now=dt.datetime.now(dt.UTC)), None
+    if ADMITTED_KEYS in nc:
+        from ..deploy.identity import load_admitted_keys
+
+        return AdmittedRoster(load_admitted_keys(str(nc[ADMITTED_KEYS])).values()), None
     raw = _record(context).get("pins")
     pins = {int(k): bytes.fromhex(v) for k, v in json.loads(str(raw)).items()} if raw else {}
     return PinnedRoster(pins), pins

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -43,13 +43,18 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from ..errors import SecureAggregationError
 
 __all__ = [
+    "AdmittedRoster",
     "CaRoster",
     "CertificateIdentity",
     "EphemeralIdentity",
     "Identity",
+    "KeyIdentity",
     "PinnedRoster",
+    "RegisteredKeyRoster",
     "Roster",
+    "check_key_file",
     "fingerprint",
+    "public_key_of",
 ]
 
 SigningKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
@@ -58,16 +63,39 @@ VerifyingKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
 
 def fingerprint(public_key: VerifyingKey) -> bytes:
     """SHA-256 of the DER SubjectPublicKeyInfo (a stable id of a public key)."""
-    der = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(der).digest()
+    return hashlib.sha256(_spki(public_key)).digest()
+
+
+def _ec_hash(curve: ec.EllipticCurve) -> hashes.HashAlgorithm:
+    """SHA-2 matched to the curve: P-256 SHA-256, P-384 SHA-384 (the kits'), P-521 SHA-512."""
+    if curve.key_size > 384:
+        return hashes.SHA512()
+    return hashes.SHA384() if curve.key_size > 256 else hashes.SHA256()
 
 
 def _sign(key: SigningKey, message: bytes) -> bytes:
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return key.sign(message)
-    return key.sign(message, ec.ECDSA(hashes.SHA256()))
+    return key.sign(message, ec.ECDSA(_ec_hash(key.curve)))
+
+
+def _spki(key: VerifyingKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def public_key_of(credential: bytes) -> VerifyingKey:
+    """The public key in a key credential: a raw 32-byte Ed25519 key or a DER SPKI."""
+    try:
+        if len(credential) == 32:
+            return ed25519.Ed25519PublicKey.from_public_bytes(credential)
+        key = serialization.load_der_public_key(credential)
+    except ValueError:
+        raise SecureAggregationError("credential is not a public key") from None
+    if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
+        raise SecureAggregationError(f"unsupported identity key type {type(key).__name__}")
+    return key
 
 
 def _verify(key: object, signature: bytes, message: bytes) -> None:
@@ -75,7 +103,7 @@ def _verify(key: object, signature: bytes, message: bytes) -> None:
         if isinstance(key, ed25519.Ed25519PublicKey):
             key.verify(signature, message)
         elif isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+            key.verify(signature, message, ec.ECDSA(_ec_hash(key.curve)))
         else:
             raise SecureAggregationError(
                 f"identity key type {type(key).__name__} is not supported (Ed25519 or ECDSA)"
@@ -150,14 +178,43 @@ class EphemeralIdentity:
         return "EphemeralIdentity(<private>)"
 
 
+class KeyIdentity:
+    """A provisioned key without a certificate (a ``fedcore provision`` client kit).
+
+    The credential is the public key (DER SubjectPublicKeyInfo); ECDSA uses the
+    SHA-2 matched to the curve (SHA-384 for the kits' P-384 keys).
+    """
+
+    def __init__(self, key: SigningKey) -> None:
+        if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
+            raise SecureAggregationError(
+                f"identity key is a {type(key).__name__}; Ed25519 or ECDSA expected"
+            )
+        self._key = key
+        self._credential = _spki(key.public_key())
+
+    @property
+    def credential(self) -> bytes:
+        """The DER SubjectPublicKeyInfo of the public key."""
+        return self._credential
+
+    def sign(self, message: bytes) -> bytes:
+        """Ed25519 or ECDSA signature."""
+        return _sign(self._key, message)
+
+    def __repr__(self) -> str:
+        return "KeyIdentity(<private>)"
+
+
 class PinnedRoster:
-    """Trust on first use: a node's first raw Ed25519 key is pinned in ``pins``.
+    """Trust on first use: a node's first key credential is pinned in ``pins``.
 
     Parameters
     ----------
     pins : MutableMapping[int, bytes]
-        ``{node_id: raw public key}``; the caller keeps it across rounds (a client
-        in its ``Context.state``, the server in memory).
+        ``{node_id: credential}`` (a raw Ed25519 key or a DER SPKI); the caller
+        keeps it across rounds (a client in its ``Context.state``, the server in
+        memory).
 
     """
 
@@ -166,24 +223,72 @@ class PinnedRoster:
 
     def verify(self, node_id: int, credential: bytes, message: bytes, signature: bytes) -> bytes:
         """Verify against the pinned key (pinning ``credential`` the first time)."""
-        if len(credential) != 32:
-            raise SecureAggregationError(
-                f"node {node_id}: expected a raw 32-byte Ed25519 key, got {len(credential)} bytes"
-            )
         pinned = self.pins.get(node_id)
         if pinned is not None and pinned != credential:
             raise SecureAggregationError(
                 f"node {node_id} advertised a different identity key than the one pinned "
                 "when it was first seen in this run"
             )
-        key = ed25519.Ed25519PublicKey.from_public_bytes(credential)
+        key = public_key_of(credential)
         _verify(key, signature, message)
         if pinned is None:
             self.pins[node_id] = credential
         return fingerprint(key)
 
 
-def _check_key_file(path: Path) -> None:
+class RegisteredKeyRoster:
+    """Accepts node ``i`` only with the identity key registered for ``i``.
+
+    The server side of a provisioned deployment: the SuperLink authenticated
+    every node with its kit's key (Flower node authentication), so
+    ``grid.get_nodes()`` binds node ids to keys without trusting the advert.
+
+    Parameters
+    ----------
+    keys : Mapping[int, public key]
+        ``{node_id: registered identity public key}``.
+
+    """
+
+    def __init__(self, keys: Mapping[int, VerifyingKey]) -> None:
+        self.keys = {int(n): _spki(k) for n, k in keys.items()}
+
+    def verify(self, node_id: int, credential: bytes, message: bytes, signature: bytes) -> bytes:
+        """The credential must be the node's registered key, and sign ``message``."""
+        registered = self.keys.get(node_id)
+        if registered is None:
+            raise SecureAggregationError(f"node {node_id} has no registered identity key")
+        key = public_key_of(credential)
+        if _spki(key) != registered:
+            raise SecureAggregationError(
+                f"node {node_id} signed with a key other than the one it is registered with"
+            )
+        _verify(key, signature, message)
+        return fingerprint(key)
+
+
+class AdmittedRoster:
+    """Accepts any node whose key is one of the federation's admitted keys.
+
+    The client side of a deployment whose kits carry the admitted key list
+    (node config ``admitted-keys``): peers are checked against it, not against
+    what the server relays.
+    """
+
+    def __init__(self, admitted: Iterable[VerifyingKey]) -> None:
+        self.admitted = {_spki(k) for k in admitted}
+
+    def verify(self, node_id: int, credential: bytes, message: bytes, signature: bytes) -> bytes:
+        """The credential must be an admitted key, and sign ``message``."""
+        key = public_key_of(credential)
+        if _spki(key) not in self.admitted:
+            raise SecureAggregationError(f"node {node_id}: identity key is not an admitted key")
+        _verify(key, signature, message)
+        return fingerprint(key)
+
+
+def check_key_file(path: Path) -> None:
+    """Refuse a private key file that others can read (``chmod 600`` it)."""
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise SecureAggregationError(
@@ -216,7 +321,7 @@ class CertificateIdentity:
     ) -> CertificateIdentity:
         """Load a PEM private key (mode 0600, unencrypted) and a PEM certificate."""
         kp, cp = Path(key_path), Path(cert_path)
-        _check_key_file(kp)
+        check_key_file(kp)
         key = serialization.load_pem_private_key(kp.read_bytes(), password=None)
         if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
             raise SecureAggregationError(

@@ -27,8 +27,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -43,7 +44,7 @@ from ..strategies.base import EvaluateResult, Rejection, Strategy, TrainResult
 from .client import MASKED, SECAGG, pack_ids, unpack_ids
 from .crypto import RandBytes, RoundBinding
 from .graph import harary_graph, resolve
-from .identity import PinnedRoster, Roster
+from .identity import PinnedRoster, RegisteredKeyRoster, Roster
 from .protocol import (
     STAGE_KEYS,
     STAGE_MASKED,
@@ -157,6 +158,10 @@ class _SecureSum:
         key for the life of this object, i.e. trust on first use).
     randbytes : callable (default: ``os.urandom``)
         Source of the per-round session nonce.
+    node_keys : callable, optional
+        ``grid -> {node_id: identity public key}``: the keys the SuperLink
+        authenticated each node with (deployment). When it returns any, adverts
+        are verified against them (:class:`RegisteredKeyRoster`) instead of ``roster``.
 
     """
 
@@ -172,11 +177,13 @@ class _SecureSum:
         seed: int = 0,
         roster: Roster | None = None,
         randbytes: RandBytes = os.urandom,
+        node_keys: Callable[[Grid], Mapping[int, Any]] | None = None,
     ) -> None:
         self.settings = settings
         self.seed = seed
         self.roster: Roster = roster if roster is not None else PinnedRoster({})
         self.randbytes = randbytes
+        self.node_keys = node_keys
         #: Total weight of the last exchange that unmasked (public: the server learns it).
         self.last_weight: int | None = None
 
@@ -297,11 +304,15 @@ class _SecureSum:
             metric_keys=metric_keys,
             rounding_seed=derive_seed(self.seed, "secagg-rounding", self.purpose),
         )
+        roster = self.roster
+        registered = self.node_keys(grid) if self.node_keys is not None else {}
+        if registered:
+            roster = RegisteredKeyRoster(registered)
         server = ServerRound(
             params,
             graph,
             d + extra_coordinates(len(metric_keys)),
-            self.roster,
+            roster,
             threads=min(4, os.cpu_count() or 1),
         )
         common = params.to_dict()
