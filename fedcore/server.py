@@ -56,6 +56,7 @@ __all__ = [
     "build_strategy",
     "build_train_stage",
     "fast_polling",
+    "registered_node_keys",
     "round_policy",
     "serve",
 ]
@@ -128,6 +129,29 @@ def _secagg_roster(node_config: Mapping[str, Any] | None) -> Any:
     return PinnedRoster({})
 
 
+def registered_node_keys(grid: Grid) -> dict[int, Any]:
+    """Node id -> identity key the SuperLink authenticated the node with (deployment).
+
+    Nodes whose registered key is absent or not an EC key (Flower's simulation
+    engines put placeholders there) are left out; a round whose nodes have no
+    usable keys falls back to the configured roster, and with some keys present a
+    node without one is refused by :class:`~fedcore.secagg.identity.RegisteredKeyRoster`.
+    """
+    from .deploy.identity import load_public_key
+    from .errors import DeploymentError
+
+    keys: dict[int, Any] = {}
+    for info in grid.get_nodes():
+        raw = bytes(getattr(info, "public_key", b"") or b"")
+        if not raw:
+            continue
+        try:
+            keys[int(info.node_id)] = load_public_key(raw)
+        except DeploymentError:
+            continue
+    return keys
+
+
 def build_train_stage(
     cfg: Config,
     strategy: Strategy,
@@ -145,13 +169,12 @@ def build_train_stage(
     """
     if not cfg.secagg.enabled:
         return plain_train_stage
-    from .deploy.identity import node_identity_keys
     from .secagg.server import SecureTrainStage, check_strategy
 
     check_strategy(strategy)
     roster = roster if roster is not None else _secagg_roster(node_config)
     return SecureTrainStage(
-        _secagg_settings(cfg), seed=cfg.run.seed, roster=roster, node_keys=node_identity_keys
+        _secagg_settings(cfg), seed=cfg.run.seed, roster=roster, node_keys=registered_node_keys
     )
 
 
@@ -161,12 +184,11 @@ def build_evaluate_stage(
     """Build federated evaluation: SecAgg+ if ``secagg.enabled`` and ``secagg.evaluate``."""
     if not (cfg.secagg.enabled and cfg.secagg.evaluate):
         return plain_evaluate_stage
-    from .deploy.identity import node_identity_keys
     from .secagg.server import SecureEvaluateStage
 
     roster = roster if roster is not None else _secagg_roster(node_config)
     return SecureEvaluateStage(
-        _secagg_settings(cfg), seed=cfg.run.seed, roster=roster, node_keys=node_identity_keys
+        _secagg_settings(cfg), seed=cfg.run.seed, roster=roster, node_keys=registered_node_keys
     )
 
 

@@ -59,7 +59,8 @@ def test_deploy_config_fixes_clients_classes_and_run_dir(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_sigterm_stops_every_process(tmp_path: Path) -> None:
     cfg_path = tmp_path / "config.toml"
-    cfg_path.write_text(to_toml(_cfg(rounds=200)))
+    # 2 clients: the plain exchange (secure aggregation needs >= 3)
+    cfg_path.write_text(to_toml(_cfg(rounds=200).replace(secagg={"enabled": False})))
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [
