@@ -17,13 +17,16 @@ generated from the CSPRNG inside the client process (kept in that client's
 and :class:`PinnedRoster` accepts the first key it sees for a node and pins it
 for the rest of the run (trust on first use).
 
-Deployment (provisioned kits): :class:`CertificateIdentity` loads the node's
-provisioned key (Ed25519 or ECDSA P-256/P-384, a PEM file of mode 0600) and its
-X.509 certificate; the credential is the certificate, and :class:`CaRoster`
-accepts it only if the kit's CA certificate signed it (optionally also only
-if its public key is one the server admitted). Plug a provisioning scheme in by
-implementing these two protocols; see docs/security.md for the trust
-assumptions of each.
+Deployment (kits from ``fedcore provision``): :class:`KeyIdentity` signs with
+the kit's EC P-384 ``identity.key`` (node config ``identity-key``, which
+``fedcore client`` sets). The server checks each advert against the key the
+SuperLink authenticated that node with (:class:`RegisteredKeyRoster`, from
+``grid.get_nodes()``); clients check signatures and pin peers' keys, or, given
+the federation's ``admitted.json`` (node config ``admitted-keys``), accept only
+admitted keys (:class:`AdmittedRoster`). A certificate scheme is plugged in the
+same way: :class:`CertificateIdentity` (``identity-key`` + ``identity-cert``)
+and :class:`CaRoster` (``ca-cert``). Implement the two protocols for any other
+scheme; docs/security.md states the trust assumptions of each.
 """
 
 from __future__ import annotations
@@ -261,7 +264,9 @@ class RegisteredKeyRoster:
         key = public_key_of(credential)
         if _spki(key) != registered:
             raise SecureAggregationError(
-                f"node {node_id} signed with a key other than the one it is registered with"
+                f"node {node_id} signed its keys with a key other than the one it is registered "
+                "with (start the client with node config identity-key = its kit's identity.key; "
+                "`fedcore client` does this)"
             )
         _verify(key, signature, message)
         return fingerprint(key)
