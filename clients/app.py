@@ -2,7 +2,10 @@
 
 Each client reads only its own data: its partition in simulation
 (``partition-id`` in the node config), or its own file in deployment
-(``data-path`` in the node config).
+(``data-path`` in the node config). With secure aggregation (the default) the
+server sends ``train.secagg``/``evaluate.secagg`` messages instead of
+``train``/``evaluate``: the same training and evaluation run inside the SecAgg+
+exchange and only a masked vector leaves the client.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedcore.client import handle_evaluate, handle_train
+from fedcore.secagg.client import handle_secagg
 
 app = ClientApp()
 
@@ -21,7 +25,19 @@ def train(msg: Message, context: Context) -> Message:
     return handle_train(msg, context)
 
 
+@app.train("secagg")
+def train_secagg(msg: Message, context: Context) -> Message:
+    """One stage of a secure-aggregation round (the training happens in its masked stage)."""
+    return handle_secagg(msg, context, train=handle_train)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on local validation data."""
     return handle_evaluate(msg, context)
+
+
+@app.evaluate("secagg")
+def evaluate_secagg(msg: Message, context: Context) -> Message:
+    """One stage of a securely aggregated evaluation (only masked metrics leave the client)."""
+    return handle_secagg(msg, context, evaluate=handle_evaluate)

@@ -1,7 +1,8 @@
 """Typed, validated run configuration: one TOML file -> frozen dataclasses.
 
 A config file has one table per section (``[run]``, ``[data]``, ``[model]``,
-``[train]``, ``[strategy]``, ``[engine]``, ``[deploy]``); keys are kebab-case. Every value is
+``[train]``, ``[strategy]``, ``[engine]``, ``[deploy]``, ``[secagg]``); keys are kebab-case.
+Every value is
 checked before anything trains, and a bad one raises :class:`ConfigError` naming
 the dotted key, the value found and what is allowed::
 
@@ -36,6 +37,7 @@ __all__ = [
     "EngineConfig",
     "ModelConfig",
     "RunConfig",
+    "SecAggConfig",
     "StrategyConfig",
     "TrainConfig",
     "config_from_dict",
@@ -362,6 +364,78 @@ class DeployConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """``[secagg]``: secure aggregation (SecAgg+); the server learns only the weighted sum.
+
+    ``neighbours``/``threshold`` 0 pick ``k = O(log n)`` and ``t = k/2 + 1``
+    (see ``fedcore.secagg.graph``). Updates (trained minus global model) are
+    clipped to ``[-clip, clip]`` and quantized with ``bits`` bits in a ring
+    of ``ring-bits`` bits (0: 64 in the first round, then 32 whenever the last
+    round's total weight leaves room; the ring never changes the result); the
+    error bound is in docs/security.md.
+    ``stage-timeout`` is the deadline of each key exchange; the exchange that
+    trains uses ``strategy.round-timeout``. ``evaluate`` also aggregates the
+    federated evaluation securely (no per-client accuracy or validation count).
+    """
+
+    enabled: bool = True
+    evaluate: bool = True
+    neighbours: int = 0
+    threshold: int = 0
+    clip: float = 4.0
+    bits: int = 16
+    ring_bits: int = 0
+    stage_timeout: float = 60.0
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on the first bad value."""
+        _require(
+            self.neighbours >= 0 and self.neighbours != 1,
+            "secagg.neighbours",
+            self.neighbours,
+            "must be 0 (auto: O(log n)) or an integer >= 2",
+        )
+        _require(
+            self.threshold >= 0 and self.threshold != 1,
+            "secagg.threshold",
+            self.threshold,
+            "must be 0 (auto: a majority of the neighbours) or an integer >= 2",
+        )
+        _require(
+            self.neighbours == 0 or self.threshold <= self.neighbours,
+            "secagg.threshold",
+            self.threshold,
+            f"must be <= secagg.neighbours ({self.neighbours})",
+        )
+        _require(
+            math.isfinite(self.clip) and self.clip > 0,
+            "secagg.clip",
+            self.clip,
+            "must be > 0 (updates are clipped to [-clip, clip] before quantization)",
+        )
+        _require(
+            self.ring_bits in (0, 32, 64),
+            "secagg.ring-bits",
+            self.ring_bits,
+            "must be 0 (auto), 32 or 64",
+        )
+        top = 24 if self.ring_bits == 32 else 56
+        _require(
+            2 <= self.bits <= top,
+            "secagg.bits",
+            self.bits,
+            f"must be in [2, {top}] for ring-bits = {self.ring_bits} "
+            "(the ring must also hold the total example count: N * 2^(bits-1) < 2^(ring-bits-1))",
+        )
+        _require(
+            math.isfinite(self.stage_timeout) and self.stage_timeout > 0,
+            "secagg.stage-timeout",
+            self.stage_timeout,
+            "must be > 0 seconds",
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole, validated fedcore run configuration."""
 
@@ -372,6 +446,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def validate(self) -> None:
         """Validate every section, then the rules that span sections."""
@@ -389,6 +464,13 @@ class Config:
             "strategy.min-train-clients",
             s.min_train_clients,
             f"must be <= run.clients ({self.run.clients})",
+        )
+        _require(
+            not self.secagg.enabled or self.run.clients >= 3,
+            "secagg.enabled",
+            self.secagg.enabled,
+            f"secure aggregation needs at least 3 clients per round, run.clients is "
+            f"{self.run.clients}: use more clients or set [secagg] enabled = false",
         )
 
     def replace(self, **sections: Mapping[str, Any]) -> Config:

@@ -17,13 +17,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from .errors import RoundFailedError
-from .strategies.base import Rejection, Strategy, TrainResult
+from .strategies.base import EvaluateResult, Rejection, Strategy, TrainResult
 
 __all__ = [
+    "EvaluateStage",
     "Observer",
     "RoundPolicy",
     "RoundRecord",
     "TrainStage",
+    "plain_evaluate_stage",
     "plain_train_stage",
     "run_federation",
     "wait_for_nodes",
@@ -154,6 +156,50 @@ def plain_train_stage(
     return replace(tr, rejected=tr.rejected + tuple(late)) if late else tr
 
 
+class EvaluateStage(Protocol):
+    """One round's federated evaluation over the grid (plain, or secure aggregation)."""
+
+    def __call__(
+        self,
+        grid: Grid,
+        strategy: Strategy,
+        *,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        node_ids: Sequence[int],
+        timeout: float,
+        observer: Observer,
+    ) -> EvaluateResult | None:
+        """Send, collect and aggregate; ``None`` when the strategy evaluates no one."""
+        ...
+
+
+def plain_evaluate_stage(
+    grid: Grid,
+    strategy: Strategy,
+    *,
+    server_round: int,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    node_ids: Sequence[int],
+    timeout: float,
+    observer: Observer,
+) -> EvaluateResult | None:
+    """One message per sampled client, replies streamed into ``aggregate_evaluate``."""
+    msgs = strategy.configure_evaluate(server_round, arrays, config, node_ids)
+    if not msgs:
+        return None
+    observer.stage_started(server_round, "evaluate", len(msgs))
+    seen: set[int] = set()
+    replies = grid.send_and_receive(msgs, timeout=timeout)
+    ev = strategy.aggregate_evaluate(
+        server_round, _observed(replies, observer, server_round, "evaluate", seen)
+    )
+    late = _timeouts(msgs, seen, "evaluate", timeout)
+    return replace(ev, rejected=ev.rejected + tuple(late)) if late else ev
+
+
 @dataclass(frozen=True)
 class RoundPolicy:
     """When a round counts, and what happens when it does not.
@@ -224,6 +270,7 @@ def run_federation(
     observer: Observer | None = None,
     start_round: int = 1,
     train_stage: TrainStage = plain_train_stage,
+    evaluate_stage: EvaluateStage = plain_evaluate_stage,
     sleep: Callable[[float], None] = time.sleep,
 ) -> ArrayRecord:
     """Run rounds ``start_round..rounds`` and return the final global arrays.
@@ -270,15 +317,22 @@ def run_federation(
 
         # -- federated evaluation (not retried: it does not change the model) --
         fed: dict[str, float] = {}
-        msgs = (
-            strategy.configure_evaluate(rnd, arrays, evaluate_config, node_ids) if node_ids else []
+        ev = (
+            evaluate_stage(
+                grid,
+                strategy,
+                server_round=rnd,
+                arrays=arrays,
+                config=evaluate_config,
+                node_ids=node_ids,
+                timeout=policy.timeout,
+                observer=obs,
+            )
+            if node_ids
+            else None
         )
-        if msgs:
-            obs.stage_started(rnd, "evaluate", len(msgs))
-            seen: set[int] = set()
-            replies = grid.send_and_receive(msgs, timeout=policy.timeout)
-            ev = strategy.aggregate_evaluate(rnd, _observed(replies, obs, rnd, "evaluate", seen))
-            dropped = list(ev.rejected) + _timeouts(msgs, seen, "evaluate", policy.timeout)
+        if ev is not None:
+            dropped = list(ev.rejected)
             for r in dropped:
                 log.warning("round %d: dropped %s", rnd, r)
             rejected += dropped

@@ -18,7 +18,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,16 @@ from .checkpoint import ServerState, load_checkpoint, remove_stale_temporaries, 
 from .config import Config, config_from_flat, to_toml
 from .data import Dataset, holdout
 from .faults import crash_point
-from .federation import Observer, RoundPolicy, RoundRecord, run_federation
+from .federation import (
+    EvaluateStage,
+    Observer,
+    RoundPolicy,
+    RoundRecord,
+    TrainStage,
+    plain_evaluate_stage,
+    plain_train_stage,
+    run_federation,
+)
 from .models import build_model
 from .records import load_arrays, model_to_arrays
 from .report import arrays_to_safetensors, atomic_write, write_json, write_metrics, write_plot
@@ -40,7 +49,17 @@ from .seeds import derive_seed
 from .strategies import FedAvg, Rejection, Strategy
 from .training import evaluate, make_loader
 
-__all__ = ["RunObserver", "RunSummary", "build_strategy", "fast_polling", "round_policy", "serve"]
+__all__ = [
+    "RunObserver",
+    "RunSummary",
+    "build_evaluate_stage",
+    "build_strategy",
+    "build_train_stage",
+    "fast_polling",
+    "registered_node_keys",
+    "round_policy",
+    "serve",
+]
 
 log = logging.getLogger("fedcore")
 
@@ -80,6 +99,96 @@ def round_policy(cfg: Config) -> RoundPolicy:
         min_replies=s.min_train_replies,
         retries=s.round_retries,
         backoff=s.retry_backoff,
+    )
+
+
+def _secagg_settings(cfg: Config) -> Any:
+    from .secagg.server import SecAggSettings
+
+    a = cfg.secagg
+    return SecAggSettings(
+        neighbours=a.neighbours,
+        threshold=a.threshold,
+        clip=a.clip,
+        bits=a.bits,
+        ring_bits=a.ring_bits,
+        stage_timeout=a.stage_timeout,
+    )
+
+
+def _secagg_roster(node_config: Mapping[str, Any] | None) -> Any:
+    """Return the CA roster of ``node_config["ca-cert"]`` (deployment), else TOFU pins."""
+    from .secagg.client import CA_CERT
+    from .secagg.identity import CaRoster, PinnedRoster
+
+    nc = node_config or {}
+    if CA_CERT in nc:
+        import datetime as dt
+
+        return CaRoster.from_file(str(nc[CA_CERT]), now=dt.datetime.now(dt.UTC))
+    return PinnedRoster({})
+
+
+def registered_node_keys(grid: Grid) -> dict[int, Any]:
+    """Node id -> identity key the SuperLink authenticated the node with (deployment).
+
+    Nodes whose registered key is absent or not an EC key (Flower's simulation
+    engines put placeholders there) are left out; a round whose nodes have no
+    usable keys falls back to the configured roster, and with some keys present a
+    node without one is refused by :class:`~fedcore.secagg.identity.RegisteredKeyRoster`.
+    """
+    from .deploy.identity import load_public_key
+    from .errors import DeploymentError
+
+    keys: dict[int, Any] = {}
+    for info in grid.get_nodes():
+        raw = bytes(getattr(info, "public_key", b"") or b"")
+        if not raw:
+            continue
+        try:
+            keys[int(info.node_id)] = load_public_key(raw)
+        except DeploymentError:
+            continue
+    return keys
+
+
+def build_train_stage(
+    cfg: Config,
+    strategy: Strategy,
+    node_config: Mapping[str, Any] | None = None,
+    *,
+    roster: Any = None,
+) -> TrainStage:
+    """Build the round's training exchange: SecAgg+ when ``secagg.enabled``, else plain.
+
+    With secure aggregation on, a strategy that needs individual updates is
+    refused (``ConfigError``). Advert signatures are checked against the keys the
+    SuperLink authenticated each node with (a provisioned deployment), else
+    against the CA in ``node_config["ca-cert"]``, else each client's first key is
+    pinned (trust on first use).
+    """
+    if not cfg.secagg.enabled:
+        return plain_train_stage
+    from .secagg.server import SecureTrainStage, check_strategy
+
+    check_strategy(strategy)
+    roster = roster if roster is not None else _secagg_roster(node_config)
+    return SecureTrainStage(
+        _secagg_settings(cfg), seed=cfg.run.seed, roster=roster, node_keys=registered_node_keys
+    )
+
+
+def build_evaluate_stage(
+    cfg: Config, node_config: Mapping[str, Any] | None = None, *, roster: Any = None
+) -> EvaluateStage:
+    """Build federated evaluation: SecAgg+ if ``secagg.enabled`` and ``secagg.evaluate``."""
+    if not (cfg.secagg.enabled and cfg.secagg.evaluate):
+        return plain_evaluate_stage
+    from .secagg.server import SecureEvaluateStage
+
+    roster = roster if roster is not None else _secagg_roster(node_config)
+    return SecureEvaluateStage(
+        _secagg_settings(cfg), seed=cfg.run.seed, roster=roster, node_keys=registered_node_keys
     )
 
 
@@ -276,6 +385,14 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
             "batch-size": cfg.train.batch_size,
         }
     )
+    roster = _secagg_roster(node_config) if cfg.secagg.enabled else None
+    train_stage = build_train_stage(cfg, strategy, node_config, roster=roster)
+    evaluate_stage = build_evaluate_stage(cfg, node_config, roster=roster)
+    log.info(
+        "training exchange: %s; federated evaluation: %s",
+        "secure aggregation (SecAgg+)" if cfg.secagg.enabled else "plain (secagg.enabled = false)",
+        "secure" if evaluate_stage is not plain_evaluate_stage else "plain",
+    )
     final = run_federation(
         grid,
         strategy,
@@ -287,6 +404,8 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
         central_evaluate=central_evaluate,
         observer=Observers(observer, *observers),
         start_round=start,
+        train_stage=train_stage,
+        evaluate_stage=evaluate_stage,
     )
     atomic_write(
         run_dir / "model.safetensors", arrays_to_safetensors(final, {"rounds": cfg.run.rounds})

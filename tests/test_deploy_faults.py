@@ -1,11 +1,12 @@
 """Deployment under faults, with real processes over loopback TLS.
 
-One federation: 3 clients, 8 rounds.
+One federation: 4 clients, 8 rounds, secure aggregation on (the default).
 
-- client-3 dies (SIGKILL, a crash point inside its training) in the middle of
-  round 2: the round completes with the other two, the dead client's missing
-  reply is logged with its id and stage, and client-3 restarted with the same kit
-  takes part again in later rounds;
+- client-4 dies (SIGKILL, a crash point inside its training, i.e. after it sent
+  its secret shares) in the middle of round 2: the secure round completes with
+  the other three (client-4's masks are removed with its key rebuilt from its
+  neighbours' shares), the dead client's missing reply is logged with its id and
+  stage, and client-4 restarted with the same kit takes part again in later rounds;
 - the server is SIGKILLed after round 5 and restarted with ``--resume``: the
   clients (still running) re-join the restarted server on their own, and the run
   completes all 8 rounds from the checkpoint.
@@ -38,10 +39,12 @@ ROUNDS = 8
 
 
 def test_killed_client_and_killed_server_recover(tmp_path: Path) -> None:
-    fed = provision(tmp_path / "fed", clients=["client-1", "client-2", "client-3"])
-    cfg = _config(ROUNDS, clients=3, min_clients=2).replace(
-        strategy={"round-timeout": 12.0, "min-train-replies": 2}
+    fed = provision(tmp_path / "fed", clients=["client-1", "client-2", "client-3", "client-4"])
+    cfg = _config(ROUNDS, clients=4, min_clients=3).replace(
+        strategy={"round-timeout": 12.0, "min-train-replies": 3},
+        secagg={"stage-timeout": 12.0},
     )
+    assert cfg.secagg.enabled
     data = carve(cfg, tmp_path / "data")
     cfg_path = tmp_path / "config.toml"
     cfg_path.write_text(to_toml(cfg))
@@ -85,20 +88,22 @@ def test_killed_client_and_killed_server_recover(tmp_path: Path) -> None:
         server("--out", str(run_dir), str(cfg_path))
         client(1)
         client(2)
-        victim = client(3, {"FEDCORE_CRASH_AT": "client-train:2"})
-        live = lambda: [p for n, p in procs.items() if n != "client-3"]  # noqa: E731
+        client(3)
+        victim = client(4, {"FEDCORE_CRASH_AT": "client-train:2"})
+        live = lambda: [p for n, p in procs.items() if n != "client-4"]  # noqa: E731
 
-        # -- a client dies mid-round ------------------------------------------------
-        _wait_for(lambda: victim.poll() is not None, 240, "client-3 to die in round 2", live())
+        # -- a client dies mid-round (after sending its shares) -----------------------
+        _wait_for(lambda: victim.poll() is not None, 240, "client-4 to die in round 2", live())
         assert victim.returncode == -signal.SIGKILL
-        _wait_for(lambda: len(rows()) >= 3, 240, "rounds 2 and 3 without client-3", live())
-        assert rows()[0]["clients"] == 3
-        assert rows()[1]["clients"] == 2 and rows()[1]["failures"] >= 1
-        client(3)  # restarted, same kit
+        _wait_for(lambda: len(rows()) >= 3, 240, "rounds 2 and 3 without client-4", live())
+        assert rows()[0]["clients"] == 4
+        assert rows()[1]["clients"] == 3 and rows()[1]["failures"] >= 1
+        assert rows()[1]["eval_loss"] != rows()[0]["eval_loss"]  # round 2 did aggregate
+        client(4)  # restarted, same kit
         _wait_for(
-            lambda: any(r["clients"] == 3 for r in rows()[3:]),
+            lambda: any(r["clients"] == 4 for r in rows()[3:]),
             240,
-            "a round with the restarted client-3",
+            "a round with the restarted client-4",
             list(procs.values()),
         )
 
@@ -116,10 +121,10 @@ def test_killed_client_and_killed_server_recover(tmp_path: Path) -> None:
         assert procs["server"].returncode == 0, (logs / "server.log").read_text()[-3000:]
         final = rows()
         assert [r["round"] for r in final] == list(range(1, ROUNDS + 1))
-        assert all(r["clients"] >= 2 for r in final[done:])
+        assert all(r["clients"] >= 3 for r in final[done:])
         assert load_checkpoint(run_dir).round == ROUNDS
         assert (run_dir / "model.safetensors").is_file()
-        for i in (1, 2, 3):
+        for i in (1, 2, 3, 4):
             text = (logs / f"client-{i}.log").read_text()
             assert "re-joined as node" in text, text[-2000:]
         server_log = (logs / "server.log").read_text()

@@ -46,7 +46,10 @@ def test_carve_writes_the_simulation_partitions(tmp_path: Path) -> None:
 
 
 def test_deploy_config_fixes_clients_classes_and_run_dir(tmp_path: Path) -> None:
-    cfg = _deploy_config(_cfg(), clients=1, rounds=4, run_dir=tmp_path / "run")
+    # one client: only the plain exchange (secure aggregation needs >= 3 clients)
+    cfg = _deploy_config(
+        _cfg().replace(secagg={"enabled": False}), clients=1, rounds=4, run_dir=tmp_path / "run"
+    )
     assert cfg.run.clients == 1 and cfg.run.rounds == 4
     assert cfg.strategy.min_available_clients == 1 and cfg.strategy.min_train_clients == 1
     assert cfg.data.num_classes == 10  # a client's file may lack a class; the count is fixed
@@ -56,7 +59,8 @@ def test_deploy_config_fixes_clients_classes_and_run_dir(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_sigterm_stops_every_process(tmp_path: Path) -> None:
     cfg_path = tmp_path / "config.toml"
-    cfg_path.write_text(to_toml(_cfg(rounds=200)))
+    # 2 clients: the plain exchange (secure aggregation needs >= 3)
+    cfg_path.write_text(to_toml(_cfg(rounds=200).replace(secagg={"enabled": False})))
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [

@@ -83,6 +83,20 @@ def test_deadline_drops_late_replies(grid):
     assert [r.metadata.src_node_id for r in replies] == [node_id_for(3)]
 
 
+def test_replies_in_time_count_even_behind_a_late_one(grid):
+    # client 0 (worker 0) stalls; clients 1 and 3 (worker 1) answer in time and must
+    # not be dropped just because they were pushed after client 0
+    replies = list(
+        grid.send_and_receive(_msgs(grid, {"action-0": "sleep", "sleep": 3.0}), timeout=1.5)
+    )
+    got = [r.metadata.src_node_id for r in replies]
+    assert node_id_for(0) not in got
+    assert node_id_for(1) in got and node_id_for(3) in got
+    assert got == sorted(got)  # still in push order
+    time.sleep(2.0)
+    assert len(list(grid.send_and_receive(_msgs(grid), timeout=60))) == 5
+
+
 def test_unknown_node_is_refused(grid):
     with pytest.raises(ValueError, match="unknown node id"):
         grid.push_messages(_msgs(grid, nodes=[42]))

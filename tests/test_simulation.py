@@ -94,6 +94,8 @@ def test_a_stock_flower_clientapp_joins_a_fedcore_server(tmp_path):
             "model": {"factory": "mlp", "kwargs": {"hidden": 32, "depth": 1}},
             "train": {"lr": 0.1},
             "engine": {"workers": 1},
+            # a stock Flower ClientApp joins only the plain exchange (no train.secagg)
+            "secagg": {"enabled": False},
         }
     )
     _simulate(cfg, tmp_path / "run", client_app="tests.apps.stock_client:app")

@@ -324,11 +324,17 @@ class EmbeddedGrid(Grid):
 
     def _ordered(self, ids: list[str], timeout: float | None) -> Iterator[Message]:
         deadline = None if timeout is None else time.monotonic() + timeout
-        for mid in ids:
+        for i, mid in enumerate(ids):
             while mid not in self._replies:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    self._abandon(ids)
+                    # Deadline: the replies that did arrive in time still count (in push
+                    # order); only the missing ones are late and abandoned.
+                    self._drain(timeout=0.0)
+                    on_time = [m for m in ids[i:] if m in self._replies]
+                    self._abandon([m for m in ids[i:] if m not in self._replies])
+                    for m in on_time:
+                        yield self._take(m)
                     return
                 self._drain(timeout=left if left is not None else 1.0)
             yield self._take(mid)
