@@ -214,6 +214,7 @@ class WeightedMean:
     >>> acc.add(a, 1); acc.add(b, 2)
     >>> acc.result()["w"].numpy().tolist()    # (1*[1,2] + 2*[4,8]) / 3
     [3.0, 6.0]
+
     """
 
     def __init__(self, template: Mapping[str, ArraySpec], *, block: int = 32) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import stat
 from pathlib import Path
 
 from ..errors import DeploymentError
+from ..report import atomic_write
 
-__all__ = ["PRIVATE", "PUBLIC", "make_dir", "write_new"]
+__all__ = ["PRIVATE", "PUBLIC", "check_kit_dir", "make_dir", "write_new"]
 
 PRIVATE = 0o600
 PUBLIC = 0o644
@@ -47,16 +48,20 @@ def write_new(path: Path, data: bytes, *, mode: int, force: bool = False) -> Non
             path.unlink(missing_ok=True)
             raise
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    # mkstemp creates the file 0600: a key is born private; a public file is widened.
-    try:
-        if mode != PRIVATE:
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # atomic_write's temporary file is created 0600 (mkstemp), then given ``mode``.
+    atomic_write(path, data, mode=mode)
+
+
+def check_kit_dir(kit: Path, files: tuple[str, ...], private_key: str, what: str) -> None:
+    """Raise :class:`DeploymentError` unless ``kit`` holds ``files`` and its key is private."""
+    for name in files:
+        if not (kit / name).is_file():
+            raise DeploymentError(
+                f"{kit / name} is missing: --kit must be {what} made by `fedcore provision`"
+            )
+    mode = stat.S_IMODE((kit / private_key).stat().st_mode)
+    if mode & 0o077:
+        raise DeploymentError(
+            f"{kit / private_key} has mode {mode:o}: private keys must not be readable by "
+            f"others; run `chmod 600 {kit / private_key}`"
+        )

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import stat
 import sys
 import threading
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DeploymentError
+from .files import check_kit_dir
 from .identity import IDENTITY_KEY, load_identity_key
 from .processes import install_signal_handlers
 
@@ -81,18 +81,7 @@ def load_client_kit(path: str | Path) -> ClientKit:
     import json
 
     p = Path(path)
-    for name in ("ca.pem", "identity.key"):
-        if not (p / name).is_file():
-            raise DeploymentError(
-                f"{p / name} is missing: --kit must be a client kit made by `fedcore provision` "
-                "(DIR/clients/NAME)"
-            )
-    mode = stat.S_IMODE((p / "identity.key").stat().st_mode)
-    if mode & 0o077:
-        raise DeploymentError(
-            f"{p / 'identity.key'} has mode {mode:o}: the identity key must not be readable by "
-            f"others; run `chmod 600 {p / 'identity.key'}`"
-        )
+    check_kit_dir(p, ("ca.pem", "identity.key"), "identity.key", "a client kit (DIR/clients/NAME)")
     load_identity_key(p / "identity.key")  # fails early on a damaged key
     meta = p / "client.json"
     name = json.loads(meta.read_text()).get("name", p.name) if meta.is_file() else p.name
@@ -136,10 +125,7 @@ def still_online(exc: BaseException) -> bool:
     """Whether activation failed only because an earlier session is still counted online."""
     import httpx
 
-    return (
-        isinstance(exc, httpx.HTTPStatusError)
-        and "could not be activated" in exc.response.text
-    )
+    return isinstance(exc, httpx.HTTPStatusError) and "could not be activated" in exc.response.text
 
 
 class Refused(DeploymentError):

@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import shutil
-import stat
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 from ..config import Config, to_dict
 from ..errors import DeploymentError
+from .files import check_kit_dir
 from .processes import Supervisor, install_signal_handlers
 
 __all__ = ["Admission", "build_fab", "check_kit", "register", "run_server"]
@@ -50,18 +50,12 @@ INSECURE_WARNING = (
 
 def check_kit(kit: Path) -> None:
     """Raise :class:`DeploymentError` unless ``kit`` is a usable server kit."""
-    for name in ("ca.pem", "server.pem", "server.key", "admitted.json"):
-        if not (kit / name).is_file():
-            raise DeploymentError(
-                f"{kit / name} is missing: --kit must be the server kit made by "
-                "`fedcore provision` (the 'server' directory)"
-            )
-    mode = stat.S_IMODE((kit / "server.key").stat().st_mode)
-    if mode & 0o077:
-        raise DeploymentError(
-            f"{kit / 'server.key'} has mode {mode:o}: private keys must not be readable by "
-            f"others; run `chmod 600 {kit / 'server.key'}`"
-        )
+    check_kit_dir(
+        kit,
+        ("ca.pem", "server.pem", "server.key", "admitted.json"),
+        "server.key",
+        "the server kit (the 'server' directory)",
+    )
 
 
 def _app_files() -> dict[str, bytes]:

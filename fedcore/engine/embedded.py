@@ -167,7 +167,9 @@ class _Worker:
             self.process = _Thread(_thread_main, (child, *args), name=f"fedcore-executor-{index}")
         else:
             self.process = ctx.Process(
-                target=_worker_main, args=(child, *args), name=f"fedcore-worker-{index}",
+                target=_worker_main,
+                args=(child, *args),
+                name=f"fedcore-worker-{index}",
                 daemon=True,
             )
         self.process.start()

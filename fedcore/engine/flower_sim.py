@@ -150,8 +150,7 @@ def _wait_healthy(port: int, process: subprocess.Popen[bytes], timeout: float, l
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise EngineError(
-                f"flower-superlink exited with code {process.returncode} while starting; "
-                f"see {log}"
+                f"flower-superlink exited with code {process.returncode} while starting; see {log}"
             )
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:

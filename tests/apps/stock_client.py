@@ -56,7 +56,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord(net.layers.state_dict()),
-            "metrics": MetricRecord({"train_loss": float(loss), "num-examples": len(y)}),
+            "metrics": MetricRecord({"train_loss": float(loss.detach()), "num-examples": len(y)}),
         }
     )
     return Message(content=content, reply_to=msg)
