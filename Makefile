@@ -27,6 +27,7 @@ simulate: setup
 	$(BIN)/fedcore simulate
 
 test: setup
+	$(BIN)/ruff check fedcore server clients tests benchmarks
 	$(BIN)/python -m pytest
 
 test-quick: setup
