@@ -498,13 +498,7 @@ class SecureTrainStage(_SecureSum):
         """Run the four exchanges; the weighted mean of the counted clients, or ``arrays=None``."""
         check_strategy(strategy)
         msgs = strategy.configure_train(server_round, arrays, config, node_ids)
-        records: dict[int, dict[str, object]] = {
-            m.metadata.dst_node_id: {
-                ARRAYS: arrays,
-                CONFIG: m.content.config_records.get(CONFIG, ConfigRecord()),
-            }
-            for m in msgs
-        }
+        records = _records(msgs, arrays)
         d = sum(int(np.prod(a.shape, dtype=np.int64)) for a in spec_of(arrays).values())
         keys = self.settings.metric_keys
         rejected: list[Rejection] = []
@@ -554,13 +548,7 @@ class SecureEvaluateStage(_SecureSum):
         msgs = strategy.configure_evaluate(server_round, arrays, config, node_ids)
         if not msgs:
             return None
-        records: dict[int, dict[str, object]] = {
-            m.metadata.dst_node_id: {
-                ARRAYS: arrays,
-                CONFIG: m.content.config_records.get(CONFIG, ConfigRecord()),
-            }
-            for m in msgs
-        }
+        records = _records(msgs, arrays)
         rejected: list[Rejection] = []
         try:
             decoded, counted = self._secure_sum(
@@ -571,6 +559,17 @@ class SecureEvaluateStage(_SecureSum):
             return EvaluateResult({}, 0, 0, tuple(rejected))
         metrics = dict(zip(self.metric_keys, decoded.metrics, strict=True))
         return EvaluateResult(metrics, counted, decoded.total_weight, tuple(rejected))
+
+
+def _records(msgs: Sequence[Message], arrays: ArrayRecord) -> dict[int, dict[str, object]]:
+    """What each sampled node receives in the masked stage: the model and its config."""
+    return {
+        m.metadata.dst_node_id: {
+            ARRAYS: arrays,
+            CONFIG: m.content.config_records.get(CONFIG, ConfigRecord()),
+        }
+        for m in msgs
+    }
 
 
 def _apply(arrays: ArrayRecord, mean: np.ndarray) -> ArrayRecord:
