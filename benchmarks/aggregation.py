@@ -38,8 +38,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedcore.aggregation import WeightedMean, numpy_to_array, spec_of
-from fedcore.strategies import FedAvg
+from fedcore.core.aggregation import WeightedMean, numpy_to_array, spec_of
+from fedcore.serverside.strategies import FedAvg
 
 KERNELS = ("flower", "fedcore", "fedcore-validated", "fedcore-fedavg")
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-from fedcore.config import Config, config_from_dict, to_dict, to_toml  # noqa: E402
+from fedcore.core.config import Config, config_from_dict, to_dict, to_toml  # noqa: E402
 from fedcore.deploy.local import carve, free_port  # noqa: E402
 from fedcore.deploy.processes import Supervisor  # noqa: E402
 from fedcore.deploy.provision import provision  # noqa: E402
@@ -171,7 +171,7 @@ def flower_arm(base: Path, rounds: int, fed: object, data: list[Path]) -> list[f
     from flwr.supercore.control import ControlHttpClient
     from flwr.supercore.fab import Fab
 
-    from fedcore.deploy.identity import load_admitted_keys, public_key_pem
+    from fedcore.storage.keys import load_admitted_keys, public_key_pem
 
     run_dir = base / "flower-run"
     cfg = config(rounds, run_dir)

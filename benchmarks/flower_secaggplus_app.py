@@ -14,10 +14,10 @@ from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from fedcore.client import local_data, run_config
-from fedcore.models import build_model
-from fedcore.seeds import derive_seed
-from fedcore.training import TrainSettings, make_loader, train
+from fedcore.clientside.handlers import local_data, run_config
+from fedcore.clientside.models import build_model
+from fedcore.clientside.training import TrainSettings, make_loader, train
+from fedcore.core.seeds import derive_seed
 
 
 class FedcoreNumPyClient(NumPyClient):

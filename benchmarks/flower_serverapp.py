@@ -18,11 +18,11 @@ from flwr.app import ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedcore.config import config_from_flat
-from fedcore.data import holdout
-from fedcore.records import load_arrays, model_to_arrays
-from fedcore.server import initial_model
-from fedcore.training import evaluate, make_loader
+from fedcore.clientside.data import holdout
+from fedcore.clientside.training import evaluate, make_loader
+from fedcore.core.config import config_from_flat
+from fedcore.core.records import load_arrays, model_to_arrays
+from fedcore.runtime.serve import initial_model
 
 app = ServerApp()
 

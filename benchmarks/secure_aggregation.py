@@ -57,7 +57,7 @@ CPU: list[float] = []  # CPU seconds (server + workers) of each round, in call o
 
 
 def _config(clients: int, hidden: int, seed: int = 0):
-    from fedcore.config import config_from_dict
+    from fedcore.core.config import config_from_dict
 
     return config_from_dict(
         {
@@ -71,9 +71,9 @@ def _config(clients: int, hidden: int, seed: int = 0):
 
 
 def _initial(cfg):
-    from fedcore.data import holdout
-    from fedcore.records import model_to_arrays
-    from fedcore.server import initial_model
+    from fedcore.clientside.data import holdout
+    from fedcore.core.records import model_to_arrays
+    from fedcore.runtime.serve import initial_model
 
     _, test = holdout(cfg.data, seed=cfg.run.seed)
     return model_to_arrays(initial_model(cfg, test))
@@ -103,9 +103,9 @@ class _StageTimes(logging.Handler):
 
 
 def _grid_class():
-    from fedcore.engine.embedded import EmbeddedGrid
-    from fedcore.secagg.client import SECAGG
-    from fedcore.secagg.protocol import STAGE_MASKED
+    from fedcore.engines.embedded import EmbeddedGrid
+    from fedcore.secagg.protocol.machine import STAGE_MASKED
+    from fedcore.secagg.protocol.wire import SECAGG
 
     class DropGrid(EmbeddedGrid):
         """Withholds the stage-3 message of ``self.drop``: those clients vanish after sharing."""
@@ -143,7 +143,7 @@ def _cpu_s(grid) -> float:
 
 
 def _secure_stage(cfg):
-    from fedcore.secagg.server import SecureTrainStage
+    from fedcore.secagg.exchange import SecureTrainStage
 
     return SecureTrainStage(SETTINGS[0], seed=cfg.run.seed)
 
@@ -151,8 +151,8 @@ def _secure_stage(cfg):
 def _rounds(grid, cfg, arrays, nodes, stage, rnd: int):
     from flwr.app import ConfigRecord
 
-    from fedcore.federation import Observer, plain_train_stage
-    from fedcore.strategies import FedAvg
+    from fedcore.serverside.rounds import Observer, plain_train_stage
+    from fedcore.serverside.strategies import FedAvg
 
     stage = stage or plain_train_stage
     conf = ConfigRecord({"lr": cfg.train.lr, "local-epochs": 1, "batch-size": cfg.train.batch_size})
@@ -176,8 +176,8 @@ def _rounds(grid, cfg, arrays, nodes, stage, rnd: int):
 
 
 def bench_overhead(reps: int) -> dict:
-    from fedcore.config import to_flat
-    from fedcore.engine.embedded import node_id_for
+    from fedcore.core.config import to_flat
+    from fedcore.engines.embedded import node_id_for
 
     clients = 20
     cfg = _config(clients, HIDDEN["1M"])
@@ -240,10 +240,10 @@ def bench_default(reps: int) -> dict:
     """Train + evaluate rounds of the default simulation config (digits, CNN, 10 clients)."""
     from flwr.app import ConfigRecord
 
-    from fedcore.config import load_config, to_flat
-    from fedcore.engine.embedded import EmbeddedGrid, node_id_for
-    from fedcore.federation import Observer, plain_evaluate_stage, plain_train_stage
-    from fedcore.server import build_evaluate_stage, build_strategy, build_train_stage
+    from fedcore.core.config import load_config, to_flat
+    from fedcore.engines.embedded import EmbeddedGrid, node_id_for
+    from fedcore.runtime.serve import build_evaluate_stage, build_strategy, build_train_stage
+    from fedcore.serverside.rounds import Observer, plain_evaluate_stage, plain_train_stage
 
     cfg = load_config(ROOT / "simulations" / "default.toml")
     arrays = _initial(cfg)
@@ -305,9 +305,9 @@ def _flower_rounds(cfg, arrays, rounds: int, secure: bool) -> list[float]:
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
     from flwr.server.workflow.default_workflows import default_fit_workflow
 
-    from fedcore.aggregation import array_view
-    from fedcore.config import to_flat
-    from fedcore.engine.embedded import EmbeddedGrid
+    from fedcore.core.aggregation import array_view
+    from fedcore.core.config import to_flat
+    from fedcore.engines.embedded import EmbeddedGrid
 
     clients = cfg.run.clients
     init = [np.array(array_view(a)) for a in arrays.values()]
@@ -360,8 +360,8 @@ def _flower_rounds(cfg, arrays, rounds: int, secure: bool) -> list[float]:
 
 
 def bench_flower(rounds: int, sizes: list[str]) -> dict:
-    from fedcore.config import to_flat
-    from fedcore.engine.embedded import EmbeddedGrid, node_id_for
+    from fedcore.core.config import to_flat
+    from fedcore.engines.embedded import EmbeddedGrid, node_id_for
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     out: dict = {}
@@ -415,10 +415,10 @@ def _best(fn, reps: int = 5) -> float:
 def bench_throughput() -> dict:
     from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
-    from fedcore.secagg.crypto import RoundBinding
-    from fedcore.secagg.identity import EphemeralIdentity, PinnedRoster
-    from fedcore.secagg.protocol import ClientRound, RoundParams
-    from fedcore.secagg.quantize import Quantizer, encode
+    from fedcore.secagg.protocol.crypto import RoundBinding
+    from fedcore.secagg.protocol.machine import ClientRound, RoundParams
+    from fedcore.secagg.protocol.quantize import Quantizer, encode
+    from fedcore.secagg.protocol.rosters import EphemeralIdentity, PinnedRoster
 
     d, k = 1_000_000, 12
     out: dict = {"coordinates": d, "neighbours": k, "best_of": 5}
@@ -451,11 +451,11 @@ def bench_throughput() -> dict:
 
 
 def bench_scaling(ns: list[int], d: int) -> dict:
-    from fedcore.secagg.crypto import RoundBinding
-    from fedcore.secagg.graph import harary_graph, resolve
-    from fedcore.secagg.identity import EphemeralIdentity, PinnedRoster
-    from fedcore.secagg.protocol import ClientRound, RoundParams, ServerRound
-    from fedcore.secagg.quantize import Quantizer, decode, encode, extra_coordinates
+    from fedcore.secagg.protocol.crypto import RoundBinding
+    from fedcore.secagg.protocol.graph import harary_graph, resolve
+    from fedcore.secagg.protocol.machine import ClientRound, RoundParams, ServerRound
+    from fedcore.secagg.protocol.quantize import Quantizer, decode, encode, extra_coordinates
+    from fedcore.secagg.protocol.rosters import EphemeralIdentity, PinnedRoster
 
     q = Quantizer(clip=4.0, bits=24, ring_bits=64)
     out: dict = {}
@@ -533,8 +533,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=None, help="override secagg.bits")
     ap.add_argument("--neighbours", type=int, default=0, help="override secagg.neighbours")
     args = ap.parse_args()
-    from fedcore.config import SecAggConfig
-    from fedcore.secagg.server import SecAggSettings
+    from fedcore.core.config import SecAggConfig
+    from fedcore.secagg.exchange import SecAggSettings
 
     base = SecAggConfig()
     SETTINGS.append(

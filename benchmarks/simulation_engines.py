@@ -7,7 +7,7 @@ the small CNN, Dirichlet 0.5) with fewer rounds and no centralized baseline,
   with the default executors (one per core: the server process and one forked
   worker) and again with ``engine.workers = 1`` (all clients in the server process);
 - Ray: ``flwr run`` of the same Flower App with the same run config, through
-  :func:`fedcore.engine.flower_sim.run_flower_simulation` (private FLWR_HOME,
+  :func:`fedcore.engines.flower_sim.run_flower_simulation` (private FLWR_HOME,
   local SuperLink started for the run, one CPU per ClientApp so both engines run
   two clients at a time on two cores).
 
@@ -38,9 +38,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedcore.config import Config, load_config, to_flat, to_toml
-from fedcore.engine.flower_sim import run_flower_simulation
-from fedcore.engine.processes import ProcessTree
+from fedcore.core.config import Config, load_config, to_flat, to_toml
+from fedcore.engines.flower_sim import run_flower_simulation
+from fedcore.engines.processes import ProcessTree
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 2**20

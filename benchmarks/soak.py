@@ -23,10 +23,10 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 from _proc import tree_rss  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
-from fedcore.config import config_from_dict, to_flat  # noqa: E402
-from fedcore.engine.embedded import run_embedded  # noqa: E402
-from fedcore.federation import Observer  # noqa: E402
-from fedcore.server import serve  # noqa: E402
+from fedcore.core.config import config_from_dict, to_flat  # noqa: E402
+from fedcore.engines.embedded import run_embedded  # noqa: E402
+from fedcore.runtime.serve import serve  # noqa: E402
+from fedcore.serverside.rounds import Observer  # noqa: E402
 
 
 class RssAtRounds(Observer):

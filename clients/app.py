@@ -13,8 +13,8 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedcore.client import handle_evaluate, handle_train
-from fedcore.secagg.client import handle_secagg
+from fedcore.clientside.handlers import handle_evaluate, handle_train
+from fedcore.secagg.handler import handle_secagg
 
 app = ClientApp()
 

@@ -7,9 +7,10 @@ and deployment engines.
 
 from __future__ import annotations
 
-from .aggregation import WeightedMean, weighted_mean
-from .config import Config, config_from_dict, config_from_flat, load_config, to_flat
-from .errors import (
+from fedcore.clientside.partition import dirichlet, iid, shards
+from fedcore.core.aggregation import WeightedMean, weighted_mean
+from fedcore.core.config import Config, config_from_dict, config_from_flat, load_config, to_flat
+from fedcore.core.errors import (
     AggregationError,
     CheckpointError,
     ConfigError,
@@ -20,9 +21,8 @@ from .errors import (
     RoundFailedError,
     SecureAggregationError,
 )
-from .partition import dirichlet, iid, shards
-from .sampling import sample_clients
-from .strategies import FedAvg, Strategy
+from fedcore.core.sampling import sample_clients
+from fedcore.serverside.strategies import FedAvg, Strategy
 
 __version__ = "0.1.0"
 

@@ -20,20 +20,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import Config, load_config, to_flat
-from .errors import CheckpointError, ConfigError, DataError, FedcoreError
+from fedcore.core.config import Config, load_config, to_flat
+from fedcore.core.errors import CheckpointError, ConfigError, DataError, FedcoreError
+from fedcore.runtime.configfile import default_config_path, importable
 
 __all__ = ["main"]
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "simulations" / "default.toml"
-
-
-def _default_config_path() -> Path | None:
-    for candidate in (Path("simulations/default.toml"), DEFAULT_CONFIG):
-        if candidate.is_file():
-            return candidate
-    return None
-
 
 def _apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
     run: dict[str, int] = {}
@@ -49,27 +40,11 @@ def _apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
     return cfg.replace(**sections) if sections else cfg
 
 
-def _importable(config_path: Path | None) -> None:
-    """Make modules next to the config file (and in the working directory) importable.
-
-    ``model.factory = "mynets:make_model"`` then finds ``mynets.py`` beside the
-    config, in this process and in the engine's worker processes.
-    """
-    extra = [str(Path.cwd())]
-    if config_path is not None:
-        extra.insert(0, str(config_path.resolve().parent))
-    for entry in reversed(extra):
-        if entry not in sys.path:
-            sys.path.insert(0, entry)
-    current = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = os.pathsep.join([*extra, *([current] if current else [])])
-
-
 def preflight(cfg: Config) -> None:
     """Everything that can be checked before training: data, partitions, model, loops."""
-    from .data import simulation_split
-    from .models import build_model
-    from .training import resolve_loops
+    from fedcore.clientside.data import simulation_split
+    from fedcore.clientside.models import build_model
+    from fedcore.clientside.training import resolve_loops
 
     split = simulation_split(cfg.data, seed=cfg.run.seed, num_clients=cfg.run.clients)
     build_model(cfg.model, input_shape=split.test.input_shape, num_classes=split.test.num_classes)
@@ -86,10 +61,10 @@ def centralized_baseline(cfg: Config) -> dict[str, float]:
     import numpy as np
     import torch
 
-    from .data import Dataset, client_data, holdout
-    from .seeds import derive_seed
-    from .server import initial_model
-    from .training import TrainSettings, evaluate, make_loader, train
+    from fedcore.clientside.data import Dataset, client_data, holdout
+    from fedcore.clientside.training import TrainSettings, evaluate, make_loader, train
+    from fedcore.core.seeds import derive_seed
+    from fedcore.runtime.serve import initial_model
 
     _, test = holdout(cfg.data, seed=cfg.run.seed)
     parts = [
@@ -114,8 +89,8 @@ def centralized_baseline(cfg: Config) -> dict[str, float]:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """``fedcore simulate``."""
-    from .engine.embedded import run_embedded
-    from .report import write_json
+    from fedcore.engines.embedded import run_embedded
+    from fedcore.storage.files import write_json
 
     t0 = time.perf_counter()
     resume_dir = Path(args.resume) if args.resume else None
@@ -129,12 +104,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     elif resume_dir is not None:
         path = resume_dir / "config.toml"
     else:
-        path = _default_config_path()
-    _importable(path)
+        path = default_config_path()
+    importable(path)
     cfg = _apply_overrides(load_config(path), args)
     preflight(cfg)
     if resume_dir is not None:
-        from .checkpoint import load_checkpoint
+        from fedcore.serverside.checkpoint import load_checkpoint
 
         load_checkpoint(resume_dir, expect=cfg)  # refuse a bad checkpoint before starting
         run_dir = resume_dir
@@ -145,7 +120,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 "--out", str(run_dir), "exists and is not empty; choose a new directory"
             )
     else:
-        from .server import default_run_dir
+        from fedcore.serverside.rundir import default_run_dir
 
         run_dir = default_run_dir(cfg)
     print(

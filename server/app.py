@@ -9,7 +9,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedcore.server import serve
+from fedcore.runtime.serve import serve
 
 app = ServerApp()
 

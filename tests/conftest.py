@@ -32,7 +32,7 @@ def _task_identity() -> None:
 @pytest.fixture
 def small_config():
     """A config that trains in a second or two: synthetic data, an MLP, 4 clients."""
-    from fedcore.config import config_from_dict
+    from fedcore.core.config import config_from_dict
 
     return config_from_dict(
         {

@@ -12,8 +12,14 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcore.aggregation import WeightedMean, array_view, numpy_to_array, spec_of, weighted_mean
-from fedcore.errors import AggregationError
+from fedcore.core.aggregation import (
+    WeightedMean,
+    array_view,
+    numpy_to_array,
+    spec_of,
+    weighted_mean,
+)
+from fedcore.core.errors import AggregationError
 
 
 def rec(**arrays):

@@ -11,7 +11,7 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fedcore.aggregation import (
+from fedcore.core.aggregation import (
     ArraySpec,
     WeightedMean,
     array_view,
@@ -19,7 +19,7 @@ from fedcore.aggregation import (
     spec_of,
     weighted_mean,
 )
-from fedcore.errors import AggregationError
+from fedcore.core.errors import AggregationError
 
 U32 = 2.0**-24
 

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from fedcore.aggregation import spec_of
-from fedcore.checkpoint import (
+from fedcore.core.aggregation import spec_of
+from fedcore.core.config import Config
+from fedcore.core.errors import CheckpointError
+from fedcore.serverside.checkpoint import (
     CHECKPOINT_FILE,
     ServerState,
     load_checkpoint,
     remove_stale_temporaries,
     save_checkpoint,
 )
-from fedcore.config import Config
-from fedcore.errors import CheckpointError
 
 
 def _state(round_=3, cfg=None, value=1.5):

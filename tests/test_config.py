@@ -8,7 +8,7 @@ import tomllib
 
 import pytest
 
-from fedcore.config import (
+from fedcore.core.config import (
     Config,
     config_from_dict,
     config_from_flat,
@@ -16,7 +16,7 @@ from fedcore.config import (
     to_flat,
     to_toml,
 )
-from fedcore.errors import ConfigError
+from fedcore.core.errors import ConfigError
 
 from .conftest import ROOT
 

@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from fedcore.checkpoint import load_checkpoint
-from fedcore.config import to_toml
+from fedcore.core.config import to_toml
 from fedcore.deploy.local import carve, free_port
 from fedcore.deploy.provision import provision
+from fedcore.serverside.checkpoint import load_checkpoint
 from tests.procs import stop
 from tests.test_deployment import CLI, _config, _metrics_rows, _wait_for
 

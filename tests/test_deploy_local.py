@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedcore.config import config_from_dict, to_toml
-from fedcore.data import holdout, simulation_split
+from fedcore.clientside.data import holdout, simulation_split
+from fedcore.core.config import config_from_dict, to_toml
 from fedcore.deploy.local import _deploy_config, carve
 from tests.procs import procs_mentioning as _procs_mentioning
 from tests.procs import stop

@@ -39,11 +39,11 @@ from typing import Any
 
 import pytest
 
-from fedcore.config import config_from_dict, to_toml
+from fedcore.core.config import config_from_dict, to_toml
+from fedcore.core.errors import DeploymentError
 from fedcore.deploy.local import carve, free_port
 from fedcore.deploy.node import FleetSession, Refused
 from fedcore.deploy.provision import add_client, provision, revoke
-from fedcore.errors import DeploymentError
 from tests.apps.pattern import needle
 from tests.procs import procs_mentioning as _procs_mentioning
 from tests.procs import stop

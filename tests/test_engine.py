@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from fedcore.engine.embedded import EmbeddedGrid, node_id_for
+from fedcore.engines.embedded import EmbeddedGrid, node_id_for
 
 
 def _msgs(grid, config=None, nodes=None):

@@ -15,9 +15,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from torch import nn
 
-from fedcore.data import Dataset, load_digits
-from fedcore.engine.embedded import EmbeddedGrid, node_id_for
-from fedcore.training import TrainSettings, make_loader, train
+from fedcore.clientside.data import Dataset, load_digits
+from fedcore.clientside.training import TrainSettings, make_loader, train
+from fedcore.engines.embedded import EmbeddedGrid, node_id_for
 
 
 def _model() -> nn.Module:
@@ -74,10 +74,10 @@ def test_digits_equal_scikit_learns_loader():
 def test_a_client_process_needs_neither_dynamo_nor_scikit_learn():
     code = (
         "import sys\n"
-        "from fedcore.config import config_from_dict\n"
-        "from fedcore.data import client_data\n"
-        "from fedcore.models import build_model\n"
-        "from fedcore.training import TrainSettings, make_loader, train\n"
+        "from fedcore.core.config import config_from_dict\n"
+        "from fedcore.clientside.data import client_data\n"
+        "from fedcore.clientside.models import build_model\n"
+        "from fedcore.clientside.training import TrainSettings, make_loader, train\n"
         "cfg = config_from_dict({})\n"
         "d = client_data(cfg.data, seed=0, partition_id=0, num_partitions=10)\n"
         "m = build_model(cfg.model, input_shape=d.train.input_shape, num_classes=10)\n"

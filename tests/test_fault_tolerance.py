@@ -26,11 +26,11 @@ from flwr.app import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedcore.checkpoint import load_checkpoint
-from fedcore.config import config_from_dict, to_flat
-from fedcore.engine.embedded import node_id_for, run_embedded
-from fedcore.errors import ConfigError
-from fedcore.strategies import FedAvg
+from fedcore.core.config import config_from_dict, to_flat
+from fedcore.core.errors import ConfigError
+from fedcore.engines.embedded import node_id_for, run_embedded
+from fedcore.serverside.checkpoint import load_checkpoint
+from fedcore.serverside.strategies import FedAvg
 
 from .conftest import ROOT
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flwr.common.config import flatten_dict
 
-from fedcore.config import config_from_flat, load_config, to_flat
+from fedcore.core.config import config_from_flat, load_config, to_flat
 
 ROOT = Path(__file__).resolve().parent.parent
 

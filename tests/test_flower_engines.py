@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fedcore.config import load_config
-from fedcore.engine.flower_sim import run_flower_simulation
-from fedcore.report import arrays_from_safetensors
+from fedcore.core.config import load_config
+from fedcore.engines.flower_sim import run_flower_simulation
+from fedcore.storage.files import arrays_from_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
 

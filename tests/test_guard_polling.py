@@ -9,7 +9,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedcore.deploy.guard import ListenerGuard, fleet_routes, is_loopback
-from fedcore.engine.polling import PollingGrid
+from fedcore.engines.polling import PollingGrid
 
 LOCAL = 9093
 PUBLIC = ("0.0.0.0", 9092)
@@ -162,7 +162,7 @@ def test_polling_grid_timeout_keeps_replies_that_arrived() -> None:
 
 
 def test_serve_wraps_only_foreign_grids() -> None:
-    from fedcore.server import fast_polling
+    from fedcore.runtime.serve import fast_polling
 
     inner = _FakeGrid(1)
     wrapped = fast_polling(inner, 0.05)  # type: ignore[arg-type]

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from fedcore.config import DataConfig
-from fedcore.data import client_data, simulation_split
-from fedcore.errors import ConfigError
-from fedcore.partition import dirichlet, iid, partition, shards
+from fedcore.clientside.data import client_data, simulation_split
+from fedcore.clientside.partition import dirichlet, iid, partition, shards
+from fedcore.core.config import DataConfig
+from fedcore.core.errors import ConfigError
 
 
 def _assert_exact_cover(parts, n):

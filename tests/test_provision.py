@@ -13,7 +13,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedcore.cli import main
-from fedcore.deploy.identity import (
+from fedcore.core.errors import DeploymentError
+from fedcore.deploy.provision import FederationPaths, add_client, fingerprint, provision, revoke
+from fedcore.storage.keys import (
     load_admitted_keys,
     load_identity_key,
     node_identity_keys,
@@ -21,8 +23,6 @@ from fedcore.deploy.identity import (
     sign,
     verify,
 )
-from fedcore.deploy.provision import FederationPaths, add_client, fingerprint, provision, revoke
-from fedcore.errors import DeploymentError
 
 PRIVATE_FILES = ("ca/ca.key", "server/server.key")
 

@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 
-from fedcore.sampling import sample_clients, sample_size
+from fedcore.core.sampling import sample_clients, sample_size
 
 
 def test_size_rule():

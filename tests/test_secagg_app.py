@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedcore.config import config_from_dict, config_from_flat, load_config, to_flat
-from fedcore.errors import ConfigError
-from fedcore.federation import plain_evaluate_stage, plain_train_stage
-from fedcore.secagg.server import SecureEvaluateStage, SecureTrainStage
-from fedcore.server import build_evaluate_stage, build_strategy, build_train_stage
-from fedcore.strategies import FedAvg
+from fedcore.core.config import config_from_dict, config_from_flat, load_config, to_flat
+from fedcore.core.errors import ConfigError
+from fedcore.runtime.serve import build_evaluate_stage, build_strategy, build_train_stage
+from fedcore.secagg.exchange import SecureEvaluateStage, SecureTrainStage
+from fedcore.serverside.rounds import plain_evaluate_stage, plain_train_stage
+from fedcore.serverside.strategies import FedAvg
 
 
 def test_secagg_is_on_by_default_with_auto_graph():
@@ -70,7 +70,7 @@ def test_strategies_that_need_individual_updates_are_refused():
 
 
 def _run(tmp_path, name, secagg: bool):
-    from fedcore.engine.embedded import run_embedded
+    from fedcore.engines.embedded import run_embedded
     from server.app import app as server_app
 
     cfg = config_from_dict(
@@ -114,8 +114,8 @@ def test_vector_layout_is_name_order_whatever_the_record_order():
     """A record restored from a checkpoint may list arrays in another order: same layout."""
     from flwr.app import Array, ArrayRecord
 
-    from fedcore.secagg.client import _update_pairs
-    from fedcore.secagg.server import _apply
+    from fedcore.secagg.exchange import _apply
+    from fedcore.secagg.handler import _update_pairs
 
     a = {"b": np.arange(3, dtype=np.float32), "a": np.ones((2, 2), np.float32)}
     fwd = ArrayRecord({k: Array(v) for k, v in a.items()})

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from fedcore.errors import SecureAggregationError
-from fedcore.secagg import shamir
-from fedcore.secagg.crypto import (
+from fedcore.core.errors import SecureAggregationError
+from fedcore.secagg.protocol import shamir
+from fedcore.secagg.protocol.crypto import (
     FIELD_PRIME,
     RoundBinding,
     add_keystreams,
@@ -28,9 +28,20 @@ from fedcore.secagg.crypto import (
     pair_key,
     x25519_public,
 )
-from fedcore.secagg.graph import auto_neighbours, harary_graph, is_connected, resolve
-from fedcore.secagg.identity import CaRoster, CertificateIdentity, EphemeralIdentity, PinnedRoster
-from fedcore.secagg.quantize import WEIGHT_OVERFLOW, Quantizer, choose_quantizer, decode, encode
+from fedcore.secagg.protocol.graph import auto_neighbours, harary_graph, is_connected, resolve
+from fedcore.secagg.protocol.quantize import (
+    WEIGHT_OVERFLOW,
+    Quantizer,
+    choose_quantizer,
+    decode,
+    encode,
+)
+from fedcore.secagg.protocol.rosters import (
+    CaRoster,
+    CertificateIdentity,
+    EphemeralIdentity,
+    PinnedRoster,
+)
 
 B = RoundBinding(run_id=5, server_round=3, session=b"s" * 16)
 

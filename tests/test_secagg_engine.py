@@ -14,21 +14,27 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from fedcore.aggregation import array_view
-from fedcore.config import to_flat
-from fedcore.engine.embedded import EmbeddedGrid, node_id_for
-from fedcore.federation import (
+from fedcore.core.aggregation import array_view
+from fedcore.core.config import to_flat
+from fedcore.core.records import model_to_arrays
+from fedcore.engines.embedded import EmbeddedGrid, node_id_for
+from fedcore.secagg.exchange import SecAggSettings, SecureEvaluateStage, SecureTrainStage
+from fedcore.secagg.protocol.machine import (
+    STAGE_KEYS,
+    STAGE_MASKED,
+    STAGE_SHARES,
+    STAGE_UNMASK,
+    Advert,
+)
+from fedcore.secagg.protocol.wire import SECAGG, unpack_ids
+from fedcore.serverside.rounds import (
     Observer,
     RoundPolicy,
     plain_evaluate_stage,
     plain_train_stage,
     run_federation,
 )
-from fedcore.records import model_to_arrays
-from fedcore.secagg.client import SECAGG, unpack_ids
-from fedcore.secagg.protocol import STAGE_KEYS, STAGE_MASKED, STAGE_SHARES, STAGE_UNMASK, Advert
-from fedcore.secagg.server import SecAggSettings, SecureEvaluateStage, SecureTrainStage
-from fedcore.strategies import FedAvg
+from fedcore.serverside.strategies import FedAvg
 
 pytestmark = pytest.mark.slow
 
@@ -72,9 +78,9 @@ class FaultGrid(EmbeddedGrid):
 
 @pytest.fixture(scope="module")
 def setup():
-    from fedcore.config import config_from_dict
-    from fedcore.data import holdout
-    from fedcore.server import initial_model
+    from fedcore.clientside.data import holdout
+    from fedcore.core.config import config_from_dict
+    from fedcore.runtime.serve import initial_model
 
     cfg = config_from_dict(
         {
@@ -346,7 +352,7 @@ def test_masked_vector_on_the_wire_is_uniform(setup, grid):
     """(c) on real traffic: every byte position of a client's masked words is uniform."""
     from scipy.stats import chisquare
 
-    from fedcore.secagg.client import MASKED
+    from fedcore.secagg.protocol.wire import MASKED
 
     _, arrays, cfg = setup
     seen = []

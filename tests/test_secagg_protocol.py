@@ -15,11 +15,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
-from fedcore.errors import SecureAggregationError
-from fedcore.secagg.crypto import RoundBinding
-from fedcore.secagg.graph import harary_graph, is_connected, resolve
-from fedcore.secagg.identity import EphemeralIdentity, PinnedRoster
-from fedcore.secagg.protocol import (
+from fedcore.core.errors import SecureAggregationError
+from fedcore.secagg.protocol.crypto import RoundBinding
+from fedcore.secagg.protocol.graph import harary_graph, is_connected, resolve
+from fedcore.secagg.protocol.machine import (
     STAGE_KEYS,
     STAGE_MASKED,
     STAGE_SHARES,
@@ -27,8 +26,9 @@ from fedcore.secagg.protocol import (
     ClientRound,
     RoundParams,
 )
-from fedcore.secagg.quantize import Quantizer, encode
-from fedcore.secagg.simulate import (
+from fedcore.secagg.protocol.quantize import Quantizer, encode
+from fedcore.secagg.protocol.rosters import EphemeralIdentity, PinnedRoster
+from fedcore.secagg.protocol.simulate import (
     STAGES,
     random_inputs,
     reference_mean,

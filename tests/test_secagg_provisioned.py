@@ -25,12 +25,12 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedcore.config import config_from_dict, to_flat
-from fedcore.federation import Observer
-from fedcore.secagg.identity import CaRoster
-from fedcore.secagg.protocol import STAGE_KEYS, STAGE_SHARES
-from fedcore.secagg.server import SecAggSettings, SecureTrainStage
-from fedcore.strategies import FedAvg
+from fedcore.core.config import config_from_dict, to_flat
+from fedcore.secagg.exchange import SecAggSettings, SecureTrainStage
+from fedcore.secagg.protocol.machine import STAGE_KEYS, STAGE_SHARES
+from fedcore.secagg.protocol.rosters import CaRoster
+from fedcore.serverside.rounds import Observer
+from fedcore.serverside.strategies import FedAvg
 
 CLIENTS = 4
 
@@ -130,9 +130,9 @@ def _kit(tmp_path, name, ca_key, ca_cert_path, issuer="fedcore-ca"):
 @pytest.fixture
 def federation(tmp_path):
     from clients.app import app
-    from fedcore.data import holdout
-    from fedcore.records import model_to_arrays
-    from fedcore.server import initial_model
+    from fedcore.clientside.data import holdout
+    from fedcore.core.records import model_to_arrays
+    from fedcore.runtime.serve import initial_model
 
     ca_key = ed25519.Ed25519PrivateKey.generate()
     ca_path = tmp_path / "ca.pem"
@@ -229,11 +229,11 @@ def test_clients_refuse_a_peer_the_server_let_through(federation):
 @pytest.fixture
 def kit_federation(tmp_path):
     from clients.app import app
-    from fedcore.data import holdout
-    from fedcore.deploy.identity import load_public_key, public_key_pem
+    from fedcore.clientside.data import holdout
+    from fedcore.core.records import model_to_arrays
     from fedcore.deploy.provision import provision
-    from fedcore.records import model_to_arrays
-    from fedcore.server import initial_model
+    from fedcore.runtime.serve import initial_model
+    from fedcore.storage.keys import load_public_key, public_key_pem
 
     fed = provision(tmp_path / "fed", clients=CLIENTS)
     cfg = config_from_dict(
@@ -266,7 +266,7 @@ def kit_federation(tmp_path):
 
 
 def _kit_round(grid, arrays, cfg, rnd=1):
-    from fedcore.server import build_strategy, build_train_stage
+    from fedcore.runtime.serve import build_strategy, build_train_stage
 
     stage = build_train_stage(cfg, build_strategy(cfg))  # the server's real wiring
     return stage(

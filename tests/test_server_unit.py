@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from fedcore.config import config_from_dict, config_from_flat
+from fedcore.core.config import config_from_dict, config_from_flat
+from fedcore.core.errors import DeploymentError
 from fedcore.deploy.provision import add_client, provision, revoke
 from fedcore.deploy.server import Admission, build_fab, check_kit
-from fedcore.errors import DeploymentError
 
 
 def test_fab_carries_the_apps_and_the_whole_config() -> None:

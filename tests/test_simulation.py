@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedcore.config import config_from_dict, to_flat
-from fedcore.engine.embedded import run_embedded
+from fedcore.core.config import config_from_dict, to_flat
+from fedcore.engines.embedded import run_embedded
 
 from .conftest import ROOT
 

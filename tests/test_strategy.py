@@ -16,7 +16,7 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from fedcore.strategies import FedAvg
+from fedcore.serverside.strategies import FedAvg
 
 NODES = [11, 12, 13, 14]
 

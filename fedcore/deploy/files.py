@@ -6,8 +6,8 @@ import os
 import stat
 from pathlib import Path
 
-from ..errors import DeploymentError
-from ..report import atomic_write
+from fedcore.core.errors import DeploymentError
+from fedcore.storage.files import atomic_write
 
 __all__ = ["PRIVATE", "PUBLIC", "check_kit_dir", "make_dir", "write_new"]
 

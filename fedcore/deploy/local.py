@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config, to_toml
-from ..errors import DataError, DeploymentError
-from .processes import Supervisor, install_signal_handlers
+from fedcore.core.config import Config, to_toml
+from fedcore.core.errors import DataError, DeploymentError
+from fedcore.deploy.processes import Supervisor, install_signal_handlers
 
 __all__ = ["carve", "deploy_local", "free_port", "register"]
 
@@ -51,7 +51,7 @@ def carve(cfg: Config, out: Path) -> list[Path]:
     seed, same partitioner); each client splits its own file into local train
     and validation parts.
     """
-    from ..data import simulation_split
+    from fedcore.clientside.data import simulation_split
 
     split = simulation_split(cfg.data, seed=cfg.run.seed, num_clients=cfg.run.clients)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def carve(cfg: Config, out: Path) -> list[Path]:
 
 
 def _deploy_config(cfg: Config, clients: int, rounds: int | None, run_dir: Path) -> Config:
-    from ..data import holdout
+    from fedcore.clientside.data import holdout
 
     s = cfg.strategy
     cfg = cfg.replace(
@@ -106,7 +106,7 @@ def deploy_local(
     client_timeout: float = 120.0,
 ) -> int:
     """Run the federation described in the module docstring; the server's exit code."""
-    from .provision import provision
+    from fedcore.deploy.provision import provision
 
     if clients < 1:
         raise DeploymentError("--clients must be >= 1")
@@ -210,12 +210,12 @@ def deploy_local(
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
     """``fedcore deploy-local``."""
-    from ..cli import _default_config_path
-    from ..config import load_config
-    from ..server import default_run_dir
+    from fedcore.core.config import load_config
+    from fedcore.runtime.configfile import default_config_path
+    from fedcore.serverside.rundir import default_run_dir
 
     install_signal_handlers()
-    path = Path(args.config) if args.config else _default_config_path()
+    path = Path(args.config) if args.config else default_config_path()
     cfg = load_config(path)
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
     return deploy_local(

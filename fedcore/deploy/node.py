@@ -41,10 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DeploymentError
-from .files import check_kit_dir
-from .identity import IDENTITY_KEY, load_identity_key
-from .processes import install_signal_handlers
+from fedcore.core.errors import DeploymentError
+from fedcore.deploy.files import check_kit_dir
+from fedcore.deploy.processes import install_signal_handlers
+from fedcore.storage.keys import IDENTITY_KEY, load_identity_key
 
 __all__ = [
     "ClientKit",

@@ -49,8 +49,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..errors import DeploymentError
-from .files import PRIVATE, PUBLIC, make_dir, write_new
+from fedcore.core.errors import DeploymentError
+from fedcore.deploy.files import PRIVATE, PUBLIC, make_dir, write_new
 
 __all__ = [
     "FederationPaths",

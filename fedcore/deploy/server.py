@@ -32,10 +32,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, to_dict
-from ..errors import DeploymentError
-from .files import check_kit_dir
-from .processes import Supervisor, install_signal_handlers
+from fedcore.core.config import Config, to_dict
+from fedcore.core.errors import DeploymentError
+from fedcore.deploy.files import check_kit_dir
+from fedcore.deploy.processes import Supervisor, install_signal_handlers
 
 __all__ = ["Admission", "build_fab", "check_kit", "register", "run_server"]
 
@@ -81,7 +81,7 @@ def build_fab(cfg: Config) -> bytes:
     import tomli_w
     from flwr.cli.build import build_fab_from_files
 
-    from .. import __version__
+    from fedcore import __version__
 
     pyproject = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
@@ -131,7 +131,7 @@ class Admission:
         """Register newly admitted keys, unregister revoked ones; return what changed."""
         from flwr.proto.control_pb2 import RegisterNodeRequest, UnregisterNodeRequest
 
-        from .identity import load_admitted_keys, public_key_pem
+        from fedcore.storage.keys import load_admitted_keys, public_key_pem
 
         wanted = {public_key_pem(k): name for name, k in load_admitted_keys(self.admitted).items()}
         changes = []
@@ -217,7 +217,7 @@ def _wait_healthy(proc: Any, local_port: int, ca_path: Path | None, log_path: Pa
 def _open_public_listener(local_port: int, ca_path: Path | None) -> None:
     import httpx
 
-    from .guard import OPEN_PATH
+    from fedcore.deploy.guard import OPEN_PATH
 
     scheme = "http" if ca_path is None else "https"
     verify: Any = False if ca_path is None else str(ca_path)
@@ -243,8 +243,8 @@ class _RoundPrinter:
         self.seen = 0
 
     def poll(self) -> None:
-        from ..federation import RoundRecord
-        from ..server import format_round
+        from fedcore.serverside.rounds import RoundRecord
+        from fedcore.serverside.rundir import format_round
 
         try:
             rows = json.loads(self.path.read_text())
@@ -289,11 +289,11 @@ def run_server(
         check_kit(kit)
     run_dir = Path(cfg.deploy.run_dir).resolve() if cfg.deploy.run_dir else None
     if run_dir is None:
-        from ..server import default_run_dir
+        from fedcore.serverside.rundir import default_run_dir
 
         run_dir = default_run_dir(cfg).resolve()
     if cfg.deploy.resume:
-        from ..checkpoint import load_checkpoint
+        from fedcore.serverside.checkpoint import load_checkpoint
 
         state = load_checkpoint(run_dir, expect=cfg)  # refuse a bad checkpoint before starting
         out(f"fedcore server: resuming {run_dir} after round {state.round} of {cfg.run.rounds}")
@@ -304,7 +304,7 @@ def run_server(
         )
     cfg = cfg.replace(deploy={"run-dir": str(run_dir)})
     if cfg.data.num_classes == 0:  # a client's own file may lack a class: fix the count for all
-        from ..data import holdout
+        from fedcore.clientside.data import holdout
 
         _, test = holdout(cfg.data, seed=cfg.run.seed)
         cfg = cfg.replace(data={"num-classes": test.num_classes})
@@ -432,8 +432,8 @@ def _follow(
 
 def cmd_server(args: argparse.Namespace) -> int:
     """``fedcore server``."""
-    from ..cli import _default_config_path
-    from ..config import load_config
+    from fedcore.core.config import load_config
+    from fedcore.runtime.configfile import default_config_path
 
     install_signal_handlers()
     resume = Path(args.resume).resolve() if args.resume else None
@@ -446,7 +446,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise DeploymentError(f"{resume} is not a fedcore run directory (no config.toml)")
     else:
-        path = _default_config_path()
+        path = default_config_path()
     cfg = load_config(path)
     overrides: dict[str, Any] = {}
     if resume is not None:

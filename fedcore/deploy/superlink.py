@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from flwr.supercore.logger import console_handler
     from flwr.superlink.main import create_app
 
-    from .guard import ListenerGuard, fleet_routes
+    from fedcore.deploy.guard import ListenerGuard, fleet_routes
 
     fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
 

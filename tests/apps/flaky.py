@@ -15,7 +15,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcore.client import handle_evaluate, handle_train
+from fedcore.clientside.handlers import handle_evaluate, handle_train
 
 app = ClientApp()
 

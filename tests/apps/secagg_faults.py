@@ -12,8 +12,9 @@ import time
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedcore.client import handle_evaluate, handle_train
-from fedcore.secagg.client import SECAGG, handle_secagg
+from fedcore.clientside.handlers import handle_evaluate, handle_train
+from fedcore.secagg.handler import handle_secagg
+from fedcore.secagg.protocol.wire import SECAGG
 
 app = ClientApp()
 

@@ -1,0 +1,1 @@
+"""Client side: message handlers, training loops, models, data and partitions."""

@@ -1,0 +1,115 @@
+"""A Grid wrapper that pulls replies every few milliseconds instead of every 3 s.
+
+Flower's deployment grid (``HttpGrid.send_and_receive``) sleeps 3 s between
+pulls, so every stage of every round waits up to 3 s after its last reply.
+:class:`PollingGrid` delegates everything to the grid it wraps but runs its own
+push-then-pull loop with a short interval, and streams replies in push order
+as soon as each one (and every earlier one) has arrived, like
+:class:`~fedcore.engines.embedded.EmbeddedGrid`: aggregation order, and so the
+model, does not depend on which client answered first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+__all__ = ["PollingGrid"]
+
+
+class PollingGrid(Grid):
+    """Wrap ``inner`` so ``send_and_receive`` pulls every ``interval`` seconds.
+
+    Parameters
+    ----------
+    inner : Grid
+        The engine's grid (Flower's ``HttpGrid`` under deployment).
+    interval : float (default: 0.05)
+        Seconds between two pulls while replies are outstanding.
+
+    """
+
+    def __init__(self, inner: Grid, *, interval: float = 0.05) -> None:
+        self._inner = inner
+        self.interval = interval
+
+    # -- delegation -----------------------------------------------------------
+    @property
+    def run(self) -> Any:
+        """The inner grid's run."""
+        return self._inner.run
+
+    def set_run(self, run: Any) -> None:
+        """Set the inner grid's run."""
+        self._inner.set_run(run)
+
+    def create_message(  # noqa: D102 - deprecated in Flower; kept for the ABC
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Connected node ids (inner grid)."""
+        return self._inner.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:
+        """Connected nodes with their registered info (inner grid)."""
+        return self._inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Push through the inner grid."""
+        return self._inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Pull through the inner grid (non-blocking)."""
+        return self._inner.pull_messages(message_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    # -- the fast loop --------------------------------------------------------
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterator[Message]:
+        """Push once, then pull every ``interval`` s; yield replies in push order.
+
+        Stops at ``timeout`` seconds: replies that arrived are yielded (still in
+        push order), missing ones are not (the caller reports those clients as
+        timed out).
+        """
+        ids = [str(i) for i in self.push_messages(list(messages)) if i]
+        return self._replies(ids, timeout)
+
+    def _replies(self, ids: list[str], timeout: float | None) -> Iterator[Message]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = set(ids)
+        arrived: dict[str, Message] = {}
+        nxt = 0
+        while True:
+            if pending:
+                for reply in self.pull_messages(sorted(pending)):
+                    mid = reply.metadata.reply_to_message_id
+                    if mid in pending:
+                        pending.discard(mid)
+                        arrived[mid] = reply
+            while nxt < len(ids) and ids[nxt] in arrived:
+                yield arrived.pop(ids[nxt])
+                nxt += 1
+            if nxt == len(ids):
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                # Missing replies are late; every reply that did arrive still counts.
+                for mid in ids[nxt:]:
+                    if mid in arrived:
+                        yield arrived.pop(mid)
+                return
+            time.sleep(self.interval)

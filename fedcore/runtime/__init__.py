@@ -1,0 +1,1 @@
+"""What the Flower apps call: build the objects a run needs from its config and run it."""

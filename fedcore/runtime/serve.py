@@ -1,0 +1,310 @@
+"""Server-side logic behind ``server/app.py``: config -> strategy -> rounds -> report.
+
+:func:`serve` is what the ServerApp's ``main`` calls on every engine. The
+server's ``node_config`` may carry ``run-dir`` (where to write) and
+``progress`` (draw progress bars). Flower's deployment engine gives a ServerApp
+no node config: there the run goes to ``deploy.run-dir`` if set (``fedcore
+server`` sets it), else to ``<run.out-dir>/<timestamp>``, reported through logging.
+
+On every grid but fedcore's embedded one, the ServerApp drives its own
+push/pull loop (:class:`~fedcore.engines.polling.PollingGrid`, every
+``deploy.poll-interval`` seconds) instead of the engine's (3 s under Flower's
+deployment engine).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid
+
+from fedcore.clientside.data import Dataset, holdout
+from fedcore.clientside.models import build_model
+from fedcore.clientside.training import evaluate, make_loader
+from fedcore.core.aggregation import spec_of
+from fedcore.core.config import Config, config_from_flat, to_toml
+from fedcore.core.records import load_arrays, model_to_arrays
+from fedcore.core.seeds import derive_seed
+from fedcore.serverside.checkpoint import (
+    load_checkpoint,
+    remove_stale_temporaries,
+)
+from fedcore.serverside.rounds import (
+    EvaluateStage,
+    Observer,
+    RoundPolicy,
+    TrainStage,
+    plain_evaluate_stage,
+    plain_train_stage,
+    run_federation,
+)
+from fedcore.serverside.rundir import Observers, RunObserver, default_run_dir, write_plot
+from fedcore.serverside.strategies import FedAvg, Strategy
+from fedcore.storage.files import arrays_to_safetensors, atomic_write, write_json
+
+__all__ = [
+    "RunSummary",
+    "build_evaluate_stage",
+    "build_strategy",
+    "build_train_stage",
+    "fast_polling",
+    "registered_node_keys",
+    "round_policy",
+    "serve",
+]
+
+log = logging.getLogger("fedcore")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a finished run reports."""
+
+    run_dir: Path
+    rounds: int
+    final_accuracy: float
+    final_loss: float
+    seconds: float
+
+
+def build_strategy(cfg: Config) -> Strategy:
+    """The strategy named by ``strategy.name``."""
+    s = cfg.strategy
+    return FedAvg(
+        seed=cfg.run.seed,
+        fraction_train=s.fraction_train,
+        fraction_evaluate=s.fraction_evaluate,
+        min_train_clients=s.min_train_clients,
+        min_evaluate_clients=s.min_evaluate_clients,
+        accumulation_block=s.accumulation_block,
+        max_examples=s.max_num_examples or None,
+        max_reply_bytes=int(s.max_reply_mb * 2**20) or None,
+    )
+
+
+def round_policy(cfg: Config) -> RoundPolicy:
+    """The round policy from the ``[strategy]`` section."""
+    s = cfg.strategy
+    return RoundPolicy(
+        timeout=s.round_timeout,
+        min_available=s.min_available_clients,
+        min_replies=s.min_train_replies,
+        retries=s.round_retries,
+        backoff=s.retry_backoff,
+    )
+
+
+def _secagg_settings(cfg: Config) -> Any:
+    from fedcore.secagg.exchange import SecAggSettings
+
+    a = cfg.secagg
+    return SecAggSettings(
+        neighbours=a.neighbours,
+        threshold=a.threshold,
+        clip=a.clip,
+        bits=a.bits,
+        ring_bits=a.ring_bits,
+        stage_timeout=a.stage_timeout,
+    )
+
+
+def _secagg_roster(node_config: Mapping[str, Any] | None) -> Any:
+    """Return the CA roster of ``node_config["ca-cert"]`` (deployment), else TOFU pins."""
+    from fedcore.secagg.handler import CA_CERT
+    from fedcore.secagg.protocol.rosters import CaRoster, PinnedRoster
+
+    nc = node_config or {}
+    if CA_CERT in nc:
+        import datetime as dt
+
+        return CaRoster.from_file(str(nc[CA_CERT]), now=dt.datetime.now(dt.UTC))
+    return PinnedRoster({})
+
+
+def registered_node_keys(grid: Grid) -> dict[int, Any]:
+    """Node id -> identity key the SuperLink authenticated the node with (deployment).
+
+    Nodes whose registered key is absent or not an EC key (Flower's simulation
+    engines put placeholders there) are left out; a round whose nodes have no
+    usable keys falls back to the configured roster, and with some keys present a
+    node without one is refused by :class:`~fedcore.secagg.protocol.rosters.RegisteredKeyRoster`.
+    """
+    from fedcore.core.errors import DeploymentError
+    from fedcore.storage.keys import load_public_key
+
+    keys: dict[int, Any] = {}
+    for info in grid.get_nodes():
+        raw = bytes(getattr(info, "public_key", b"") or b"")
+        if not raw:
+            continue
+        try:
+            keys[int(info.node_id)] = load_public_key(raw)
+        except DeploymentError:
+            continue
+    return keys
+
+
+def build_train_stage(
+    cfg: Config,
+    strategy: Strategy,
+    node_config: Mapping[str, Any] | None = None,
+    *,
+    roster: Any = None,
+) -> TrainStage:
+    """Build the round's training exchange: SecAgg+ when ``secagg.enabled``, else plain.
+
+    With secure aggregation on, a strategy that needs individual updates is
+    refused (``ConfigError``). Advert signatures are checked against the keys the
+    SuperLink authenticated each node with (a provisioned deployment), else
+    against the CA in ``node_config["ca-cert"]``, else each client's first key is
+    pinned (trust on first use).
+    """
+    if not cfg.secagg.enabled:
+        return plain_train_stage
+    from fedcore.secagg.exchange import SecureTrainStage, check_strategy
+
+    check_strategy(strategy)
+    roster = roster if roster is not None else _secagg_roster(node_config)
+    return SecureTrainStage(
+        _secagg_settings(cfg), seed=cfg.run.seed, roster=roster, node_keys=registered_node_keys
+    )
+
+
+def build_evaluate_stage(
+    cfg: Config, node_config: Mapping[str, Any] | None = None, *, roster: Any = None
+) -> EvaluateStage:
+    """Build federated evaluation: SecAgg+ if ``secagg.enabled`` and ``secagg.evaluate``."""
+    if not (cfg.secagg.enabled and cfg.secagg.evaluate):
+        return plain_evaluate_stage
+    from fedcore.secagg.exchange import SecureEvaluateStage
+
+    roster = roster if roster is not None else _secagg_roster(node_config)
+    return SecureEvaluateStage(
+        _secagg_settings(cfg), seed=cfg.run.seed, roster=roster, node_keys=registered_node_keys
+    )
+
+
+def initial_model(cfg: Config, test: Dataset) -> torch.nn.Module:
+    """The model with its seeded initial weights (checked against the data's classes)."""
+    torch.manual_seed(derive_seed(cfg.run.seed, "init"))
+    return build_model(cfg.model, input_shape=test.input_shape, num_classes=test.num_classes)
+
+
+def fast_polling(grid: Grid, interval: float) -> Grid:
+    """``grid`` wrapped in a :class:`PollingGrid`, unless it is fedcore's embedded grid."""
+    from fedcore.engines.embedded import EmbeddedGrid
+    from fedcore.engines.polling import PollingGrid
+
+    if isinstance(grid, EmbeddedGrid | PollingGrid):
+        return grid
+    return PollingGrid(grid, interval=interval)
+
+
+def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -> RunSummary:
+    """Run the whole federated training described by ``context.run_config``.
+
+    ``observers`` also receive every round event (after the run directory is updated).
+
+    With ``node_config["resume"]`` (or ``deploy.resume``) set, continue the run in
+    the run directory from its checkpoint (refused if the checkpoint is corrupt or
+    from another config or model).
+    """
+    t0 = time.perf_counter()
+    cfg = config_from_flat(context.run_config)
+    node_config = context.node_config
+    if "run-dir" in node_config:
+        run_dir = Path(str(node_config["run-dir"]))
+    elif cfg.deploy.run_dir:
+        run_dir = Path(cfg.deploy.run_dir)
+    else:
+        run_dir = default_run_dir(cfg)
+    grid = fast_polling(grid, cfg.deploy.poll_interval)
+    progress = bool(node_config.get("progress", False))
+    resume = bool(node_config.get("resume", cfg.deploy.resume))
+
+    _, test = holdout(cfg.data, seed=cfg.run.seed)
+    model = initial_model(cfg, test)
+    arrays = model_to_arrays(model)
+    strategy = build_strategy(cfg)
+    history: list[dict[str, Any]] = []
+    start = 1
+    if resume:
+        for stale in remove_stale_temporaries(run_dir):
+            log.warning("removed %s left by an interrupted write", stale.name)
+        state = load_checkpoint(run_dir, expect=cfg, model_spec=spec_of(arrays))
+        arrays, start, history = state.arrays, state.round + 1, [dict(r) for r in state.history]
+        strategy.load_state_dict(state.strategy_state)
+        (log.info if not progress else print)(
+            f"resuming {run_dir} after round {state.round} of {cfg.run.rounds}"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "config.toml", to_toml(cfg).encode())
+
+    test_loader = make_loader(test, batch_size=512, shuffle=False)
+
+    def central_evaluate(current: ArrayRecord) -> dict[str, float]:
+        load_arrays(model, current)
+        return evaluate(model, test_loader)
+
+    observer = RunObserver(run_dir, cfg, strategy, progress=progress, history=history)
+    train_config = ConfigRecord(
+        {
+            "lr": cfg.train.lr,
+            "local-epochs": cfg.train.local_epochs,
+            "batch-size": cfg.train.batch_size,
+        }
+    )
+    roster = _secagg_roster(node_config) if cfg.secagg.enabled else None
+    train_stage = build_train_stage(cfg, strategy, node_config, roster=roster)
+    evaluate_stage = build_evaluate_stage(cfg, node_config, roster=roster)
+    log.info(
+        "training exchange: %s; federated evaluation: %s",
+        "secure aggregation (SecAgg+)" if cfg.secagg.enabled else "plain (secagg.enabled = false)",
+        "secure" if evaluate_stage is not plain_evaluate_stage else "plain",
+    )
+    final = run_federation(
+        grid,
+        strategy,
+        arrays=arrays,
+        rounds=cfg.run.rounds,
+        train_config=train_config,
+        evaluate_config=ConfigRecord(),
+        policy=round_policy(cfg),
+        central_evaluate=central_evaluate,
+        observer=Observers(observer, *observers),
+        start_round=start,
+        train_stage=train_stage,
+        evaluate_stage=evaluate_stage,
+    )
+    atomic_write(
+        run_dir / "model.safetensors", arrays_to_safetensors(final, {"rounds": cfg.run.rounds})
+    )
+    write_plot(run_dir, observer.rows)
+    last = (
+        observer.rows[-1]
+        if observer.rows
+        else {"accuracy": float("nan"), "eval_loss": float("nan")}
+    )
+    summary = RunSummary(
+        run_dir=run_dir,
+        rounds=cfg.run.rounds,
+        final_accuracy=float(last["accuracy"]),
+        final_loss=float(last["eval_loss"]),
+        seconds=time.perf_counter() - t0,
+    )
+    write_json(
+        run_dir / "summary.json",
+        {
+            "rounds": summary.rounds,
+            "final_test_accuracy": summary.final_accuracy,
+            "final_test_loss": summary.final_loss,
+        },
+    )
+    return summary

@@ -1,0 +1,594 @@
+"""ServerApp side of secure aggregation: train and evaluate stages driving SecAgg+ over the Grid.
+
+Bell et al., CCS 2020 (SecAgg+); Bonawitz et al., CCS 2017.
+
+:class:`SecureTrainStage` replaces :func:`fedcore.serverside.rounds.plain_train_stage`
+and :class:`SecureEvaluateStage` replaces
+:func:`fedcore.serverside.rounds.plain_evaluate_stage` in the round loop. The strategy
+still decides who takes part and with which config (``configure_train`` /
+``configure_evaluate``); the stage then runs the four exchanges of
+:mod:`fedcore.secagg.protocol.machine` with ``train.secagg`` / ``evaluate.secagg``
+messages through ``grid.send_and_receive`` only (the Message API), so it runs
+unchanged on the embedded engine, Flower's simulation engine (tested with Ray)
+and Flower's deployment engine. Every exchange has a deadline:
+``stage_timeout`` for the three key exchanges, the round timeout for the one
+that trains or evaluates. Masked vectors are summed as they arrive (O(model)
+memory).
+
+The train stage returns a :class:`~fedcore.serverside.strategies.TrainResult` whose arrays
+are the global model plus the securely averaged update; on any protocol
+failure the arrays are ``None`` (the round loop keeps the previous model) and
+the reason is logged. The strategy never sees an individual update, so
+strategies with ``needs_individual_updates = True`` are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedcore.core.aggregation import array_view, numpy_to_array, spec_of
+from fedcore.core.errors import AggregationError, ConfigError, SecureAggregationError
+from fedcore.core.records import ARRAYS, CONFIG, Rejection
+from fedcore.core.seeds import derive_seed
+from fedcore.secagg.protocol.crypto import RandBytes, RoundBinding
+from fedcore.secagg.protocol.graph import harary_graph, resolve
+from fedcore.secagg.protocol.machine import (
+    STAGE_KEYS,
+    STAGE_MASKED,
+    STAGE_SHARES,
+    STAGE_UNMASK,
+    Advert,
+    RoundParams,
+    ServerRound,
+    UnmaskReply,
+)
+from fedcore.secagg.protocol.quantize import (
+    WEIGHT_OVERFLOW,
+    Decoded,
+    Quantizer,
+    choose_quantizer,
+    decode,
+    extra_coordinates,
+)
+from fedcore.secagg.protocol.rosters import PinnedRoster, RegisteredKeyRoster, Roster
+from fedcore.secagg.protocol.wire import MASKED, SECAGG, pack_ids, unpack_ids
+from fedcore.serverside.rounds import Observer
+from fedcore.serverside.strategies.base import EvaluateResult, Strategy, TrainResult
+
+__all__ = [
+    "EVALUATE_MESSAGE_TYPE",
+    "MESSAGE_TYPE",
+    "SecAggSettings",
+    "SecureEvaluateStage",
+    "SecureTrainStage",
+    "check_strategy",
+]
+
+log = logging.getLogger("fedcore")
+
+#: Flower message types of the secure exchanges (ClientApp action "secagg").
+MESSAGE_TYPE = "train.secagg"
+EVALUATE_MESSAGE_TYPE = "evaluate.secagg"
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """Secure-aggregation parameters (what ``[secagg]`` holds, minus ``enabled``).
+
+    Parameters
+    ----------
+    neighbours, threshold : int (default: 0 = auto)
+        ``k`` and ``t`` (see :func:`fedcore.secagg.protocol.graph.resolve`).
+    clip : float (default: 4.0)
+        Each coordinate of an update (trained minus global) is clipped to ``[-clip, clip]``.
+    bits : int (default: 16)
+        Quantization bits (step ``clip / 2^(bits-1)``).
+    ring_bits : int (default: 0)
+        Masking ring ``Z_{2^ring_bits}``: 32, 64, or 0 to pick per round (64 in the
+        first round, then 32 whenever the last total weight leaves room; see
+        :func:`fedcore.secagg.protocol.quantize.choose_quantizer`).
+    stage_timeout : float (default: 60.0)
+        Deadline in seconds of each key exchange (keys, shares, unmask).
+    metric_keys : tuple of str (default: ``("train_loss",)``)
+        Training metrics averaged securely with the same weights.
+
+    """
+
+    neighbours: int = 0
+    threshold: int = 0
+    clip: float = 4.0
+    bits: int = 16
+    ring_bits: int = 0
+    stage_timeout: float = 60.0
+    metric_keys: tuple[str, ...] = ("train_loss",)
+
+    def quantizer(self, clients: int, previous_weight: int | None) -> Quantizer:
+        """Build the round's :class:`Quantizer` (see ``choose_quantizer``)."""
+        return choose_quantizer(
+            clip=self.clip,
+            bits=self.bits,
+            ring_bits=self.ring_bits,
+            clients=clients,
+            previous_weight=previous_weight,
+        )
+
+
+def check_strategy(strategy: Strategy) -> None:
+    """Refuse a strategy that needs each client's update (secure aggregation hides them)."""
+    if getattr(strategy, "needs_individual_updates", False):
+        raise ConfigError(
+            "secagg.enabled",
+            True,
+            f"strategy {type(strategy).__name__} needs each client's individual update, which "
+            "secure aggregation hides from the server; use a strategy that only needs the "
+            "weighted mean (e.g. fedavg), or set [secagg] enabled = false",
+        )
+
+
+class _Failed(Exception):
+    """Internal: the round cannot complete; carries the reason."""
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "no reason given"
+    return line[:limit]
+
+
+class _SecureSum:
+    """Runs one SecAgg+ exchange over the grid and returns the decoded weighted sums.
+
+    Parameters
+    ----------
+    settings : SecAggSettings
+        Protocol parameters.
+    seed : int (default: 0)
+        Run seed: the neighbour graph and stochastic rounding derive from it and
+        the round (public; the secrets come from ``randbytes``).
+    roster : Roster, optional
+        How the server checks advert signatures (default: pin each node's first
+        key for the life of this object, i.e. trust on first use).
+    randbytes : callable (default: ``os.urandom``)
+        Source of the per-round session nonce.
+    node_keys : callable, optional
+        ``grid -> {node_id: identity public key}``: the keys the SuperLink
+        authenticated each node with (deployment). When it returns any, adverts
+        are verified against them (:class:`RegisteredKeyRoster`) instead of ``roster``.
+
+    """
+
+    #: Flower message type of the exchange.
+    message_type = MESSAGE_TYPE
+    #: What the rounding streams are derived for (train and evaluate never share one).
+    purpose = "train"
+
+    def __init__(
+        self,
+        settings: SecAggSettings,
+        *,
+        seed: int = 0,
+        roster: Roster | None = None,
+        randbytes: RandBytes = os.urandom,
+        node_keys: Callable[[Grid], Mapping[int, Any]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.seed = seed
+        self.roster: Roster = roster if roster is not None else PinnedRoster({})
+        self.randbytes = randbytes
+        self.node_keys = node_keys
+        #: Total weight of the last exchange that unmasked (public: the server learns it).
+        self.last_weight: int | None = None
+
+    # -- plumbing -------------------------------------------------------------------
+    def _exchange(
+        self,
+        grid: Grid,
+        msgs: Sequence[Message],
+        stage: str,
+        timeout: float,
+        server_round: int,
+        observer: Observer,
+        rejected: list[Rejection],
+        on_reply: Callable[[int, Message], None] | None = None,
+    ) -> dict[int, Message]:
+        """Send; collect valid replies by node until the deadline; reject the rest.
+
+        With ``on_reply`` each valid reply is handed over as it arrives and not
+        kept (the masked vectors are summed in a streaming fashion).
+        """
+        label = "train" if stage == STAGE_MASKED else stage
+        observer.stage_started(server_round, label, len(msgs))
+        t0 = time.perf_counter()
+        expected = {m.metadata.dst_node_id for m in msgs}
+        seen: set[int] = set()
+        out: dict[int, Message] = {}
+        for reply in grid.send_and_receive(msgs, timeout=timeout):
+            node = reply.metadata.src_node_id
+            observer.reply_received(server_round, label)
+            if node not in expected or node in seen:
+                continue
+            seen.add(node)
+            if reply.has_error():
+                reason = f"client error: {_first_line(reply.error.reason)}"
+                rejected.append(Rejection(node, stage, reason))
+                continue
+            if on_reply is None:
+                out[node] = reply
+            else:
+                on_reply(node, reply)
+        for node in sorted(expected - seen):
+            rejected.append(Rejection(node, stage, f"no reply within {timeout:g} s"))
+        log.debug(
+            "round %d: %s: %d/%d replies in %.3f s",
+            server_round,
+            stage,
+            len(seen),
+            len(msgs),
+            time.perf_counter() - t0,
+        )
+        return out
+
+    def _message(
+        self, node: int, server_round: int, fields: dict[str, object], **records: object
+    ) -> Message:
+        content = RecordDict({SECAGG: ConfigRecord(fields), **records})  # type: ignore[arg-type]
+        return Message(
+            content=content,
+            dst_node_id=node,
+            message_type=self.message_type,
+            group_id=str(server_round),
+        )
+
+    @staticmethod
+    def _parse(
+        replies: dict[int, Message],
+        stage: str,
+        parse: Callable[[ConfigRecord, Message], object],
+        rejected: list[Rejection],
+    ) -> dict[int, object]:
+        out: dict[int, object] = {}
+        for node, msg in replies.items():
+            rec = msg.content.config_records.get(SECAGG)
+            try:
+                if rec is None:
+                    raise SecureAggregationError(f"reply has no '{SECAGG}' ConfigRecord")
+                out[node] = parse(rec, msg)
+            except (
+                SecureAggregationError,
+                KeyError,
+                TypeError,
+                ValueError,
+                AggregationError,
+            ) as exc:
+                rejected.append(Rejection(node, stage, f"malformed reply: {exc}"))
+        return out
+
+    # -- one secure sum ---------------------------------------------------------------
+    def _secure_sum(
+        self,
+        grid: Grid,
+        records: dict[int, dict[str, object]],
+        d: int,
+        metric_keys: tuple[str, ...],
+        server_round: int,
+        timeout: float,
+        observer: Observer,
+        rejected: list[Rejection],
+    ) -> tuple[Decoded, int]:
+        """Run the four exchanges over ``records`` (what each node gets in the masked stage).
+
+        Returns the decoded sums and the number of counted clients; raises
+        ``SecureAggregationError``/``_Failed`` when the round cannot complete.
+        """
+        s = self.settings
+        nodes = sorted(records)
+        if len(nodes) < 3:
+            raise _Failed(
+                f"{len(nodes)} client(s) sampled; secure aggregation needs at least 3 "
+                "(raise the strategy's fraction / minimum of clients, or connect more clients)"
+            )
+        k, t = resolve(len(nodes), s.neighbours, s.threshold)
+        graph = harary_graph(nodes, k, seed=self.seed, server_round=server_round)
+        params = RoundParams(
+            binding=RoundBinding(int(grid.run.run_id), server_round, self.randbytes(16)),
+            threshold=t,
+            quantizer=s.quantizer(len(nodes), self.last_weight),
+            metric_keys=metric_keys,
+            rounding_seed=derive_seed(self.seed, "secagg-rounding", self.purpose),
+        )
+        roster = self.roster
+        registered = self.node_keys(grid) if self.node_keys is not None else {}
+        if registered:
+            roster = RegisteredKeyRoster(registered)
+        server = ServerRound(
+            params,
+            graph,
+            d + extra_coordinates(len(metric_keys)),
+            roster,
+            threads=min(4, os.cpu_count() or 1),
+        )
+        common = params.to_dict()
+
+        # 1 keys
+        replies = self._exchange(
+            grid,
+            [
+                self._message(
+                    u,
+                    server_round,
+                    {**common, "stage": STAGE_KEYS, "neighbours": pack_ids(graph[u])},
+                )
+                for u in nodes
+            ],
+            STAGE_KEYS,
+            s.stage_timeout,
+            server_round,
+            observer,
+            rejected,
+        )
+        adverts = self._parse(
+            replies, STAGE_KEYS, lambda r, _: Advert.from_bytes(r["advert"]), rejected
+        )
+        try:
+            bundles = server.collect_adverts(adverts)  # type: ignore[arg-type]
+        finally:
+            rejected += server.rejected
+            server.rejected.clear()
+
+        # 2 shares
+        ident = {"server-round": server_round, "session": params.binding.session}
+        replies = self._exchange(
+            grid,
+            [
+                self._message(
+                    u,
+                    server_round,
+                    {**ident, "stage": STAGE_SHARES, "adverts": [a.to_bytes() for a in bundle]},
+                )
+                for u, bundle in bundles.items()
+            ],
+            STAGE_SHARES,
+            s.stage_timeout,
+            server_round,
+            observer,
+            rejected,
+        )
+
+        def parse_boxes(rec: ConfigRecord, _: Message) -> dict[int, bytes]:
+            dst, boxes = unpack_ids(rec["dst"]), list(rec["boxes"])  # type: ignore[arg-type]
+            if len(dst) != len(boxes):
+                raise SecureAggregationError("share boxes and their receivers do not line up")
+            return dict(zip(dst, boxes, strict=True))  # type: ignore[arg-type]
+
+        boxes = self._parse(replies, STAGE_SHARES, parse_boxes, rejected)
+        try:
+            relay = server.collect_shares(boxes)  # type: ignore[arg-type]
+        finally:
+            rejected += server.rejected
+            server.rejected.clear()
+
+        # 3 masked input (the clients train here)
+        stage3 = []
+        for u, inbox in relay.items():
+            fields = {
+                **ident,
+                "stage": STAGE_MASKED,
+                "src": pack_ids(inbox),
+                "boxes": list(inbox.values()),
+            }
+            stage3.append(self._message(u, server_round, fields, **records[u]))
+        shares_refused = 0
+
+        def fold(u: int, msg: Message) -> None:
+            nonlocal shares_refused
+            try:
+                rec = msg.content.array_records.get(MASKED)
+                if rec is None or list(rec.keys()) != ["y"]:
+                    raise SecureAggregationError(
+                        f"reply has no ArrayRecord '{MASKED}' with one array 'y'"
+                    )
+                server.add_masked(u, array_view(rec["y"]))
+                extra = msg.content.config_records.get(SECAGG)
+                if extra is not None and "rejected-shares" in extra:
+                    refused = unpack_ids(extra["rejected-shares"])  # type: ignore[arg-type]
+                    shares_refused += len(refused)
+                    for v in refused:
+                        log.warning(
+                            "round %d: client %d refused the relayed share box of client %d "
+                            "(failed authentication)",
+                            server_round,
+                            u,
+                            v,
+                        )
+            except (SecureAggregationError, AggregationError) as exc:
+                rejected.append(Rejection(u, STAGE_MASKED, f"malformed reply: {exc}"))
+
+        self._exchange(
+            grid, stage3, STAGE_MASKED, timeout, server_round, observer, rejected, on_reply=fold
+        )
+        if any(r.stage == STAGE_MASKED and WEIGHT_OVERFLOW in r.reason for r in rejected):
+            self.last_weight = None  # a client outgrew the 32-bit ring: 64 bits next round
+        for v in sorted(server.dropped):
+            if not any(r.node_id == v and r.stage == STAGE_MASKED for r in rejected):
+                rejected.append(Rejection(v, STAGE_MASKED, "masked vector not counted"))
+        requests = server.unmask_requests()
+
+        # 4 unmask
+        replies = self._exchange(
+            grid,
+            [
+                self._message(
+                    u,
+                    server_round,
+                    {
+                        **ident,
+                        "stage": STAGE_UNMASK,
+                        "counted": pack_ids(alive),
+                        "dropped": pack_ids(gone),
+                    },
+                )
+                for u, (alive, gone) in requests.items()
+            ],
+            STAGE_UNMASK,
+            s.stage_timeout,
+            server_round,
+            observer,
+            rejected,
+        )
+
+        def parse_unmask(rec: ConfigRecord, _: Message) -> UnmaskReply:
+            def pairs(ids_key: str, key: str) -> dict[int, int]:
+                ids, vals = unpack_ids(rec[ids_key]), list(rec[key])  # type: ignore[arg-type]
+                if len(ids) != len(vals) or any(len(v) != 32 for v in vals):  # type: ignore[arg-type]
+                    raise SecureAggregationError("malformed share list")
+                return {i: int.from_bytes(v, "little") for i, v in zip(ids, vals, strict=True)}  # type: ignore[arg-type]
+
+            return UnmaskReply(pairs("b-ids", "b"), pairs("sk-ids", "sk"))
+
+        unmask = self._parse(replies, STAGE_UNMASK, parse_unmask, rejected)
+        counted = len(server.u3)
+        total = server.finish(unmask)  # type: ignore[arg-type]
+        self.last_weight = int(total[d])  # exact: clients' weight caps keep it below 2^R
+        decoded = decode(total, params.quantizer, len(metric_keys), counted)
+        if decoded.clipped:
+            log.warning(
+                "round %d: %d update coordinate(s) were clipped to +-%g; raise secagg.clip if "
+                "this persists",
+                server_round,
+                decoded.clipped,
+                s.clip,
+            )
+        if shares_refused:
+            log.warning(
+                "round %d: %d relayed share box(es) were refused", server_round, shares_refused
+            )
+        return decoded, counted
+
+
+class SecureTrainStage(_SecureSum):
+    """One round's training exchange with SecAgg+ (a :class:`fedcore.serverside.rounds.TrainStage`).
+
+    The strategy samples and configures (``configure_train``); each sampled
+    client gets the global arrays and its config in the masked stage, trains,
+    and sends ``trained - global`` masked. Returns the global model plus the
+    weighted mean update, or ``arrays=None`` (the previous model is kept) when
+    the round cannot complete; the reason is logged.
+    """
+
+    def __call__(
+        self,
+        grid: Grid,
+        strategy: Strategy,
+        *,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        node_ids: Sequence[int],
+        timeout: float,
+        observer: Observer,
+    ) -> TrainResult:
+        """Run the four exchanges; the weighted mean of the counted clients, or ``arrays=None``."""
+        check_strategy(strategy)
+        msgs = strategy.configure_train(server_round, arrays, config, node_ids)
+        records = _records(msgs, arrays)
+        d = sum(int(np.prod(a.shape, dtype=np.int64)) for a in spec_of(arrays).values())
+        keys = self.settings.metric_keys
+        rejected: list[Rejection] = []
+        try:
+            decoded, counted = self._secure_sum(
+                grid, records, d, keys, server_round, timeout, observer, rejected
+            )
+        except (SecureAggregationError, _Failed) as exc:
+            log.warning(
+                "round %d: secure aggregation failed, keeping the previous model: %s",
+                server_round,
+                exc,
+            )
+            return TrainResult(None, {}, 0, 0, tuple(rejected))
+        metrics = dict(zip(keys, decoded.metrics, strict=True))
+        return TrainResult(
+            _apply(arrays, decoded.mean), metrics, counted, decoded.total_weight, tuple(rejected)
+        )
+
+
+class SecureEvaluateStage(_SecureSum):
+    """Federated evaluation with SecAgg+ (a :class:`fedcore.serverside.rounds.EvaluateStage`).
+
+    Each sampled client evaluates the global model and sends only a masked
+    ``[n_i | n_i * eval_loss | n_i * eval_acc]``: the server learns the
+    example-weighted means and the total count, not one client's accuracy or
+    validation-set size.
+    """
+
+    message_type = EVALUATE_MESSAGE_TYPE
+    purpose = "evaluate"
+    metric_keys = ("eval_loss", "eval_acc")
+
+    def __call__(
+        self,
+        grid: Grid,
+        strategy: Strategy,
+        *,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        node_ids: Sequence[int],
+        timeout: float,
+        observer: Observer,
+    ) -> EvaluateResult | None:
+        """Run the four exchanges; ``None`` when the strategy evaluates no one this round."""
+        msgs = strategy.configure_evaluate(server_round, arrays, config, node_ids)
+        if not msgs:
+            return None
+        records = _records(msgs, arrays)
+        rejected: list[Rejection] = []
+        try:
+            decoded, counted = self._secure_sum(
+                grid, records, 0, self.metric_keys, server_round, timeout, observer, rejected
+            )
+        except (SecureAggregationError, _Failed) as exc:
+            log.warning("round %d: secure federated evaluation failed: %s", server_round, exc)
+            return EvaluateResult({}, 0, 0, tuple(rejected))
+        metrics = dict(zip(self.metric_keys, decoded.metrics, strict=True))
+        return EvaluateResult(metrics, counted, decoded.total_weight, tuple(rejected))
+
+
+def _records(msgs: Sequence[Message], arrays: ArrayRecord) -> dict[int, dict[str, object]]:
+    """What each sampled node receives in the masked stage: the model and its config."""
+    return {
+        m.metadata.dst_node_id: {
+            ARRAYS: arrays,
+            CONFIG: m.content.config_records.get(CONFIG, ConfigRecord()),
+        }
+        for m in msgs
+    }
+
+
+def _apply(arrays: ArrayRecord, mean: np.ndarray) -> ArrayRecord:
+    """``global + mean update``, each array in its own dtype (integers rounded).
+
+    The update vector lists the arrays in name order (as the clients encode it);
+    the result keeps the record's own order.
+    """
+    offsets: dict[str, int] = {}
+    offset = 0
+    for name in sorted(arrays.keys()):
+        offsets[name] = offset
+        offset += int(np.prod(arrays[name].shape, dtype=np.int64))
+    out = {}
+    for name, arr in arrays.items():
+        g = array_view(arr)
+        start = offsets[name]
+        new = g.astype(np.float64) + mean[start : start + g.size].reshape(g.shape)
+        if g.dtype.kind in "biu":
+            new = np.round(new)
+        out[name] = numpy_to_array(new.astype(g.dtype, copy=False))
+    return ArrayRecord(out)

@@ -1,0 +1,319 @@
+"""ClientApp side of secure aggregation: the ``train.secagg`` handler.
+
+Bell et al., CCS 2020 (SecAgg+); Bonawitz et al., CCS 2017.
+
+The server drives four exchanges, all ``message_type = "train.secagg"``, the
+stage named in the ``"secagg"`` ConfigRecord (see
+:mod:`fedcore.secagg.protocol.machine`). Between exchanges the client keeps its round
+secrets in its own ``Context.state`` (record ``"fedcore.secagg"``), which
+Flower keeps on the node on every engine; nothing secret is ever put in a
+reply. In the masked-input exchange the handler runs the ordinary training
+handler, turns ``trained - global`` and ``num-examples`` into the ring vector
+of :mod:`fedcore.secagg.protocol.quantize` and masks it; the reply carries no plaintext
+weight, update or per-client metric.
+
+Identity: a provisioned node (node config ``identity-key``: the kit's key, which
+``fedcore client`` passes; optionally ``identity-cert`` + ``ca-cert`` for a
+certificate scheme, or ``admitted-keys`` to check peers against the admitted
+list) signs with its provisioned key; otherwise (simulation) the client makes an
+Ed25519 key from the CSPRNG the first time, keeps it in its ``Context.state``,
+and peers are pinned on first use.
+
+Register it on any ClientApp::
+
+    app = ClientApp()
+    app.train("secagg")(secagg_handler(train=my_train_handler))
+    app.evaluate("secagg")(secagg_handler(evaluate=my_evaluate_handler))
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedcore.core.aggregation import array_view, numpy_to_array
+from fedcore.core.errors import SecureAggregationError
+from fedcore.core.records import ARRAYS, METRICS, NUM_EXAMPLES
+from fedcore.secagg.protocol.machine import (
+    STAGE_KEYS,
+    STAGE_MASKED,
+    STAGE_SHARES,
+    STAGE_UNMASK,
+    Advert,
+    ClientRound,
+    RoundParams,
+)
+from fedcore.secagg.protocol.quantize import encode
+from fedcore.secagg.protocol.rosters import (
+    AdmittedRoster,
+    CaRoster,
+    CertificateIdentity,
+    EphemeralIdentity,
+    Identity,
+    KeyIdentity,
+    PinnedRoster,
+    Roster,
+    check_key_file,
+)
+from fedcore.secagg.protocol.wire import MASKED, SECAGG, pack_ids, unpack_ids
+
+__all__ = [
+    "ADMITTED_KEYS",
+    "CA_CERT",
+    "IDENTITY_CERT",
+    "IDENTITY_KEY",
+    "MASKED",
+    "SECAGG",
+    "STATE",
+    "handle_secagg",
+    "pack_ids",
+    "secagg_handler",
+    "unpack_ids",
+]
+
+#: Record in ``Context.state`` holding this client's secrets between stages.
+STATE = "fedcore.secagg"
+#: Node-config keys of a provisioned kit (deployment).
+IDENTITY_KEY = "identity-key"
+IDENTITY_CERT = "identity-cert"
+CA_CERT = "ca-cert"
+ADMITTED_KEYS = "admitted-keys"
+
+TrainHandler = Callable[[Message, Context], Message]
+
+
+def _record(context: Context) -> ConfigRecord:
+    rec = context.state.config_records.get(STATE)
+    if rec is None:
+        rec = ConfigRecord()
+        context.state[STATE] = rec
+    return rec
+
+
+@functools.lru_cache(maxsize=4)
+def _certificate_identity(key_path: str, cert_path: str) -> CertificateIdentity:
+    return CertificateIdentity.from_files(key_path, cert_path)
+
+
+@functools.lru_cache(maxsize=4)
+def _kit_identity(key_path: str) -> KeyIdentity:
+    from fedcore.storage.keys import load_identity_key  # reads PEM or OpenSSH
+
+    check_key_file(Path(key_path))
+    return KeyIdentity(load_identity_key(key_path))
+
+
+def identity_for(context: Context) -> Identity:
+    """Return this node's identity: its provisioned key, or a CSPRNG key kept in its state.
+
+    Node config ``identity-key`` (the kit's key, as ``fedcore client`` passes it),
+    with ``identity-cert`` when the kit has a certificate; otherwise (simulation)
+    an Ed25519 key generated here the first time and kept in ``Context.state``.
+    """
+    nc = context.node_config
+    if IDENTITY_KEY in nc:
+        if IDENTITY_CERT in nc:
+            return _certificate_identity(str(nc[IDENTITY_KEY]), str(nc[IDENTITY_CERT]))
+        return _kit_identity(str(nc[IDENTITY_KEY]))
+    rec = _record(context)
+    raw = rec.get("identity")
+    if isinstance(raw, bytes):
+        return EphemeralIdentity.from_private_bytes(raw)
+    ident = EphemeralIdentity.generate()
+    rec["identity"] = ident.private_bytes()
+    return ident
+
+
+def roster_for(context: Context) -> tuple[Roster, dict[int, bytes] | None]:
+    """Return the roster this node verifies peers with (and the pins to save, if TOFU).
+
+    ``ca-cert`` (certificates issued by a CA), else ``admitted-keys`` (the
+    federation's admitted key list, ``admitted.json``), else trust on first use.
+    """
+    nc = context.node_config
+    if CA_CERT in nc:
+        return CaRoster.from_file(str(nc[CA_CERT]), now=dt.datetime.now(dt.UTC)), None
+    if ADMITTED_KEYS in nc:
+        from fedcore.storage.keys import load_admitted_keys
+
+        return AdmittedRoster(load_admitted_keys(str(nc[ADMITTED_KEYS])).values()), None
+    raw = _record(context).get("pins")
+    pins = {int(k): bytes.fromhex(v) for k, v in json.loads(str(raw)).items()} if raw else {}
+    return PinnedRoster(pins), pins
+
+
+def _load_round(context: Context, fields: Mapping[str, Any], slot: str) -> ClientRound:
+    raw = _record(context).get(slot)
+    if not isinstance(raw, str):
+        raise SecureAggregationError(
+            "no secure-aggregation round in progress on this node (it restarted, or the "
+            "keys stage never reached it)"
+        )
+    cr = ClientRound.from_json(raw)
+    b = cr.params.binding
+    if (
+        int(fields.get("server-round", -1)) != b.server_round
+        or bytes(fields.get("session", b"")) != b.session
+    ):
+        raise SecureAggregationError(
+            f"message for round {fields.get('server-round')} does not match this node's "
+            f"round in progress ({b.server_round}, another session)"
+        )
+    return cr
+
+
+def _save_round(context: Context, cr: ClientRound, slot: str) -> None:
+    _record(context)[slot] = cr.to_json()
+
+
+def _reply(msg: Message, fields: dict[str, Any], **records: Any) -> Message:
+    content = RecordDict({SECAGG: ConfigRecord(fields), **records})
+    return Message(content, reply_to=msg)
+
+
+def _update_pairs(
+    global_arrays: ArrayRecord, trained: ArrayRecord
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(trained, global)`` views per array, in name order (no copies).
+
+    Name order is the vector layout on both sides, whatever order a record lists
+    its arrays in (a model restored from a checkpoint may list them differently),
+    so each coordinate always meets the same rounding stream: same seed, same model.
+    """
+    if set(trained.keys()) != set(global_arrays.keys()):
+        raise SecureAggregationError(
+            f"trained arrays {list(trained.keys())} differ from the model's "
+            f"{list(global_arrays.keys())}"
+        )
+    pairs = []
+    for name in sorted(global_arrays.keys()):
+        g, t = array_view(global_arrays[name]), array_view(trained[name])
+        if g.shape != t.shape:
+            raise SecureAggregationError(
+                f"array '{name}' is {t.shape} after training, {g.shape} before"
+            )
+        pairs.append((t, g))
+    return pairs
+
+
+def _weight_and_metrics(
+    reply: Message, keys: tuple[str, ...], what: str
+) -> tuple[int, list[float]]:
+    if reply.has_error():
+        raise SecureAggregationError(f"local {what} failed: {reply.error.reason}")
+    metrics = reply.content.metric_records.get(METRICS)
+    n = metrics.get(NUM_EXAMPLES) if metrics is not None else None
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise SecureAggregationError(f"{what} reply has no positive integer '{NUM_EXAMPLES}'")
+    values = []
+    for key in keys:
+        if key not in metrics:  # type: ignore[operator]
+            raise SecureAggregationError(f"{what} reply lacks metric '{key}'")
+        values.append(float(metrics[key]))  # type: ignore[index, arg-type]
+    return n, values
+
+
+def handle_secagg(
+    msg: Message,
+    context: Context,
+    *,
+    train: TrainHandler | None = None,
+    evaluate: TrainHandler | None = None,
+) -> Message:
+    """One stage of a secure exchange for this node.
+
+    ``train.secagg`` messages run ``train`` (the plain training handler) in the
+    masked stage and mask ``trained - global``; ``evaluate.secagg`` messages run
+    ``evaluate`` and mask only its weighted metrics.
+    """
+    fields = msg.content.config_records.get(SECAGG)
+    category = msg.metadata.message_type.split(".")[0]
+    if fields is None:
+        raise SecureAggregationError(f"a {category}.secagg message needs a '{SECAGG}' ConfigRecord")
+    handler = train if category == "train" else evaluate if category == "evaluate" else None
+    if handler is None:
+        raise SecureAggregationError(f"no handler for secure {category!r} messages on this client")
+    slot = f"round-{category}"
+    stage = str(fields.get("stage", ""))
+    node = int(context.node_id)
+
+    if stage == STAGE_KEYS:
+        params = RoundParams.from_dict(fields)
+        if params.binding.run_id != int(context.run_id):
+            raise SecureAggregationError(
+                f"keys stage for run {params.binding.run_id}, but this node is in run "
+                f"{context.run_id}"
+            )
+        cr, advert = ClientRound.start(
+            node, params, unpack_ids(fields["neighbours"]), identity_for(context)
+        )
+        _save_round(context, cr, slot)
+        return _reply(msg, {"advert": advert.to_bytes()})
+
+    cr = _load_round(context, fields, slot)
+    if stage == STAGE_SHARES:
+        roster, pins = roster_for(context)
+        adverts = [Advert.from_bytes(b) for b in fields.get("adverts", [])]
+        boxes = cr.share(adverts, roster)
+        if pins is not None:
+            _record(context)["pins"] = json.dumps({str(k): v.hex() for k, v in pins.items()})
+        _save_round(context, cr, slot)
+        return _reply(msg, {"dst": pack_ids(boxes), "boxes": list(boxes.values())})
+
+    if stage == STAGE_MASKED:
+        sources = unpack_ids(fields.get("src", b""))
+        boxes = list(fields.get("boxes", []))
+        if len(sources) != len(boxes):
+            raise SecureAggregationError("relayed share boxes and their senders do not line up")
+        rejected = cr.receive_shares(dict(zip(sources, boxes, strict=True)))
+        result = handler(msg, context)
+        n, values = _weight_and_metrics(result, cr.params.metric_keys, category)
+        update: Any = np.zeros(0)
+        if category == "train":
+            update = _update_pairs(
+                msg.content.array_records[ARRAYS], result.content.array_records[ARRAYS]
+            )
+        encoded = encode(update, n, values, cr.params.quantizer, cr.params.rounding_key(node))
+        masked = cr.mask(encoded)
+        _save_round(context, cr, slot)
+        return _reply(
+            msg,
+            {"rejected-shares": pack_ids(rejected)},
+            **{MASKED: ArrayRecord({"y": numpy_to_array(masked)})},
+        )
+
+    if stage == STAGE_UNMASK:
+        reply = cr.unmask(
+            unpack_ids(fields.get("counted", b"")), unpack_ids(fields.get("dropped", b""))
+        )
+        _save_round(context, cr, slot)
+        return _reply(
+            msg,
+            {
+                "b-ids": pack_ids(reply.b_shares),
+                "b": [v.to_bytes(32, "little") for v in reply.b_shares.values()],
+                "sk-ids": pack_ids(reply.sk_shares),
+                "sk": [v.to_bytes(32, "little") for v in reply.sk_shares.values()],
+            },
+        )
+    raise SecureAggregationError(f"unknown secure-aggregation stage {stage!r}")
+
+
+def secagg_handler(
+    train: TrainHandler | None = None, evaluate: TrainHandler | None = None
+) -> TrainHandler:
+    """Wrap plain handlers into a ``train.secagg`` / ``evaluate.secagg`` handler."""
+
+    def handler(msg: Message, context: Context) -> Message:
+        return handle_secagg(msg, context, train=train, evaluate=evaluate)
+
+    return handler

@@ -1,0 +1,1 @@
+"""Server side: the round loop, exchanges, strategies, checkpoints and the run directory."""

@@ -1,0 +1,1 @@
+"""Disk: atomic files, safetensors codecs, provisioned key files."""

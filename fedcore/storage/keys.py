@@ -1,0 +1,147 @@
+"""Provisioned node identities: load a kit's key or the admitted keys; sign and verify.
+
+Each client kit holds an EC P-384 identity key. Flower's node authentication
+uses it to sign every Fleet API request, and secure aggregation uses it to sign
+the keys a client advertises, so the server cannot swap them::
+
+    >>> key = load_identity_key("fed/clients/client-1")            # doctest: +SKIP
+    >>> sig = sign(key, advertised_keys_bytes)                      # doctest: +SKIP
+    >>> keys = load_admitted_keys("fed/server")                     # doctest: +SKIP
+    >>> verify(keys["client-1"], advertised_keys_bytes, sig)        # doctest: +SKIP
+    True
+
+Inside the apps under deployment:
+
+- a ClientApp started by ``fedcore client`` finds its key through
+  :func:`context_identity_key` (node config ``identity-key``, a path);
+- the ServerApp gets each connected node's registered identity key from
+  :func:`node_identity_keys` (``grid.get_nodes()``: the keys the SuperLink
+  authenticated the node with), without any file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedcore.core.errors import DeploymentError
+
+__all__ = [
+    "IDENTITY_KEY",
+    "context_identity_key",
+    "load_admitted_keys",
+    "load_identity_key",
+    "load_public_key",
+    "node_identity_keys",
+    "sign",
+    "verify",
+]
+
+#: Node-config key under which ``fedcore client`` passes the identity key's path.
+IDENTITY_KEY = "identity-key"
+_HASH = hashes.SHA384()
+
+
+def load_identity_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
+    """The identity private key of a client kit (the kit directory or the key file)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "identity.key"
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise DeploymentError(
+            f"no identity key at {p}: pass a client kit made by `fedcore provision`"
+        ) from None
+    try:
+        key: Any = (
+            serialization.load_ssh_private_key(data, None)
+            if data.startswith(b"-----BEGIN OPENSSH")
+            else serialization.load_pem_private_key(data, None)
+        )
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise DeploymentError(f"{p} is not an unencrypted EC private key ({exc})") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise DeploymentError(f"{p} holds a {type(key).__name__}, expected an EC (P-384) key")
+    return key
+
+
+def load_public_key(data: str | bytes) -> ec.EllipticCurvePublicKey:
+    """An EC public key from an OpenSSH line or PEM."""
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        key: Any = (
+            serialization.load_pem_public_key(raw)
+            if raw.startswith(b"-----BEGIN")
+            else serialization.load_ssh_public_key(raw)
+        )
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise DeploymentError(f"not an EC public key in OpenSSH or PEM form ({exc})") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise DeploymentError(f"expected an EC public key, found {type(key).__name__}")
+    return key
+
+
+def load_admitted_keys(path: str | Path) -> dict[str, ec.EllipticCurvePublicKey]:
+    """Client name -> identity public key, from a server kit (or its ``admitted.json``)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "admitted.json"
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise DeploymentError(
+            f"no admitted keys at {p}: pass a server kit made by `fedcore provision`"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise DeploymentError(f"{p} is not valid JSON ({exc})") from exc
+    clients = doc.get("clients") if isinstance(doc, dict) else None
+    if not isinstance(clients, Mapping):
+        raise DeploymentError(f"{p} has no 'clients' table; re-provision the federation")
+    return {str(name): load_public_key(str(entry["public-key"])) for name, entry in clients.items()}
+
+
+def public_key_pem(key: ec.EllipticCurvePublicKey) -> bytes:
+    """The PEM form Flower's node authentication registers and sends."""
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def sign(private_key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    """ECDSA (SHA-384) signature of ``data``, DER-encoded."""
+    return private_key.sign(data, ec.ECDSA(_HASH))
+
+
+def verify(public_key: ec.EllipticCurvePublicKey, data: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is ``public_key``'s signature of ``data``."""
+    try:
+        public_key.verify(signature, data, ec.ECDSA(_HASH))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def context_identity_key(context: Any) -> ec.EllipticCurvePrivateKey | None:
+    """In a ClientApp: this node's identity key, or ``None`` when not deployed with a kit."""
+    path = context.node_config.get(IDENTITY_KEY)
+    return load_identity_key(str(path)) if path else None
+
+
+def node_identity_keys(grid: Any) -> dict[int, ec.EllipticCurvePublicKey]:
+    """In a ServerApp: node id -> the identity key the SuperLink authenticated it with.
+
+    Empty for grids without registered keys (simulation engines).
+    """
+    keys: dict[int, ec.EllipticCurvePublicKey] = {}
+    for info in grid.get_nodes():
+        raw = getattr(info, "public_key", b"")
+        if raw:
+            keys[int(info.node_id)] = load_public_key(bytes(raw))
+    return keys
