@@ -30,30 +30,24 @@ from fedcore.clientside.models import build_model
 from fedcore.clientside.training import evaluate, make_loader
 from fedcore.core.aggregation import spec_of
 from fedcore.core.config import Config, config_from_flat, to_toml
+from fedcore.core.errors import ConfigError
 from fedcore.core.records import load_arrays, model_to_arrays
 from fedcore.core.seeds import derive_seed
 from fedcore.serverside.checkpoint import (
     load_checkpoint,
     remove_stale_temporaries,
 )
-from fedcore.serverside.rounds import (
-    EvaluateStage,
-    Observer,
-    RoundPolicy,
-    TrainStage,
-    plain_evaluate_stage,
-    plain_train_stage,
-    run_federation,
-)
+from fedcore.serverside.exchange import Exchange, PlainExchange
+from fedcore.serverside.rounds import Observer, RoundPolicy, run_federation
 from fedcore.serverside.rundir import Observers, RunObserver, default_run_dir, write_plot
-from fedcore.serverside.strategies import FedAvg, Strategy
+from fedcore.serverside.strategies import STRATEGIES, Sampling, Strategy, strategy_class
 from fedcore.storage.files import arrays_to_safetensors, atomic_write, write_json
 
 __all__ = [
     "RunSummary",
-    "build_evaluate_stage",
+    "build_exchanges",
     "build_strategy",
-    "build_train_stage",
+    "plain_exchange",
     "fast_polling",
     "registered_node_keys",
     "round_policy",
@@ -75,14 +69,36 @@ class RunSummary:
 
 
 def build_strategy(cfg: Config) -> Strategy:
-    """The strategy named by ``strategy.name``."""
+    """The strategy ``strategy.name`` names, with its ``[strategy.options]`` validated.
+
+    A strategy that needs each client's update is refused with secure aggregation on
+    (``ConfigError`` naming ``strategy.name`` and ``secagg.enabled``), before anything
+    starts.
+    """
     s = cfg.strategy
-    return FedAvg(
-        seed=cfg.run.seed,
+    cls = strategy_class(s.name)
+    if cfg.secagg.enabled and not cls.linear:
+        linear = ", ".join(n for n in STRATEGIES if STRATEGIES.get(n).linear)
+        raise ConfigError(
+            "strategy.name",
+            s.name,
+            f"needs each client's individual update, which secure aggregation "
+            f"(secagg.enabled = true) hides from the server; use a linear strategy "
+            f"({linear}) or set [secagg] enabled = false",
+        )
+    sampling = Sampling(
         fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate,
         min_train_clients=s.min_train_clients,
         min_evaluate_clients=s.min_evaluate_clients,
+    )
+    return cls.from_config(getattr(s, "options", {}), seed=cfg.run.seed, sampling=sampling)
+
+
+def plain_exchange(cfg: Config) -> PlainExchange:
+    """The plain exchange with ``[strategy]``'s reply limits."""
+    s = cfg.strategy
+    return PlainExchange(
         accumulation_block=s.accumulation_block,
         max_examples=s.max_num_examples or None,
         max_reply_bytes=int(s.max_reply_mb * 2**20) or None,
@@ -151,44 +167,29 @@ def registered_node_keys(grid: Grid) -> dict[int, Any]:
     return keys
 
 
-def build_train_stage(
+def build_exchanges(
     cfg: Config,
-    strategy: Strategy,
     node_config: Mapping[str, Any] | None = None,
     *,
     roster: Any = None,
-) -> TrainStage:
-    """Build the round's training exchange: SecAgg+ when ``secagg.enabled``, else plain.
+) -> tuple[Exchange, Exchange]:
+    """The round's (training, evaluation) exchanges: SecAgg+ where ``[secagg]`` says, else plain.
 
-    With secure aggregation on, a strategy that needs individual updates is
-    refused (``ConfigError``). Advert signatures are checked against the keys the
-    SuperLink authenticated each node with (a provisioned deployment), else
-    against the CA in ``node_config["ca-cert"]``, else each client's first key is
-    pinned (trust on first use).
+    Advert signatures are checked against the keys the SuperLink authenticated each
+    node with (a provisioned deployment), else against the CA in
+    ``node_config["ca-cert"]``, else each client's first key is pinned (trust on
+    first use).
     """
+    plain = plain_exchange(cfg)
     if not cfg.secagg.enabled:
-        return plain_train_stage
-    from fedcore.secagg.exchange import SecureTrainStage, check_strategy
-
-    check_strategy(strategy)
-    roster = roster if roster is not None else _secagg_roster(node_config)
-    return SecureTrainStage(
-        _secagg_settings(cfg), seed=cfg.run.seed, roster=roster, node_keys=registered_node_keys
-    )
-
-
-def build_evaluate_stage(
-    cfg: Config, node_config: Mapping[str, Any] | None = None, *, roster: Any = None
-) -> EvaluateStage:
-    """Build federated evaluation: SecAgg+ if ``secagg.enabled`` and ``secagg.evaluate``."""
-    if not (cfg.secagg.enabled and cfg.secagg.evaluate):
-        return plain_evaluate_stage
-    from fedcore.secagg.exchange import SecureEvaluateStage
+        return plain, plain
+    from fedcore.secagg.exchange import SecureExchange
 
     roster = roster if roster is not None else _secagg_roster(node_config)
-    return SecureEvaluateStage(
+    secure = SecureExchange(
         _secagg_settings(cfg), seed=cfg.run.seed, roster=roster, node_keys=registered_node_keys
     )
+    return secure, (secure if cfg.secagg.evaluate else plain)
 
 
 def initial_model(cfg: Config, test: Dataset) -> torch.nn.Module:
@@ -240,7 +241,7 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
             log.warning("removed %s left by an interrupted write", stale.name)
         state = load_checkpoint(run_dir, expect=cfg, model_spec=spec_of(arrays))
         arrays, start, history = state.arrays, state.round + 1, [dict(r) for r in state.history]
-        strategy.load_state_dict(state.strategy_state)
+        strategy.load_state(state.strategy_state, state.strategy_arrays)
         (log.info if not progress else print)(
             f"resuming {run_dir} after round {state.round} of {cfg.run.rounds}"
         )
@@ -261,13 +262,11 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
             "batch-size": cfg.train.batch_size,
         }
     )
-    roster = _secagg_roster(node_config) if cfg.secagg.enabled else None
-    train_stage = build_train_stage(cfg, strategy, node_config, roster=roster)
-    evaluate_stage = build_evaluate_stage(cfg, node_config, roster=roster)
+    train_exchange, evaluate_exchange = build_exchanges(cfg, node_config)
     log.info(
         "training exchange: %s; federated evaluation: %s",
-        "secure aggregation (SecAgg+)" if cfg.secagg.enabled else "plain (secagg.enabled = false)",
-        "secure" if evaluate_stage is not plain_evaluate_stage else "plain",
+        train_exchange.label,
+        evaluate_exchange.label,
     )
     final = run_federation(
         grid,
@@ -277,11 +276,11 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
         train_config=train_config,
         evaluate_config=ConfigRecord(),
         policy=round_policy(cfg),
+        exchange=train_exchange,
+        evaluate_exchange=evaluate_exchange,
         central_evaluate=central_evaluate,
         observer=Observers(observer, *observers),
         start_round=start,
-        train_stage=train_stage,
-        evaluate_stage=evaluate_stage,
     )
     atomic_write(
         run_dir / "model.safetensors", arrays_to_safetensors(final, {"rounds": cfg.run.rounds})

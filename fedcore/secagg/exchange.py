@@ -1,25 +1,24 @@
-"""ServerApp side of secure aggregation: train and evaluate stages driving SecAgg+ over the Grid.
+"""The server's secure exchange: SecAgg+ over the Grid, returning one aggregate.
 
 Bell et al., CCS 2020 (SecAgg+); Bonawitz et al., CCS 2017.
 
-:class:`SecureTrainStage` replaces :func:`fedcore.serverside.rounds.plain_train_stage`
-and :class:`SecureEvaluateStage` replaces
-:func:`fedcore.serverside.rounds.plain_evaluate_stage` in the round loop. The strategy
-still decides who takes part and with which config (``configure_train`` /
-``configure_evaluate``); the stage then runs the four exchanges of
-:mod:`fedcore.secagg.protocol.machine` with ``train.secagg`` / ``evaluate.secagg``
-messages through ``grid.send_and_receive`` only (the Message API), so it runs
-unchanged on the embedded engine, Flower's simulation engine (tested with Ray)
-and Flower's deployment engine. Every exchange has a deadline:
-``stage_timeout`` for the three key exchanges, the round timeout for the one
-that trains or evaluates. Masked vectors are summed as they arrive (O(model)
-memory).
+:class:`SecureExchange` is an :class:`~fedcore.serverside.exchange.Exchange`, like
+:class:`~fedcore.serverside.exchange.PlainExchange`: the strategy still decides who
+takes part and what each client gets (``configure_train`` / ``configure_evaluate``);
+the exchange then runs the four stages of :mod:`fedcore.secagg.protocol.machine`
+with ``train.secagg`` / ``evaluate.secagg`` messages through
+``grid.send_and_receive`` only (the Message API), so it runs unchanged on the
+embedded engine, Flower's simulation engine (tested with Ray) and Flower's
+deployment engine. Every stage has a deadline: ``stage_timeout`` for the three key
+stages, the round timeout for the one that trains or evaluates. Masked vectors are
+summed as they arrive (O(model) memory).
 
-The train stage returns a :class:`~fedcore.serverside.strategies.TrainResult` whose arrays
-are the global model plus the securely averaged update; on any protocol
-failure the arrays are ``None`` (the round loop keeps the previous model) and
-the reason is logged. The strategy never sees an individual update, so
-strategies with ``needs_individual_updates = True`` are refused.
+Training returns the same :class:`~fedcore.serverside.exchange.Aggregate` the plain
+exchange does (mean update, extras the strategy sums, total weight, metrics,
+rejections), so every linear strategy works unchanged; on a protocol failure the
+aggregate has no update (the round loop keeps the previous model) and the reason is
+logged. The strategy never sees an individual update, so a strategy with
+``linear = False`` is refused.
 """
 
 from __future__ import annotations
@@ -35,9 +34,9 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedcore.core.aggregation import array_view, numpy_to_array, spec_of
+from fedcore.core.aggregation import ArraySpec, array_view, spec_of
 from fedcore.core.errors import AggregationError, ConfigError, SecureAggregationError
-from fedcore.core.records import ARRAYS, CONFIG, Rejection
+from fedcore.core.records import Rejection
 from fedcore.core.seeds import derive_seed
 from fedcore.secagg.protocol.crypto import RandBytes, RoundBinding
 from fedcore.secagg.protocol.graph import harary_graph, resolve
@@ -61,15 +60,14 @@ from fedcore.secagg.protocol.quantize import (
 )
 from fedcore.secagg.protocol.rosters import PinnedRoster, RegisteredKeyRoster, Roster
 from fedcore.secagg.protocol.wire import MASKED, SECAGG, pack_ids, unpack_ids
-from fedcore.serverside.rounds import Observer
-from fedcore.serverside.strategies.base import EvaluateResult, Strategy, TrainResult
+from fedcore.serverside.exchange import Aggregate, EvaluateResult, Progress
+from fedcore.serverside.strategies.base import Strategy
 
 __all__ = [
     "EVALUATE_MESSAGE_TYPE",
     "MESSAGE_TYPE",
     "SecAggSettings",
-    "SecureEvaluateStage",
-    "SecureTrainStage",
+    "SecureExchange",
     "check_strategy",
 ]
 
@@ -124,7 +122,7 @@ class SecAggSettings:
 
 def check_strategy(strategy: Strategy) -> None:
     """Refuse a strategy that needs each client's update (secure aggregation hides them)."""
-    if getattr(strategy, "needs_individual_updates", False):
+    if not strategy.linear:
         raise ConfigError(
             "secagg.enabled",
             True,
@@ -162,13 +160,11 @@ class _SecureSum:
         ``grid -> {node_id: identity public key}``: the keys the SuperLink
         authenticated each node with (deployment). When it returns any, adverts
         are verified against them (:class:`RegisteredKeyRoster`) instead of ``roster``.
+    message_type, purpose : str
+        Flower message type and rounding-stream purpose (``"train.secagg"`` /
+        ``"train"``, or ``"evaluate.secagg"`` / ``"evaluate"``).
 
     """
-
-    #: Flower message type of the exchange.
-    message_type = MESSAGE_TYPE
-    #: What the rounding streams are derived for (train and evaluate never share one).
-    purpose = "train"
 
     def __init__(
         self,
@@ -178,7 +174,13 @@ class _SecureSum:
         roster: Roster | None = None,
         randbytes: RandBytes = os.urandom,
         node_keys: Callable[[Grid], Mapping[int, Any]] | None = None,
+        message_type: str = MESSAGE_TYPE,
+        purpose: str = "train",
     ) -> None:
+        #: Flower message type of the exchange.
+        self.message_type = message_type
+        #: What the rounding streams are derived for (train and evaluate never share one).
+        self.purpose = purpose
         self.settings = settings
         self.seed = seed
         self.roster: Roster = roster if roster is not None else PinnedRoster({})
@@ -195,7 +197,7 @@ class _SecureSum:
         stage: str,
         timeout: float,
         server_round: int,
-        observer: Observer,
+        observer: Progress,
         rejected: list[Rejection],
         on_reply: Callable[[int, Message], None] | None = None,
     ) -> dict[int, Message]:
@@ -272,7 +274,7 @@ class _SecureSum:
         return out
 
     # -- one secure sum ---------------------------------------------------------------
-    def _secure_sum(
+    def secure_sum(
         self,
         grid: Grid,
         records: dict[int, dict[str, object]],
@@ -280,8 +282,10 @@ class _SecureSum:
         metric_keys: tuple[str, ...],
         server_round: int,
         timeout: float,
-        observer: Observer,
+        observer: Progress,
         rejected: list[Rejection],
+        *,
+        summed: tuple[str, ...] = (),
     ) -> tuple[Decoded, int]:
         """Run the four exchanges over ``records`` (what each node gets in the masked stage).
 
@@ -384,6 +388,8 @@ class _SecureSum:
                 "src": pack_ids(inbox),
                 "boxes": list(inbox.values()),
             }
+            if summed:
+                fields["summed"] = list(summed)
             stage3.append(self._message(u, server_round, fields, **records[u]))
         shares_refused = 0
 
@@ -473,38 +479,86 @@ class _SecureSum:
         return decoded, counted
 
 
-class SecureTrainStage(_SecureSum):
-    """One round's training exchange with SecAgg+ (a :class:`fedcore.serverside.rounds.TrainStage`).
+class SecureExchange:
+    """The secure exchange: SecAgg+ for training (and, optionally, federated evaluation).
 
-    The strategy samples and configures (``configure_train``); each sampled
-    client gets the global arrays and its config in the masked stage, trains,
-    and sends ``trained - global`` masked. Returns the global model plus the
-    weighted mean update, or ``arrays=None`` (the previous model is kept) when
-    the round cannot complete; the reason is logged.
+    Keeps the aggregation contract of :mod:`fedcore.serverside.exchange`: ``train``
+    returns an :class:`~fedcore.serverside.exchange.Aggregate` with the example-weighted
+    mean update (and the mean of every record the strategy sums, e.g. SCAFFOLD's
+    control-variate deltas), computed from masked vectors only; the strategy applies it
+    exactly as it applies the plain exchange's. Each sampled client gets its message's
+    records (model, config, whatever the strategy added) in the masked stage, trains,
+    and sends ``trained - global`` (plus the summed records) masked. A round that cannot
+    complete returns an aggregate with no update; the reason is logged.
+
+    Parameters are those of :class:`_SecureSum` (shared by the training and the
+    evaluation exchanges, which never share a rounding stream).
     """
 
-    def __call__(
+    label = "secure aggregation (SecAgg+)"
+
+    def __init__(
+        self,
+        settings: SecAggSettings,
+        *,
+        seed: int = 0,
+        roster: Roster | None = None,
+        randbytes: RandBytes = os.urandom,
+        node_keys: Callable[[Grid], Mapping[int, Any]] | None = None,
+    ) -> None:
+        self.settings = settings
+        common: dict[str, Any] = dict(seed=seed, roster=roster, randbytes=randbytes)
+        self._train = _SecureSum(settings, node_keys=node_keys, **common)
+        self._evaluate = _SecureSum(
+            settings,
+            node_keys=node_keys,
+            message_type=EVALUATE_MESSAGE_TYPE,
+            purpose="evaluate",
+            **common,
+        )
+
+    @property
+    def last_weight(self) -> int | None:
+        """Total weight of the last training exchange that unmasked (public)."""
+        return self._train.last_weight
+
+    def train(
         self,
         grid: Grid,
-        strategy: Strategy,
+        messages: Sequence[Message],
         *,
         server_round: int,
         arrays: ArrayRecord,
-        config: ConfigRecord,
-        node_ids: Sequence[int],
+        summed: Mapping[str, Mapping[str, ArraySpec]] | None = None,
+        individual: bool = False,
         timeout: float,
-        observer: Observer,
-    ) -> TrainResult:
-        """Run the four exchanges; the weighted mean of the counted clients, or ``arrays=None``."""
-        check_strategy(strategy)
-        msgs = strategy.configure_train(server_round, arrays, config, node_ids)
-        records = _records(msgs, arrays)
-        d = sum(int(np.prod(a.shape, dtype=np.int64)) for a in spec_of(arrays).values())
+        progress: Progress,
+    ) -> Aggregate:
+        """Run the four exchanges; the weighted mean update of the counted clients."""
+        if individual:
+            raise ConfigError(
+                "secagg.enabled",
+                True,
+                "this strategy needs each client's individual update, which secure "
+                "aggregation hides from the server; use a linear strategy (e.g. fedavg) "
+                "or set [secagg] enabled = false",
+            )
+        summed = dict(summed or {})
+        layout = [("", spec_of(arrays)), *sorted(summed.items())]
+        d = sum(_size(spec) for _, spec in layout)
         keys = self.settings.metric_keys
         rejected: list[Rejection] = []
         try:
-            decoded, counted = self._secure_sum(
-                grid, records, d, keys, server_round, timeout, observer, rejected
+            decoded, counted = self._train.secure_sum(
+                grid,
+                _records(messages),
+                d,
+                keys,
+                server_round,
+                timeout,
+                progress,
+                rejected,
+                summed=tuple(sorted(summed)),
             )
         except (SecureAggregationError, _Failed) as exc:
             log.warning(
@@ -512,83 +566,79 @@ class SecureTrainStage(_SecureSum):
                 server_round,
                 exc,
             )
-            return TrainResult(None, {}, 0, 0, tuple(rejected))
-        metrics = dict(zip(keys, decoded.metrics, strict=True))
-        return TrainResult(
-            _apply(arrays, decoded.mean), metrics, counted, decoded.total_weight, tuple(rejected)
+            return Aggregate.failed(rejected)
+        parts = _split(decoded.mean, layout)
+        return Aggregate(
+            update=parts[""],
+            total_weight=decoded.total_weight,
+            num_clients=counted,
+            metrics=dict(zip(keys, decoded.metrics, strict=True)),
+            rejected=tuple(rejected),
+            extras={name: parts[name] for name in summed},
         )
 
-
-class SecureEvaluateStage(_SecureSum):
-    """Federated evaluation with SecAgg+ (a :class:`fedcore.serverside.rounds.EvaluateStage`).
-
-    Each sampled client evaluates the global model and sends only a masked
-    ``[n_i | n_i * eval_loss | n_i * eval_acc]``: the server learns the
-    example-weighted means and the total count, not one client's accuracy or
-    validation-set size.
-    """
-
-    message_type = EVALUATE_MESSAGE_TYPE
-    purpose = "evaluate"
-    metric_keys = ("eval_loss", "eval_acc")
-
-    def __call__(
+    def evaluate(
         self,
         grid: Grid,
-        strategy: Strategy,
+        messages: Sequence[Message],
         *,
         server_round: int,
-        arrays: ArrayRecord,
-        config: ConfigRecord,
-        node_ids: Sequence[int],
         timeout: float,
-        observer: Observer,
-    ) -> EvaluateResult | None:
-        """Run the four exchanges; ``None`` when the strategy evaluates no one this round."""
-        msgs = strategy.configure_evaluate(server_round, arrays, config, node_ids)
-        if not msgs:
-            return None
-        records = _records(msgs, arrays)
+        progress: Progress,
+    ) -> EvaluateResult:
+        """Each client sends only a masked ``[n_i | n_i * eval_loss | n_i * eval_acc]``.
+
+        The server learns the example-weighted means and the total count, not one
+        client's accuracy or validation-set size.
+        """
         rejected: list[Rejection] = []
         try:
-            decoded, counted = self._secure_sum(
-                grid, records, 0, self.metric_keys, server_round, timeout, observer, rejected
+            decoded, counted = self._evaluate.secure_sum(
+                grid,
+                _records(messages),
+                0,
+                EVALUATE_METRICS,
+                server_round,
+                timeout,
+                progress,
+                rejected,
             )
         except (SecureAggregationError, _Failed) as exc:
             log.warning("round %d: secure federated evaluation failed: %s", server_round, exc)
             return EvaluateResult({}, 0, 0, tuple(rejected))
-        metrics = dict(zip(self.metric_keys, decoded.metrics, strict=True))
+        metrics = dict(zip(EVALUATE_METRICS, decoded.metrics, strict=True))
         return EvaluateResult(metrics, counted, decoded.total_weight, tuple(rejected))
 
 
-def _records(msgs: Sequence[Message], arrays: ArrayRecord) -> dict[int, dict[str, object]]:
-    """What each sampled node receives in the masked stage: the model and its config."""
-    return {
-        m.metadata.dst_node_id: {
-            ARRAYS: arrays,
-            CONFIG: m.content.config_records.get(CONFIG, ConfigRecord()),
-        }
-        for m in msgs
-    }
+#: Metrics the secure federated evaluation averages.
+EVALUATE_METRICS = ("eval_loss", "eval_acc")
 
 
-def _apply(arrays: ArrayRecord, mean: np.ndarray) -> ArrayRecord:
-    """``global + mean update``, each array in its own dtype (integers rounded).
+def _size(spec: Mapping[str, ArraySpec]) -> int:
+    return sum(int(np.prod(s.shape, dtype=np.int64)) for s in spec.values())
 
-    The update vector lists the arrays in name order (as the clients encode it);
-    the result keeps the record's own order.
+
+def _records(msgs: Sequence[Message]) -> dict[int, dict[str, object]]:
+    """What each sampled node receives in the masked stage: its message's records."""
+    return {m.metadata.dst_node_id: dict(m.content.items()) for m in msgs}
+
+
+def _split(
+    mean: np.ndarray, layout: Sequence[tuple[str, Mapping[str, ArraySpec]]]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Cut the decoded mean vector back into named arrays (float64).
+
+    The layout is the model's arrays in name order, then each summed record's arrays
+    in name order (records sorted by name), exactly as the clients encode it, whatever
+    order a record lists its arrays in.
     """
-    offsets: dict[str, int] = {}
+    out: dict[str, dict[str, np.ndarray]] = {}
     offset = 0
-    for name in sorted(arrays.keys()):
-        offsets[name] = offset
-        offset += int(np.prod(arrays[name].shape, dtype=np.int64))
-    out = {}
-    for name, arr in arrays.items():
-        g = array_view(arr)
-        start = offsets[name]
-        new = g.astype(np.float64) + mean[start : start + g.size].reshape(g.shape)
-        if g.dtype.kind in "biu":
-            new = np.round(new)
-        out[name] = numpy_to_array(new.astype(g.dtype, copy=False))
-    return ArrayRecord(out)
+    for record, spec in layout:
+        arrays: dict[str, np.ndarray] = {}
+        for name in sorted(spec):
+            size = int(np.prod(spec[name].shape, dtype=np.int64))
+            arrays[name] = mean[offset : offset + size].reshape(spec[name].shape)
+            offset += size
+        out[record] = arrays
+    return out

@@ -203,6 +203,23 @@ def _update_pairs(
     return pairs
 
 
+def _summed_pairs(result: Message, names: list[Any]) -> list[tuple[np.ndarray, None]]:
+    """The records the strategy sums beside the update, in the agreed layout.
+
+    Records in the order the server listed them (sorted by name), each record's arrays
+    in name order; each is a difference already (e.g. SCAFFOLD's control-variate delta).
+    """
+    pairs: list[tuple[np.ndarray, None]] = []
+    for name in names:
+        rec = result.content.array_records.get(str(name))
+        if rec is None:
+            raise SecureAggregationError(
+                f"the strategy sums record '{name}', which the training reply lacks"
+            )
+        pairs.extend((array_view(rec[k]), None) for k in sorted(rec.keys()))
+    return pairs
+
+
 def _weight_and_metrics(
     reply: Message, keys: tuple[str, ...], what: str
 ) -> tuple[int, list[float]]:
@@ -281,7 +298,7 @@ def handle_secagg(
         if category == "train":
             update = _update_pairs(
                 msg.content.array_records[ARRAYS], result.content.array_records[ARRAYS]
-            )
+            ) + _summed_pairs(result, list(fields.get("summed", [])))
         encoded = encode(update, n, values, cr.params.quantizer, cr.params.rounding_key(node))
         masked = cr.mask(encoded)
         _save_round(context, cr, slot)

@@ -23,13 +23,14 @@ import hashlib
 import json
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord
 
-from fedcore.core.aggregation import ArraySpec, array_view, spec_of
+from fedcore.core.aggregation import ArraySpec, array_view, numpy_to_array, spec_of
 from fedcore.core.config import Config, config_from_dict, to_dict, to_toml
 from fedcore.core.errors import CheckpointError, ConfigError
 from fedcore.core.faults import crash_point
@@ -75,6 +76,12 @@ class ServerState:
     strategy_state: Mapping[str, Any]
     history: Sequence[Mapping[str, Any]]
     config: Config
+    #: Array-valued strategy state (server-optimizer moments, control variates).
+    strategy_arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+#: Prefix of the strategy's arrays among the checkpoint's tensors.
+STRATEGY_PREFIX = "fedcore.strategy/"
 
 
 def _model_affecting(cfg: Config) -> dict[str, Any]:
@@ -108,6 +115,9 @@ def _spec_json(spec: Mapping[str, ArraySpec]) -> dict[str, list[Any]]:
 
 def save_checkpoint(run_dir: Path, state: ServerState) -> None:
     """Atomically replace ``run_dir/checkpoint.safetensors`` with ``state``."""
+    strategy = ArrayRecord(
+        {k: numpy_to_array(np.ascontiguousarray(v)) for k, v in state.strategy_arrays.items()}
+    )
     meta = {
         "version": FORMAT_VERSION,
         "round": state.round,
@@ -117,10 +127,14 @@ def save_checkpoint(run_dir: Path, state: ServerState) -> None:
         "config_fingerprint": config_fingerprint(state.config),
         "model_spec": _spec_json(spec_of(state.arrays)),
         "arrays_sha256": _arrays_digest(state.arrays),
+        "strategy_arrays_sha256": _arrays_digest(strategy),
     }
+    tensors = ArrayRecord(
+        {**dict(state.arrays.items()), **{STRATEGY_PREFIX + k: v for k, v in strategy.items()}}
+    )
     atomic_write(
         run_dir / CHECKPOINT_FILE,
-        arrays_to_safetensors(state.arrays, meta),
+        arrays_to_safetensors(tensors, meta),
         midway=lambda: crash_point("checkpoint-partial", server_round=state.round),
     )
     crash_point("checkpoint-written", server_round=state.round)
@@ -177,11 +191,19 @@ def load_checkpoint(
             f"this fedcore reads version {FORMAT_VERSION}"
         )
     try:
-        arrays = arrays_from_safetensors(data)
+        tensors = arrays_from_safetensors(data)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise CheckpointError(f"{path} is corrupt: {exc}") from exc
+    arrays = ArrayRecord({k: v for k, v in tensors.items() if not k.startswith(STRATEGY_PREFIX)})
+    strategy = ArrayRecord(
+        {k[len(STRATEGY_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STRATEGY_PREFIX)}
+    )
     if _arrays_digest(arrays) != meta.get("arrays_sha256"):
         raise CheckpointError(f"{path} is corrupt: the model bytes do not match their checksum")
+    if _arrays_digest(strategy) != meta.get("strategy_arrays_sha256", _arrays_digest(strategy)):
+        raise CheckpointError(
+            f"{path} is corrupt: the strategy's arrays do not match their checksum"
+        )
     try:
         import tomllib
 
@@ -212,6 +234,7 @@ def load_checkpoint(
         strategy_state=meta.get("strategy_state") or {},
         history=list(meta.get("history") or []),
         config=saved_cfg,
+        strategy_arrays={k: array_view(v).copy() for k, v in strategy.items()},
     )
 
 

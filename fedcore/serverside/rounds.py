@@ -1,6 +1,14 @@
-"""The round loop: sample, send, stream-aggregate, evaluate, report.
+"""The round loop: sample, exchange, update the model, evaluate, report.
 
-It owns the grid and the clock; everything it decides with is a strategy hook.
+Each round::
+
+    messages  = strategy.configure_train(round, global, config, nodes)
+    aggregate = exchange.train(grid, messages, ...)        # plain | secure
+    global    = strategy.server_update(round, global, aggregate)
+    exchange.evaluate(grid, strategy.configure_evaluate(...)); central evaluation
+
+It owns the grid and the clock; every decision is a strategy hook, every transfer an
+exchange (:mod:`fedcore.serverside.exchange`).
 What happens each round is reported to an :class:`Observer` (progress bars, run
 directory, checkpoints), so the loop itself never prints or writes files.
 """
@@ -9,25 +17,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from fedcore.core.errors import RoundFailedError
 from fedcore.core.records import Rejection
-from fedcore.serverside.strategies.base import EvaluateResult, Strategy, TrainResult
+from fedcore.serverside.exchange import Aggregate, Exchange, PlainExchange
+from fedcore.serverside.strategies.base import Strategy
 
 __all__ = [
-    "EvaluateStage",
     "Observer",
     "RoundPolicy",
     "RoundRecord",
-    "TrainStage",
-    "plain_evaluate_stage",
-    "plain_train_stage",
     "run_federation",
     "wait_for_nodes",
 ]
@@ -92,115 +96,6 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 0.2) 
         time.sleep(poll)
 
 
-def _observed(
-    replies: Iterable[Message],
-    observer: Observer,
-    server_round: int,
-    stage: str,
-    seen: set[int],
-) -> Iterator[Message]:
-    for msg in replies:
-        seen.add(msg.metadata.src_node_id)
-        observer.reply_received(server_round, stage)
-        yield msg
-
-
-def _timeouts(
-    msgs: Sequence[Message], seen: set[int], stage: str, timeout: float
-) -> list[Rejection]:
-    return [
-        Rejection(m.metadata.dst_node_id, stage, f"no reply within {timeout:g} s")
-        for m in msgs
-        if m.metadata.dst_node_id not in seen
-    ]
-
-
-class TrainStage(Protocol):
-    """One round's training exchange over the grid (plain, or secure aggregation)."""
-
-    def __call__(
-        self,
-        grid: Grid,
-        strategy: Strategy,
-        *,
-        server_round: int,
-        arrays: ArrayRecord,
-        config: ConfigRecord,
-        node_ids: Sequence[int],
-        timeout: float,
-        observer: Observer,
-    ) -> TrainResult:
-        """Send, collect and aggregate; return the round's training result."""
-        ...
-
-
-def plain_train_stage(
-    grid: Grid,
-    strategy: Strategy,
-    *,
-    server_round: int,
-    arrays: ArrayRecord,
-    config: ConfigRecord,
-    node_ids: Sequence[int],
-    timeout: float,
-    observer: Observer,
-) -> TrainResult:
-    """One message per sampled client, replies streamed into ``aggregate_train``."""
-    msgs = strategy.configure_train(server_round, arrays, config, node_ids)
-    observer.stage_started(server_round, "train", len(msgs))
-    seen: set[int] = set()
-    replies = grid.send_and_receive(msgs, timeout=timeout)
-    tr = strategy.aggregate_train(
-        server_round, _observed(replies, observer, server_round, "train", seen)
-    )
-    late = _timeouts(msgs, seen, "train", timeout)
-    return replace(tr, rejected=tr.rejected + tuple(late)) if late else tr
-
-
-class EvaluateStage(Protocol):
-    """One round's federated evaluation over the grid (plain, or secure aggregation)."""
-
-    def __call__(
-        self,
-        grid: Grid,
-        strategy: Strategy,
-        *,
-        server_round: int,
-        arrays: ArrayRecord,
-        config: ConfigRecord,
-        node_ids: Sequence[int],
-        timeout: float,
-        observer: Observer,
-    ) -> EvaluateResult | None:
-        """Send, collect and aggregate; ``None`` when the strategy evaluates no one."""
-        ...
-
-
-def plain_evaluate_stage(
-    grid: Grid,
-    strategy: Strategy,
-    *,
-    server_round: int,
-    arrays: ArrayRecord,
-    config: ConfigRecord,
-    node_ids: Sequence[int],
-    timeout: float,
-    observer: Observer,
-) -> EvaluateResult | None:
-    """One message per sampled client, replies streamed into ``aggregate_evaluate``."""
-    msgs = strategy.configure_evaluate(server_round, arrays, config, node_ids)
-    if not msgs:
-        return None
-    observer.stage_started(server_round, "evaluate", len(msgs))
-    seen: set[int] = set()
-    replies = grid.send_and_receive(msgs, timeout=timeout)
-    ev = strategy.aggregate_evaluate(
-        server_round, _observed(replies, observer, server_round, "evaluate", seen)
-    )
-    late = _timeouts(msgs, seen, "evaluate", timeout)
-    return replace(ev, rejected=ev.rejected + tuple(late)) if late else ev
-
-
 @dataclass(frozen=True)
 class RoundPolicy:
     """When a round counts, and what happens when it does not.
@@ -221,7 +116,7 @@ class RoundPolicy:
 def _train_attempt(
     grid: Grid,
     strategy: Strategy,
-    train_stage: TrainStage,
+    exchange: Exchange,
     policy: RoundPolicy,
     *,
     rnd: int,
@@ -229,8 +124,8 @@ def _train_attempt(
     arrays: ArrayRecord,
     train_config: ConfigRecord,
     observer: Observer,
-) -> tuple[TrainResult | None, list[int], list[Rejection], str]:
-    """One attempt: (result if it counts, node ids, rejections, why it failed)."""
+) -> tuple[Aggregate | None, list[int], list[Rejection], str]:
+    """One attempt: (aggregate if it counts, node ids, rejections, why it failed)."""
     try:
         node_ids = wait_for_nodes(grid, policy.min_available, policy.timeout)
     except RoundFailedError as exc:
@@ -238,24 +133,26 @@ def _train_attempt(
     config = ConfigRecord(dict(train_config))
     if attempt:
         config["attempt"] = attempt
-    tr = train_stage(
+    messages = strategy.configure_train(rnd, arrays, config, node_ids)
+    agg = exchange.train(
         grid,
-        strategy,
+        messages,
         server_round=rnd,
         arrays=arrays,
-        config=config,
-        node_ids=node_ids,
+        summed=strategy.summed_records(arrays),
+        individual=not strategy.linear,
         timeout=policy.timeout,
-        observer=observer,
+        progress=observer,
     )
-    rejected = list(tr.rejected)
-    if tr.arrays is None or tr.num_clients < policy.min_replies:
+    rejected = list(agg.rejected)
+    if agg.update is None or agg.num_clients < policy.min_replies:
+        n = agg.num_clients
         why = (
-            f"{tr.num_clients} valid training repl{'y' if tr.num_clients == 1 else 'ies'}, "
-            f"strategy.min-train-replies = {policy.min_replies}"
+            f"{n} valid training repl{'y' if n == 1 else 'ies'}, "
+            f"round.min-train-replies = {policy.min_replies}"
         )
         return None, node_ids, rejected, why
-    return tr, node_ids, rejected, ""
+    return agg, node_ids, rejected, ""
 
 
 def run_federation(
@@ -267,34 +164,38 @@ def run_federation(
     train_config: ConfigRecord,
     evaluate_config: ConfigRecord,
     policy: RoundPolicy,
+    exchange: Exchange | None = None,
+    evaluate_exchange: Exchange | None = None,
     central_evaluate: CentralEvaluate | None = None,
     observer: Observer | None = None,
     start_round: int = 1,
-    train_stage: TrainStage = plain_train_stage,
-    evaluate_stage: EvaluateStage = plain_evaluate_stage,
     sleep: Callable[[float], None] = time.sleep,
 ) -> ArrayRecord:
     """Run rounds ``start_round..rounds`` and return the final global arrays.
 
+    ``exchange`` trains (default: :class:`~fedcore.serverside.exchange.PlainExchange`),
+    ``evaluate_exchange`` runs the federated evaluation (default: ``exchange``).
     Every dropped or rejected reply is logged with its client id, stage and cause.
     A round whose training fails (see :class:`RoundPolicy`) keeps the previous model.
     """
     obs = observer or Observer()
+    train_x = exchange if exchange is not None else PlainExchange()
+    eval_x = evaluate_exchange if evaluate_exchange is not None else train_x
     nan = float("nan")
     for rnd in range(start_round, rounds + 1):
         t0 = time.perf_counter()
         rejected: list[Rejection] = []
-        tr: TrainResult | None = None
+        agg: Aggregate | None = None
         node_ids: list[int] = []
         for attempt in range(policy.retries + 1):
             if attempt:
                 delay = policy.backoff * 2 ** (attempt - 1)
                 log.warning("round %d: retry %d/%d in %.1f s", rnd, attempt, policy.retries, delay)
                 sleep(delay)
-            tr, node_ids, dropped, why = _train_attempt(
+            agg, node_ids, dropped, why = _train_attempt(
                 grid,
                 strategy,
-                train_stage,
+                train_x,
                 policy,
                 rnd=rnd,
                 attempt=attempt,
@@ -305,7 +206,7 @@ def run_federation(
             rejected += dropped
             for r in dropped:
                 log.warning("round %d: dropped %s", rnd, r)
-            if tr is not None:
+            if agg is not None:
                 break
             log.warning(
                 "round %d: attempt %d failed (%s); keeping the previous model",
@@ -313,26 +214,16 @@ def run_federation(
                 attempt + 1,
                 why,
             )
-        if tr is not None and tr.arrays is not None:
-            arrays = tr.arrays
+        if agg is not None:
+            arrays = strategy.server_update(rnd, arrays, agg)
 
         # -- federated evaluation (not retried: it does not change the model) --
         fed: dict[str, float] = {}
-        ev = (
-            evaluate_stage(
-                grid,
-                strategy,
-                server_round=rnd,
-                arrays=arrays,
-                config=evaluate_config,
-                node_ids=node_ids,
-                timeout=policy.timeout,
-                observer=obs,
-            )
-            if node_ids
-            else None
+        msgs = (
+            strategy.configure_evaluate(rnd, arrays, evaluate_config, node_ids) if node_ids else []
         )
-        if ev is not None:
+        if msgs:
+            ev = eval_x.evaluate(grid, msgs, server_round=rnd, timeout=policy.timeout, progress=obs)
             dropped = list(ev.rejected)
             for r in dropped:
                 log.warning("round %d: dropped %s", rnd, r)
@@ -343,12 +234,12 @@ def run_federation(
         central = central_evaluate(arrays) if central_evaluate else {}
         record = RoundRecord(
             round=rnd,
-            train_loss=tr.metrics.get("train_loss", nan) if tr else nan,
+            train_loss=agg.metrics.get("train_loss", nan) if agg else nan,
             eval_loss=central.get("loss", nan),
             accuracy=central.get("accuracy", nan),
             fed_eval_loss=fed.get("eval_loss", nan),
             fed_accuracy=fed.get("eval_acc", nan),
-            clients=tr.num_clients if tr else 0,
+            clients=agg.num_clients if agg else 0,
             failures=len(rejected),
             seconds=time.perf_counter() - t0,
         )

@@ -158,6 +158,7 @@ class RunObserver(Observer):
                 round=record.round,
                 arrays=arrays,
                 strategy_state=self.strategy.state_dict(),
+                strategy_arrays=self.strategy.state_arrays(),
                 history=self.rows,
                 config=self.cfg,
             ),

@@ -186,7 +186,7 @@ def _quantize_into(
 
 
 def encode(
-    update: np.ndarray | Sequence[tuple[np.ndarray, np.ndarray]],
+    update: np.ndarray | Sequence[tuple[np.ndarray, np.ndarray | None]],
     weight: int,
     metrics: Sequence[float],
     q: Quantizer,
@@ -199,7 +199,8 @@ def encode(
     update : numpy.ndarray or sequence of (new, old) array pairs
         The float update (trained minus global), flattened; or the trained and
         global arrays themselves, whose difference is taken block by block in
-        float64 (no full-size temporary).
+        float64 (no full-size temporary). A pair whose ``old`` is ``None`` is
+        encoded as it is (a vector that is already a difference).
     weight : int
         ``n_i`` (> 0).
     metrics : Sequence[float]
@@ -229,6 +230,9 @@ def encode(
     else:
         parts = []
         for new, old in update:
+            if old is None:  # already a difference (e.g. a control-variate delta)
+                parts.append((new.ravel(), None))
+                continue
             if new.shape != old.shape:
                 raise SecureAggregationError(f"update shapes differ: {new.shape} vs {old.shape}")
             parts.append((new.ravel(), old.ravel()))

@@ -1,21 +1,66 @@
-"""Server strategies: one per module, registered by name."""
+"""Server strategies: one per module, registered by name in :data:`STRATEGIES`.
+
+``[strategy] name`` is a registered name or an import path ``package.module:Class``
+naming a subclass of :class:`Strategy` (usually of :class:`FedAvg`). Adding a
+built-in strategy is one module plus one ``register`` line here.
+"""
 
 from __future__ import annotations
 
-from fedcore.core.records import Rejection
+from fedcore.core.errors import ConfigError
+from fedcore.core.registry import Registry, import_object
 from fedcore.serverside.strategies.base import (
     EvaluateResult,
+    NoOptions,
+    Rejection,
+    Sampling,
     Strategy,
-    TrainResult,
-    WeightedMetrics,
+    apply_update,
+    arrays_to_numpy,
+    options_from_mapping,
 )
 from fedcore.serverside.strategies.fedavg import FedAvg
 
 __all__ = [
+    "STRATEGIES",
     "EvaluateResult",
     "FedAvg",
+    "NoOptions",
     "Rejection",
+    "Sampling",
     "Strategy",
-    "TrainResult",
-    "WeightedMetrics",
+    "apply_update",
+    "arrays_to_numpy",
+    "options_from_mapping",
+    "strategy_class",
 ]
+
+#: Built-in strategies by ``[strategy] name``.
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
+for _cls in (FedAvg,):
+    STRATEGIES.register(_cls.name, _cls)
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """The class ``[strategy] name`` names: a built-in, or ``package.module:Class``."""
+    if name in STRATEGIES:
+        return STRATEGIES.get(name)
+    if ":" not in name:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(STRATEGIES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            "strategy.name",
+            name,
+            f"must be one of {', '.join(STRATEGIES)} or an import path "
+            f"'package.module:Class'{hint}",
+        )
+    cls = import_object(name, key="strategy.name")
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise ConfigError(
+            "strategy.name",
+            name,
+            "must name a subclass of fedcore.strategies.Strategy (e.g. of FedAvg)",
+        )
+    return cls
