@@ -11,7 +11,7 @@ layout) and a ``"metrics"`` MetricRecord with ``"num-examples"``.
 
 fedcore is measured like-for-like (``finite=False``: no NaN/Inf check, Flower does
 none), with validation (``finite=True``, as ``FedAvg`` runs it), and end to end
-through ``FedAvg.aggregate_train`` on reply ``Message``s. The last line printed is
+through the plain exchange and ``FedAvg.server_update`` on reply ``Message``s. The last line printed is
 one JSON object.
 
     python benchmarks/aggregation.py [--clients 50] [--params 1000000] [--reps 9]
@@ -39,6 +39,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcore.core.aggregation import WeightedMean, numpy_to_array, spec_of
+from fedcore.serverside.exchange import PlainExchange
 from fedcore.serverside.strategies import FedAvg
 
 KERNELS = ("flower", "fedcore", "fedcore-validated", "fedcore-fedavg")
@@ -109,13 +110,13 @@ def kernel(name: str, replies: list[RecordDict], block: int) -> Callable[[], Arr
         return run
     if name == "fedcore-fedavg":
         template, msgs = _as_messages(replies)
-        strategy = FedAvg(seed=0, accumulation_block=block)
-        strategy.configure_train(1, template, ConfigRecord(), [1000 + i for i in range(len(msgs))])
+        strategy = FedAvg(seed=0)
+        exchange = PlainExchange(accumulation_block=block)
 
         def run_fedavg() -> ArrayRecord:
-            result = strategy.aggregate_train(1, msgs)
-            assert result.arrays is not None and not result.rejected, result.rejected
-            return result.arrays
+            agg = exchange.aggregate(msgs, arrays=template)
+            assert agg.update is not None and not agg.rejected, agg.rejected
+            return strategy.server_update(1, template, agg)
 
         return run_fedavg
     raise SystemExit(f"unknown kernel {name!r}; one of {', '.join(KERNELS)}")

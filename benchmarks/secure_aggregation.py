@@ -142,37 +142,53 @@ def _cpu_s(grid) -> float:
     return total
 
 
-def _secure_stage(cfg):
-    from fedcore.secagg.exchange import SecureTrainStage
+class _Round:
+    """A counted round: its aggregate and the next model."""
 
-    return SecureTrainStage(SETTINGS[0], seed=cfg.run.seed)
+    def __init__(self, agg, arrays):
+        self.arrays, self.rejected = arrays, agg.rejected
+        self.num_clients, self.num_examples, self.metrics = (
+            agg.num_clients,
+            agg.total_weight,
+            agg.metrics,
+        )
+
+
+def _secure_stage(cfg):
+    from fedcore.secagg.exchange import SecureExchange
+
+    return SecureExchange(SETTINGS[0], seed=cfg.run.seed)
 
 
 def _rounds(grid, cfg, arrays, nodes, stage, rnd: int):
     from flwr.app import ConfigRecord
 
-    from fedcore.serverside.rounds import Observer, plain_train_stage
+    from fedcore.serverside.exchange import PlainExchange
+    from fedcore.serverside.rounds import train_once
     from fedcore.serverside.strategies import FedAvg
 
-    stage = stage or plain_train_stage
+    stage = stage or PlainExchange()
+    strategy = FedAvg(seed=cfg.run.seed)
     conf = ConfigRecord({"lr": cfg.train.lr, "local-epochs": 1, "batch-size": cfg.train.batch_size})
     c0 = _cpu_s(grid)
     t0 = time.perf_counter()
-    tr = stage(
+    agg = train_once(
         grid,
-        FedAvg(seed=cfg.run.seed, min_train_clients=2),
+        strategy,
+        stage,
         server_round=rnd,
         arrays=arrays,
         config=conf,
         node_ids=nodes,
         timeout=600.0,
-        observer=Observer(),
     )
+    if agg.update is not None:
+        new = strategy.server_update(rnd, arrays, agg)
     dt = time.perf_counter() - t0
     CPU.append(_cpu_s(grid) - c0)
-    if tr.arrays is None:
-        raise RuntimeError(f"round failed: {tr.rejected}")
-    return dt, tr
+    if agg.update is None:
+        raise RuntimeError(f"round failed: {agg.rejected}")
+    return dt, _Round(agg, new)
 
 
 def bench_overhead(reps: int) -> dict:
@@ -242,8 +258,8 @@ def bench_default(reps: int) -> dict:
 
     from fedcore.core.config import load_config, to_flat
     from fedcore.engines.embedded import EmbeddedGrid, node_id_for
-    from fedcore.runtime.serve import build_evaluate_stage, build_strategy, build_train_stage
-    from fedcore.serverside.rounds import Observer, plain_evaluate_stage, plain_train_stage
+    from fedcore.runtime.serve import build_exchanges, build_strategy, plain_exchange
+    from fedcore.serverside.rounds import evaluate_once, train_once
 
     cfg = load_config(ROOT / "simulations" / "default.toml")
     arrays = _initial(cfg)
@@ -262,16 +278,17 @@ def bench_default(reps: int) -> dict:
         workers=2,
     )
     strategy = build_strategy(cfg)
-    secure = (build_train_stage(cfg, strategy), build_evaluate_stage(cfg))
-    plain = (plain_train_stage, plain_evaluate_stage)
+    secure = build_exchanges(cfg)
+    plain = (plain_exchange(cfg), plain_exchange(cfg))
     out: dict = {"plain": [], "secure": [], "plain_cpu": [], "secure_cpu": []}
 
     def one(stages, rnd):
         nonlocal arrays
         c0, t0 = _cpu_s(grid), time.perf_counter()
-        kw = dict(node_ids=nodes, timeout=600.0, observer=Observer(), server_round=rnd)
-        tr = stages[0](grid, strategy, arrays=arrays, config=conf, **kw)
-        stages[1](grid, strategy, arrays=tr.arrays, config=ConfigRecord(), **kw)
+        kw = dict(node_ids=nodes, timeout=600.0, server_round=rnd)
+        agg = train_once(grid, strategy, stages[0], arrays=arrays, config=conf, **kw)
+        new = strategy.server_update(rnd, arrays, agg)
+        evaluate_once(grid, strategy, stages[1], arrays=new, config=ConfigRecord(), **kw)
         return time.perf_counter() - t0, _cpu_s(grid) - c0
 
     try:

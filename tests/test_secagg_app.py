@@ -10,21 +10,21 @@ from safetensors.numpy import load_file
 
 from fedcore.core.config import config_from_dict, config_from_flat, load_config, to_flat
 from fedcore.core.errors import ConfigError
-from fedcore.runtime.serve import build_evaluate_stage, build_strategy, build_train_stage
-from fedcore.secagg.exchange import SecureEvaluateStage, SecureTrainStage
-from fedcore.serverside.rounds import plain_evaluate_stage, plain_train_stage
+from fedcore.runtime.serve import build_exchanges, build_strategy
+from fedcore.secagg.exchange import SecureExchange
+from fedcore.serverside.exchange import PlainExchange
 from fedcore.serverside.strategies import FedAvg
 
 
 def test_secagg_is_on_by_default_with_auto_graph():
     cfg = config_from_dict({})
     assert cfg.secagg.enabled and cfg.secagg.neighbours == 0 and cfg.secagg.threshold == 0
-    assert isinstance(build_train_stage(cfg, build_strategy(cfg)), SecureTrainStage)
-    assert isinstance(build_evaluate_stage(cfg), SecureEvaluateStage)
+    train, evaluate = build_exchanges(cfg)
+    assert isinstance(train, SecureExchange) and evaluate is train
     off = cfg.replace(secagg={"enabled": False})
-    assert build_train_stage(off, build_strategy(off)) is plain_train_stage
-    assert build_evaluate_stage(off) is plain_evaluate_stage
-    assert build_evaluate_stage(cfg.replace(secagg={"evaluate": False})) is plain_evaluate_stage
+    assert all(isinstance(x, PlainExchange) for x in build_exchanges(off))
+    train, evaluate = build_exchanges(cfg.replace(secagg={"evaluate": False}))
+    assert isinstance(train, SecureExchange) and isinstance(evaluate, PlainExchange)
     assert config_from_flat(to_flat(cfg)) == cfg
     assert load_config("simulations/default.toml").secagg.enabled
 
@@ -55,18 +55,23 @@ def test_two_clients_with_secagg_on_is_a_config_error():
     config_from_dict({"run": {"clients": 2}, "secagg": {"enabled": False}})
 
 
-def test_strategies_that_need_individual_updates_are_refused():
-    class Median(FedAvg):
-        needs_individual_updates = True
+class Median(FedAvg):
+    """A user strategy that needs each client's update (test)."""
 
-    cfg = config_from_dict({})
+    linear = False
+
+
+def test_strategies_that_need_individual_updates_are_refused():
+    cfg = config_from_dict({"strategy": {"name": "tests.test_secagg_app:Median"}})
     with pytest.raises(ConfigError, match="individual update") as exc:
-        build_train_stage(cfg, Median(seed=0))
-    assert exc.value.key == "secagg.enabled"
-    assert (
-        build_train_stage(cfg.replace(secagg={"enabled": False}), Median(seed=0))
-        is plain_train_stage
-    )
+        build_strategy(cfg)
+    assert exc.value.key == "strategy.name" and "secagg.enabled" in str(exc.value)
+    assert isinstance(build_strategy(cfg.replace(secagg={"enabled": False})), Median)
+    # and the secure exchange itself refuses to hand it anything
+    with pytest.raises(ConfigError, match="individual update"):
+        SecureExchange(build_exchanges(cfg)[0].settings).train(
+            None, [], server_round=1, arrays=None, individual=True, timeout=1.0, progress=None
+        )
 
 
 def _run(tmp_path, name, secagg: bool):
@@ -114,8 +119,10 @@ def test_vector_layout_is_name_order_whatever_the_record_order():
     """A record restored from a checkpoint may list arrays in another order: same layout."""
     from flwr.app import Array, ArrayRecord
 
-    from fedcore.secagg.exchange import _apply
+    from fedcore.core.aggregation import spec_of
+    from fedcore.secagg.exchange import _split
     from fedcore.secagg.handler import _update_pairs
+    from fedcore.serverside.strategies import apply_update
 
     a = {"b": np.arange(3, dtype=np.float32), "a": np.ones((2, 2), np.float32)}
     fwd = ArrayRecord({k: Array(v) for k, v in a.items()})
@@ -126,7 +133,8 @@ def test_vector_layout_is_name_order_whatever_the_record_order():
         assert [p[1].shape for p in pairs] == [(2, 2), (3,)]  # "a" before "b"
     mean = np.concatenate([np.full(4, 0.5), np.full(3, 2.0)])  # a's update, then b's
     for glob in (fwd, rev):
-        out = _apply(glob, mean)
+        update = _split(mean, [("", spec_of(glob))])[""]
+        out = apply_update(glob, update)
         assert list(out.keys()) == list(glob.keys())
         assert out["a"].numpy().tolist() == [[1.5, 1.5], [1.5, 1.5]]
         assert out["b"].numpy().tolist() == [2.0, 3.0, 4.0]

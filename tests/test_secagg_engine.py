@@ -18,7 +18,7 @@ from fedcore.core.aggregation import array_view
 from fedcore.core.config import to_flat
 from fedcore.core.records import model_to_arrays
 from fedcore.engines.embedded import EmbeddedGrid, node_id_for
-from fedcore.secagg.exchange import SecAggSettings, SecureEvaluateStage, SecureTrainStage
+from fedcore.secagg.exchange import SecAggSettings, SecureExchange
 from fedcore.secagg.protocol.machine import (
     STAGE_KEYS,
     STAGE_MASKED,
@@ -27,14 +27,11 @@ from fedcore.secagg.protocol.machine import (
     Advert,
 )
 from fedcore.secagg.protocol.wire import SECAGG, unpack_ids
-from fedcore.serverside.rounds import (
-    Observer,
-    RoundPolicy,
-    plain_evaluate_stage,
-    plain_train_stage,
-    run_federation,
-)
-from fedcore.serverside.strategies import FedAvg
+from fedcore.serverside.exchange import PlainExchange
+from fedcore.serverside.rounds import Observer, RoundPolicy, run_federation
+from fedcore.serverside.strategies import FedAvg, Sampling
+
+from .exchanges import evaluate_step, train_step
 
 pytestmark = pytest.mark.slow
 
@@ -113,9 +110,10 @@ def _train_config(cfg):
 
 
 def _secure(grid, arrays, cfg, rnd, settings=SETTINGS, nodes=NODES, timeout=60.0, stage=None):
-    stage = stage or SecureTrainStage(settings, seed=cfg.run.seed)
+    stage = stage or SecureExchange(settings, seed=cfg.run.seed)
     q = stage.settings.quantizer(len(nodes), stage.last_weight)
-    result = stage(
+    result = train_step(
+        stage,
         grid,
         FedAvg(seed=cfg.run.seed),
         server_round=rnd,
@@ -139,9 +137,10 @@ class _WithQuantizer:
 
 
 def _plain(grid, arrays, cfg, rnd, nodes):
-    return plain_train_stage(
+    return train_step(
+        PlainExchange(accumulation_block=1),
         grid,
-        FedAvg(seed=cfg.run.seed, accumulation_block=1),
+        FedAvg(seed=cfg.run.seed),
         server_round=rnd,
         arrays=arrays,
         config=_train_config(cfg),
@@ -177,7 +176,7 @@ def test_secure_round_equals_plain_fedavg(setup, grid):
 
 def test_second_round_switches_to_the_32_bit_ring_and_stays_exact(setup, grid):
     _, arrays, cfg = setup
-    stage = SecureTrainStage(SETTINGS, seed=cfg.run.seed)
+    stage = SecureExchange(SETTINGS, seed=cfg.run.seed)
     first = _secure(grid, arrays, cfg, 1, stage=stage)
     assert first.quantizer.ring_bits == 64 and stage.last_weight == first.num_examples
     second = _secure(grid, arrays, cfg, 9, stage=stage)
@@ -301,19 +300,19 @@ def test_too_few_survivors_fails_cleanly_and_keeps_the_model(setup, grid, caplog
     _, arrays, cfg = setup
     for p in range(4):
         grid.faults[(STAGE_MASKED, node_id_for(p))] = "silent"
-    stage = SecureTrainStage(SETTINGS, seed=cfg.run.seed)
+    stage = SecureExchange(SETTINGS, seed=cfg.run.seed)
     unmask_sent = []
     grid.tamper_out = lambda m, rec: unmask_sent.append(m) if rec["stage"] == STAGE_UNMASK else None
     with caplog.at_level(logging.WARNING, logger="fedcore"):
         final = run_federation(
             grid,
-            FedAvg(seed=cfg.run.seed, fraction_evaluate=0.0),
+            FedAvg(seed=cfg.run.seed, sampling=Sampling(fraction_evaluate=0.0)),
             arrays=arrays,
             rounds=1,
             train_config=_train_config(cfg),
             evaluate_config=ConfigRecord(),
             policy=RoundPolicy(timeout=60.0, min_available=CLIENTS, retries=0),
-            train_stage=stage,
+            exchange=stage,
         )
     assert final is arrays  # the previous model, untouched
     assert unmask_sent == []  # no share of anyone's secret was asked for
@@ -334,10 +333,10 @@ def test_secure_evaluation_equals_plain_evaluation_and_hides_per_client_counts(s
         timeout=60.0,
         observer=Observer(),
     )
-    stage = SecureEvaluateStage(SETTINGS, seed=cfg.run.seed)
-    secure = stage(grid, FedAvg(seed=cfg.run.seed), **kwargs)
+    stage = SecureExchange(SETTINGS, seed=cfg.run.seed)
+    secure = evaluate_step(stage, grid, FedAvg(seed=cfg.run.seed), **kwargs)
     grid.tamper_in = None
-    plain = plain_evaluate_stage(grid, FedAvg(seed=cfg.run.seed), **kwargs)
+    plain = evaluate_step(PlainExchange(), grid, FedAvg(seed=cfg.run.seed), **kwargs)
     assert secure.rejected == () and secure.num_clients == plain.num_clients == CLIENTS
     assert secure.num_examples == plain.num_examples
     q = SETTINGS.quantizer(CLIENTS, None)

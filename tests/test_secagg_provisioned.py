@@ -26,11 +26,12 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcore.core.config import config_from_dict, to_flat
-from fedcore.secagg.exchange import SecAggSettings, SecureTrainStage
+from fedcore.secagg.exchange import SecAggSettings, SecureExchange
 from fedcore.secagg.protocol.machine import STAGE_KEYS, STAGE_SHARES
 from fedcore.secagg.protocol.rosters import CaRoster
-from fedcore.serverside.rounds import Observer
 from fedcore.serverside.strategies import FedAvg
+
+from .exchanges import train_step
 
 CLIENTS = 4
 
@@ -168,8 +169,9 @@ def federation(tmp_path):
 
 
 def _round(grid, arrays, roster, rnd=1):
-    stage = SecureTrainStage(SecAggSettings(stage_timeout=10.0), seed=1, roster=roster)
-    return stage(
+    stage = SecureExchange(SecAggSettings(stage_timeout=10.0), seed=1, roster=roster)
+    return train_step(
+        stage,
         grid,
         FedAvg(seed=1),
         server_round=rnd,
@@ -177,7 +179,6 @@ def _round(grid, arrays, roster, rnd=1):
         config=ConfigRecord({"lr": 0.1, "local-epochs": 1, "batch-size": 16}),
         node_ids=list(grid.contexts),
         timeout=30.0,
-        observer=Observer(),
     )
 
 
@@ -266,10 +267,11 @@ def kit_federation(tmp_path):
 
 
 def _kit_round(grid, arrays, cfg, rnd=1):
-    from fedcore.runtime.serve import build_strategy, build_train_stage
+    from fedcore.runtime.serve import build_exchanges
 
-    stage = build_train_stage(cfg, build_strategy(cfg))  # the server's real wiring
-    return stage(
+    stage, _ = build_exchanges(cfg)  # the server's real wiring
+    return train_step(
+        stage,
         grid,
         FedAvg(seed=1),
         server_round=rnd,
@@ -277,7 +279,6 @@ def _kit_round(grid, arrays, cfg, rnd=1):
         config=ConfigRecord({"lr": 0.1, "local-epochs": 1, "batch-size": 16}),
         node_ids=list(grid.contexts),
         timeout=30.0,
-        observer=Observer(),
     )
 
 

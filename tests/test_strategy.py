@@ -1,4 +1,4 @@
-"""FedAvg hooks on hand-built replies, against Flower's own FedAvg as the oracle."""
+"""FedAvg and the plain exchange on hand-built replies, against Flower's own FedAvg."""
 
 from __future__ import annotations
 
@@ -16,9 +16,21 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from fedcore.serverside.strategies import FedAvg
+from fedcore.serverside.exchange import PlainExchange
+from fedcore.serverside.strategies import FedAvg, Sampling
 
 NODES = [11, 12, 13, 14]
+
+
+class _Result:
+    """The next model and the aggregate it came from (``arrays`` None: nobody counted)."""
+
+    def __init__(self, strategy, replies, exchange=None):
+        template = _global()
+        agg = (exchange or PlainExchange()).aggregate(replies, arrays=template)
+        self.arrays = strategy.server_update(1, template, agg) if agg.update is not None else None
+        self.num_clients, self.num_examples = agg.num_clients, agg.total_weight
+        self.metrics, self.rejected = agg.metrics, agg.rejected
 
 
 def _global():
@@ -54,7 +66,7 @@ def test_aggregate_train_hand_computed_and_matches_flower():
     replies = [
         _reply(m, v, n, loss=float(i)) for i, (m, v, n) in enumerate(zip(msgs, values, sizes))
     ]
-    result = ours.aggregate_train(1, iter(replies))
+    result = _Result(ours, iter(replies))
     expected = sum(np.float64(n) * np.array(v, np.float64) for v, n in zip(values, sizes)) / 100
     np.testing.assert_allclose(result.arrays["w"].numpy(), expected, rtol=1e-7)
     assert result.num_clients == 4 and result.num_examples == 100 and not result.rejected
@@ -94,7 +106,7 @@ def test_a_bad_reply_is_rejected_alone_with_a_reason(make_bad, reason):
         _reply(msgs[2], [3, 3, 3, 3], 10),
     ]
     bad_src = replies[1].metadata.src_node_id
-    result = s.aggregate_train(1, replies)
+    result = _Result(s, replies)
     assert result.num_clients == 2
     assert result.arrays["w"].numpy().tolist() == [2.0, 2.0, 2.0, 2.0]
     assert len(result.rejected) == 1
@@ -105,15 +117,17 @@ def test_a_bad_reply_is_rejected_alone_with_a_reason(make_bad, reason):
 def test_no_valid_reply_gives_no_new_model():
     s = FedAvg(seed=0)
     msgs = _train_msgs(s)
-    result = s.aggregate_train(1, [Message(Error(2, "x"), reply_to=msgs[0])])
+    result = _Result(s, [Message(Error(2, "x"), reply_to=msgs[0])])
     assert result.arrays is None and result.num_clients == 0 and len(result.rejected) == 1
 
 
 def test_max_examples_cap():
-    s = FedAvg(seed=0, max_examples=100)
+    s = FedAvg(seed=0)
     msgs = _train_msgs(s)
-    result = s.aggregate_train(
-        1, [_reply(msgs[0], [1, 1, 1, 1], 101), _reply(msgs[1], [1, 1, 1, 1], 5)]
+    result = _Result(
+        s,
+        [_reply(msgs[0], [1, 1, 1, 1], 101), _reply(msgs[1], [1, 1, 1, 1], 5)],
+        PlainExchange(max_examples=100),
     )
     assert result.num_clients == 1 and "cap 100" in result.rejected[0].reason
 
@@ -131,13 +145,14 @@ def test_evaluate_metrics_are_example_weighted():
             reply_to=msgs[1],
         ),
     ]
-    result = s.aggregate_evaluate(1, replies)
+    result = PlainExchange().aggregate_evaluate(replies)
     assert result.metrics["eval_acc"] == pytest.approx(0.25) and result.num_examples == 4
 
 
 def test_fraction_and_minimum_sampling_is_seeded():
-    a = FedAvg(seed=1, fraction_train=0.5, min_train_clients=1)
-    b = FedAvg(seed=1, fraction_train=0.5, min_train_clients=1)
+    half = Sampling(fraction_train=0.5, min_train_clients=1)
+    a = FedAvg(seed=1, sampling=half)
+    b = FedAvg(seed=1, sampling=half)
     ids = list(range(100))
     pick = lambda s, r: [
         m.metadata.dst_node_id for m in s.configure_train(r, _global(), ConfigRecord(), ids)

@@ -25,14 +25,16 @@ from flwr.serverapp import Grid
 
 from fedcore.core.errors import RoundFailedError
 from fedcore.core.records import Rejection
-from fedcore.serverside.exchange import Aggregate, Exchange, PlainExchange
+from fedcore.serverside.exchange import Aggregate, EvaluateResult, Exchange, PlainExchange
 from fedcore.serverside.strategies.base import Strategy
 
 __all__ = [
     "Observer",
     "RoundPolicy",
     "RoundRecord",
+    "evaluate_once",
     "run_federation",
+    "train_once",
     "wait_for_nodes",
 ]
 
@@ -113,6 +115,56 @@ class RoundPolicy:
     backoff: float = 1.0
 
 
+def train_once(
+    grid: Grid,
+    strategy: Strategy,
+    exchange: Exchange,
+    *,
+    server_round: int,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    node_ids: Sequence[int],
+    timeout: float,
+    observer: Observer | None = None,
+) -> Aggregate:
+    """One training exchange: ``configure_train`` -> ``exchange.train`` (no model update).
+
+    The round loop applies ``strategy.server_update`` to the result when it counts.
+    """
+    messages = strategy.configure_train(server_round, arrays, config, node_ids)
+    return exchange.train(
+        grid,
+        messages,
+        server_round=server_round,
+        arrays=arrays,
+        summed=strategy.summed_records(arrays),
+        individual=not strategy.linear,
+        timeout=timeout,
+        progress=observer or Observer(),
+    )
+
+
+def evaluate_once(
+    grid: Grid,
+    strategy: Strategy,
+    exchange: Exchange,
+    *,
+    server_round: int,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    node_ids: Sequence[int],
+    timeout: float,
+    observer: Observer | None = None,
+) -> EvaluateResult | None:
+    """One federated evaluation; ``None`` when the strategy samples no one."""
+    messages = strategy.configure_evaluate(server_round, arrays, config, node_ids)
+    if not messages:
+        return None
+    return exchange.evaluate(
+        grid, messages, server_round=server_round, timeout=timeout, progress=observer or Observer()
+    )
+
+
 def _train_attempt(
     grid: Grid,
     strategy: Strategy,
@@ -133,16 +185,16 @@ def _train_attempt(
     config = ConfigRecord(dict(train_config))
     if attempt:
         config["attempt"] = attempt
-    messages = strategy.configure_train(rnd, arrays, config, node_ids)
-    agg = exchange.train(
+    agg = train_once(
         grid,
-        messages,
+        strategy,
+        exchange,
         server_round=rnd,
         arrays=arrays,
-        summed=strategy.summed_records(arrays),
-        individual=not strategy.linear,
+        config=config,
+        node_ids=node_ids,
         timeout=policy.timeout,
-        progress=observer,
+        observer=observer,
     )
     rejected = list(agg.rejected)
     if agg.update is None or agg.num_clients < policy.min_replies:
@@ -219,11 +271,22 @@ def run_federation(
 
         # -- federated evaluation (not retried: it does not change the model) --
         fed: dict[str, float] = {}
-        msgs = (
-            strategy.configure_evaluate(rnd, arrays, evaluate_config, node_ids) if node_ids else []
+        ev = (
+            evaluate_once(
+                grid,
+                strategy,
+                eval_x,
+                server_round=rnd,
+                arrays=arrays,
+                config=evaluate_config,
+                node_ids=node_ids,
+                timeout=policy.timeout,
+                observer=obs,
+            )
+            if node_ids
+            else None
         )
-        if msgs:
-            ev = eval_x.evaluate(grid, msgs, server_round=rnd, timeout=policy.timeout, progress=obs)
+        if ev is not None:
             dropped = list(ev.rejected)
             for r in dropped:
                 log.warning("round %d: dropped %s", rnd, r)
