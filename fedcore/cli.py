@@ -142,6 +142,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             "progress": True,
             "resume": resume_dir is not None,
         },
+        client_state_dir=run_dir / "client-state",
     )
     import json
 

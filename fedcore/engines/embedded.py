@@ -16,15 +16,14 @@ While the grid is open, torch runs on one intra-op thread in this process,
 as in every worker (the clients then compute the same numbers on any executor).
 
 Messages cross the process boundary as Flower's own protobuf bytes
-(``message_to_proto``), never pickled. Replies come back to the ServerApp in
-the order the messages were pushed (streamed: each one is yielded as soon as
-every earlier one has arrived), which keeps aggregation order, and therefore
-the model, deterministic.
+(:func:`fedcore.flower_adapter.message_to_bytes`), never pickled. Replies come
+back to the ServerApp in the order the messages were pushed (streamed: each one
+is yielded as soon as every earlier one has arrived), which keeps aggregation
+order, and therefore the model, deterministic.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import multiprocessing as mp
 import os
@@ -35,16 +34,23 @@ import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Context, Message, RecordDict
+
+from fedcore.core.registry import import_object
+from fedcore.flower_adapter import (
+    SUPERLINK_NODE_ID,
+    GridBase,
+    empty_run,
+    error_reply,
+    message_from_bytes,
+    message_to_bytes,
+    set_message_id,
+    set_task_identity,
+)
 
 __all__ = ["EmbeddedGrid", "node_id_for", "run_embedded"]
 
@@ -58,11 +64,6 @@ def node_id_for(partition_id: int) -> int:
     return _NODE_ID_BASE + partition_id
 
 
-def _load_app(path: str) -> Any:
-    module_name, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
-
-
 def _worker_main(
     conn: Connection,
     app_path: str,
@@ -71,12 +72,15 @@ def _worker_main(
     num_partitions: int,
     run_id: int,
     torch_threads: int,
+    state_root: str = "",
     in_process: bool = False,
 ) -> None:
     """Worker loop: receive a message, run the ClientApp for its node, send the reply.
 
     ``in_process``: the loop runs in a thread of the server's process, whose
     process-wide settings (torch threads, ``TaskIdentity``) the grid owns.
+    ``state_root``: each client's persistent state goes to ``<state_root>/<partition-id>``
+    (node config ``state-dir``); empty: it stays in the node's ``Context.state``.
     """
     if not in_process:
         try:
@@ -85,14 +89,17 @@ def _worker_main(
             torch.set_num_threads(torch_threads)
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
-        TaskIdentity.run_id = run_id
-        TaskIdentity.task_id = 1
-    app = _load_app(app_path)
+        set_task_identity(run_id=run_id, task_id=1)
+    app = import_object(app_path, key="client_app")
     contexts = {
         node_id_for(p): Context(
             run_id=run_id,
             node_id=node_id_for(p),
-            node_config={"partition-id": p, "num-partitions": num_partitions},
+            node_config={
+                "partition-id": p,
+                "num-partitions": num_partitions,
+                **({"state-dir": str(Path(state_root) / str(p))} if state_root else {}),
+            },
             state=RecordDict(),
             run_config=dict(run_config),
         )
@@ -106,19 +113,17 @@ def _worker_main(
             return
         if not data:
             return
-        proto = ProtoMessage()
-        proto.ParseFromString(data)
-        msg = message_from_proto(proto)
+        msg = message_from_bytes(data)
         context = contexts[msg.metadata.dst_node_id]
         if not in_process:  # (replies take their identity from the message they answer)
-            TaskIdentity.node_id = context.node_id
+            set_task_identity(node_id=context.node_id)
         try:
             reply = app(msg, context)
         except Exception as exc:  # noqa: BLE001 - a failing client is data, not a crash
             reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
-            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+            reply = error_reply(msg, reason)
         try:
-            conn.send_bytes(message_to_proto(reply).SerializeToString())
+            conn.send_bytes(message_to_bytes(reply))
         except OSError:  # the grid was closed while this client ran
             return
 
@@ -198,8 +203,12 @@ class _Worker:
         self.conn.close()
 
 
-class EmbeddedGrid(Grid):
+class EmbeddedGrid(GridBase):
     """A Grid whose nodes are virtual clients in local worker processes.
+
+    Its ``send_and_receive`` streams replies as they arrive
+    (:attr:`streams_replies`), so the ServerApp does not wrap it in a
+    :class:`~fedcore.engines.polling.PollingGrid`.
 
     Parameters
     ----------
@@ -214,6 +223,9 @@ class EmbeddedGrid(Grid):
         per CPU core (at most ``num_clients``).
     run_id : int (default: 1)
         Run id written into messages and contexts.
+    client_state_dir : path, optional
+        Where clients keep persistent state (SCAFFOLD's control variates...), one
+        folder per partition; default: in memory, in each node's ``Context.state``.
 
     """
 
@@ -225,8 +237,9 @@ class EmbeddedGrid(Grid):
         num_clients: int,
         workers: int = 0,
         run_id: int = 1,
+        client_state_dir: str | Path | None = None,
     ) -> None:
-        self._run = Run.create_empty(run_id)
+        self._run = empty_run(run_id)
         n_workers = workers or (os.cpu_count() or 1)
         n_workers = max(1, min(n_workers, num_clients))
         self._ctx = mp.get_context("spawn")
@@ -238,6 +251,7 @@ class EmbeddedGrid(Grid):
             num_clients,
             run_id,
             1,
+            str(client_state_dir or ""),
         )
         # One torch thread in this process too while clients run in it (restored on close).
         import torch
@@ -260,25 +274,18 @@ class EmbeddedGrid(Grid):
         self._owner: dict[str, _Worker] = {}
         self._messages: dict[str, Message] = {}
 
+    #: ``send_and_receive`` yields each reply as soon as it (and every earlier one) arrived.
+    streams_replies = True
+
     # -- Grid API -------------------------------------------------------------
-    def set_run(self, run: Run) -> None:
+    def set_run(self, run: Any) -> None:
         """Set the run (the embedded engine has exactly one)."""
         self._run = run
 
     @property
-    def run(self) -> Run:
+    def run(self) -> Any:
         """Run information."""
         return self._run
-
-    def create_message(  # noqa: D102 - deprecated in Flower; kept for the ABC
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
         """Ids of all virtual clients."""
@@ -293,9 +300,9 @@ class EmbeddedGrid(Grid):
             if not 0 <= partition < self._num_clients:
                 raise ValueError(f"unknown node id {node}")
             msg_id = uuid4().hex
-            msg.metadata.__dict__["_message_id"] = msg_id
+            set_message_id(msg, msg_id)
             worker = self._workers[partition % len(self._workers)]
-            worker.outbox.put(message_to_proto(msg).SerializeToString())
+            worker.outbox.put(message_to_bytes(msg))
             worker.pending.append(msg_id)
             self._owner[msg_id] = worker
             self._messages[msg_id] = msg
@@ -361,9 +368,7 @@ class EmbeddedGrid(Grid):
             if data == b"ready":
                 worker.ready = True
                 continue
-            proto = ProtoMessage()
-            proto.ParseFromString(data)
-            reply = message_from_proto(proto)
+            reply = message_from_bytes(data)
             mid = reply.metadata.reply_to_message_id
             if mid in worker.pending:
                 worker.pending.remove(mid)
@@ -378,9 +383,8 @@ class EmbeddedGrid(Grid):
         for mid in worker.pending:
             msg = self._messages.get(mid)
             if msg is not None:
-                self._replies[mid] = Message(
-                    Error(ErrorCode.CLIENT_APP_CRASHED, f"client process exited with code {code}"),
-                    reply_to=msg,
+                self._replies[mid] = error_reply(
+                    msg, f"client process exited with code {code}", crashed=True
                 )
         worker.pending.clear()
         worker.stop()
@@ -415,17 +419,17 @@ def run_embedded(
     workers: int = 0,
     server_node_config: Mapping[str, Any] | None = None,
     run_id: int = 1,
+    client_state_dir: str | Path | None = None,
 ) -> None:
     """Run ``server_app`` (a ``ServerApp``) against ``num_clients`` virtual clients."""
-    TaskIdentity.run_id = run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    TaskIdentity.task_id = 1
+    set_task_identity(run_id=run_id, node_id=SUPERLINK_NODE_ID, task_id=1)
     with EmbeddedGrid(
         client_app=client_app,
         run_config=run_config,
         num_clients=num_clients,
         workers=workers,
         run_id=run_id,
+        client_state_dir=client_state_dir,
     ) as grid:
         context = Context(
             run_id=run_id,
