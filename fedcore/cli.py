@@ -41,10 +41,13 @@ def _apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
 
 
 def preflight(cfg: Config) -> None:
-    """Everything that can be checked before training: data, partitions, model, loops."""
+    """Everything that can be checked before training: strategy, data, partitions, model, loops."""
     from fedcore.clientside.data import simulation_split
     from fedcore.clientside.models import build_model
     from fedcore.clientside.training import resolve_loops
+    from fedcore.runtime.serve import build_strategy
+
+    build_strategy(cfg)  # its options, and whether secure aggregation allows it
 
     split = simulation_split(cfg.data, seed=cfg.run.seed, num_clients=cfg.run.clients)
     build_model(cfg.model, input_shape=split.test.input_shape, num_classes=split.test.num_classes)
