@@ -71,7 +71,7 @@ def test_failed_clients_are_dropped_with_reasons_and_the_rest_aggregated(
 def test_too_few_replies_retries_then_keeps_the_previous_model(small_config, tmp_path, monkeypatch):
     cfg = small_config.replace(
         run={"rounds": 3},
-        strategy={"min-train-replies": 3, "round-retries": 1, "retry-backoff": 0.0},
+        round={"min-train-replies": 3, "retries": 1, "retry-backoff": 0.0},
         secagg={"enabled": False},  # tests/apps/flaky.py has no train.secagg handler
     )
     # round 2: three of four clients fail in every attempt -> round 2 fails
@@ -336,3 +336,31 @@ def test_resume_refuses_another_config(tmp_path):
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 2
     assert "another config (data.alpha: 1.0 -> 2.0" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "options"), [("fedadam", "eta = 0.02\n"), ("scaffold", "")])
+def test_sigkill_and_resume_keep_strategy_state_exact(tmp_path, name, options):
+    """Server-optimizer moments and SCAFFOLD's control variates (server's and every
+    client's) survive SIGKILL: the resumed run ends with the uninterrupted model."""
+    cfg_path = tmp_path / "kill.toml"
+    table = f'[strategy]\nname = "{name}"\n' + (f"[strategy.options]\n{options}" if options else "")
+    cfg_path.write_text(KILL_CONFIG + table)
+    ref = tmp_path / "reference"
+    proc = _cli(str(cfg_path), "--out", str(ref))
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    reference = (ref / "model.safetensors").read_bytes()
+    if name == "scaffold":  # every client keeps its control variate in the run directory
+        assert sorted(p.name for p in (ref / "client-state").iterdir()) == ["0", "1", "2", "3"]
+    points = [
+        "before-checkpoint:3",  # the clients already saved round 3's state; the server did not
+        "checkpoint-partial:4",
+        "checkpoint-written:2",
+        "after-metrics:5",
+    ]
+    for i, point in enumerate(points):
+        run_dir = tmp_path / f"run{i}"
+        died = _run_to_completion(cfg_path, run_dir, first_env={"FEDCORE_CRASH_AT": point})
+        assert died, point
+        assert (run_dir / "model.safetensors").read_bytes() == reference, f"{name}: {point}"
