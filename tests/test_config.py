@@ -38,8 +38,8 @@ from .conftest import ROOT
         ({"train": {"optimizer": "lbfgs"}}, "train.optimizer", "sgd, adam"),
         ({"strategy": {"fraction-train": 1.5}}, "strategy.fraction-train", "[0, 1]"),
         (
-            {"run": {"clients": 3}, "strategy": {"min-available-clients": 5}},
-            "strategy.min-available-clients",
+            {"run": {"clients": 3}, "round": {"min-available-clients": 5}},
+            "round.min-available-clients",
             "<= run.clients",
         ),
         ({"model": {"kwargs": {"hidden": [1, 2]}}}, "model.kwargs.hidden", "booleans, numbers"),

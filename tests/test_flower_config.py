@@ -1,4 +1,8 @@
-"""pyproject's ``[tool.flwr.app.config]`` is simulations/default.toml in Flower's flat form."""
+"""pyproject's ``[tool.flwr.app.config]`` is simulations/default.toml in Flower's flat form.
+
+The tables are generated (``python -m fedcore.core.config_docs --write``); this checks the
+result the way Flower reads it.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ def test_app_config_is_the_flattened_default_toml():
     differing = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
     assert found == expected, (
         "pyproject.toml [tool.flwr.app.config] drifted from simulations/default.toml; "
-        f"differing keys: {differing}"
+        f"differing keys: {differing}; run `python -m fedcore.core.config_docs --write`"
     )
     # same types too (Flower's run config keeps int/float/bool/str apart)
     assert {k: type(v) for k, v in found.items()} == {k: type(v) for k, v in expected.items()}

@@ -1,9 +1,10 @@
 """Typed, validated run configuration: one TOML file -> frozen dataclasses.
 
 A config file has one table per section (``[run]``, ``[data]``, ``[model]``,
-``[train]``, ``[strategy]``, ``[engine]``, ``[deploy]``, ``[secagg]``); keys are kebab-case.
-Every value is
-checked before anything trains, and a bad one raises :class:`ConfigError` naming
+``[train]``, ``[strategy]``, ``[round]``, ``[engine]``, ``[deploy]``, ``[secagg]``);
+keys are kebab-case. Each key is declared once, on its dataclass field, with
+:func:`~fedcore.core.keys.key`: type, default, rule and one line of help. Every value
+is checked before anything trains, and a bad one raises :class:`ConfigError` naming
 the dotted key, the value found and what is allowed::
 
     >>> cfg = config_from_dict({"run": {"rounds": 3}, "data": {"alpha": 0.1}})
@@ -13,187 +14,199 @@ the dotted key, the value found and what is allowed::
     Traceback (most recent call last):
     ...
     fedcore.core.errors.ConfigError: config key 'data.alpha' has value 0.0: must be > 0 ...
+    >>> try:
+    ...     config_from_dict({"run": {"roundz": 3}})
+    ... except ConfigError as exc:
+    ...     print(exc)  # doctest: +ELLIPSIS
+    config key 'run.roundz' has value 3: unknown key; did you mean 'run.rounds'? ...
 
 Flower's run config is flat (``"data.alpha" = 0.1``); :func:`to_flat` and
 :func:`config_from_flat` convert both ways, so the same config reaches the
-ServerApp and ClientApp under every engine.
+ServerApp and ClientApp under every engine. Renamed keys keep working: their old
+spelling (:data:`DEPRECATED_KEYS`) is read as the new key with a ``DeprecationWarning``.
+The table of keys in ``simulations/README.md`` and pyproject's Flower mirror are
+generated from these declarations (``python -m fedcore.core.config_docs --write``).
 """
 
 from __future__ import annotations
 
-import math
+import sys
 import tomllib
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from types import MappingProxyType
+from typing import Any
+
+import tomli_w
 
 from fedcore.core.errors import ConfigError
+from fedcore.core.keys import (
+    FrozenMap,
+    KeyInfo,
+    Scalar,
+    Section,
+    at_least,
+    check_value_type,
+    close_match,
+    finite_positive,
+    greater_than,
+    import_path_or_empty,
+    in_range,
+    key,
+    key_infos,
+    name_or_import_path,
+    non_empty,
+    one_of,
+    zero_or_at_least,
+)
 
 __all__ = [
+    "BUILTIN_STRATEGIES",
+    "DEPRECATED_KEYS",
+    "RESUME_MAY_CHANGE",
+    "SECTIONS",
     "Config",
     "DataConfig",
     "DeployConfig",
     "EngineConfig",
+    "FrozenMap",
     "ModelConfig",
+    "RoundConfig",
     "RunConfig",
     "SecAggConfig",
     "StrategyConfig",
     "TrainConfig",
     "config_from_dict",
     "config_from_flat",
+    "declared_keys",
     "load_config",
     "to_dict",
     "to_flat",
     "to_toml",
 ]
 
-Scalar = bool | int | float | str
-
 PARTITIONERS = ("iid", "dirichlet", "shards")
 DATA_SOURCES = ("digits", "synthetic", "file")
 OPTIMIZERS = ("sgd", "adam")
-STRATEGIES = ("fedavg",)
+#: ``[strategy] name`` values that need no import path.
+BUILTIN_STRATEGIES = (
+    "fedavg",
+    "fedavgm",
+    "fedprox",
+    "fedadagrad",
+    "fedadam",
+    "fedyogi",
+    "scaffold",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+)
 
-
-class FrozenMap(Mapping[str, Scalar]):
-    """An immutable, hashable mapping (so a whole :class:`Config` can key a cache)."""
-
-    __slots__ = ("_items",)
-
-    def __init__(self, items: Mapping[str, Scalar] | None = None) -> None:
-        self._items = dict(items or {})
-
-    def __getitem__(self, key: str) -> Scalar:
-        return self._items[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __hash__(self) -> int:
-        return hash(tuple(sorted(self._items.items())))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Mapping) and dict(self._items) == dict(other)
-
-    def __repr__(self) -> str:
-        return f"FrozenMap({self._items!r})"
-
-
-def _require(ok: bool, key: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(key, value, allowed)
+#: Old spelling -> new key. The old one is still read (with a ``DeprecationWarning``).
+DEPRECATED_KEYS: Mapping[str, str] = MappingProxyType(
+    {
+        "strategy.round-timeout": "round.timeout",
+        "strategy.min-available-clients": "round.min-available-clients",
+        "strategy.min-train-replies": "round.min-train-replies",
+        "strategy.round-retries": "round.retries",
+        "strategy.retry-backoff": "round.retry-backoff",
+    }
+)
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Section):
     """``[run]``: what to run and where to write it."""
 
-    seed: int = 0
-    rounds: int = 20
-    clients: int = 10
-    out_dir: str = "runs"
-    centralized_baseline: bool = True
-    baseline_epochs: int = 10
+    section = "run"
 
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` on the first bad value."""
-        _require(
-            self.baseline_epochs >= 1,
-            "run.baseline-epochs",
-            self.baseline_epochs,
-            "must be an integer >= 1",
-        )
-        _require(self.rounds >= 1, "run.rounds", self.rounds, "must be an integer >= 1")
-        _require(self.clients >= 1, "run.clients", self.clients, "must be an integer >= 1")
-        _require(self.seed >= 0, "run.seed", self.seed, "must be an integer >= 0")
-        _require(bool(self.out_dir), "run.out-dir", self.out_dir, "must be a non-empty path")
+    seed: int = key(
+        0,
+        help="run seed; every random choice derives from (seed, round, purpose)",
+        rule=at_least(0),
+    )
+    rounds: int = key(20, help="federated rounds", rule=at_least(1), resume_may_change=True)
+    clients: int = key(10, help="virtual clients (partitions)", rule=at_least(1))
+    out_dir: str = key(
+        "runs",
+        help="parent of run directories when --out is not given",
+        rule=non_empty("path"),
+        resume_may_change=True,
+    )
+    centralized_baseline: bool = key(
+        True,
+        help="also train the same model centrally and print its accuracy",
+        resume_may_change=True,
+    )
+    baseline_epochs: int = key(
+        10, help="epochs of that centralized baseline", rule=at_least(1), resume_may_change=True
+    )
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     """``[data]``: the dataset, the held-out splits and how clients split the rest."""
 
-    source: str = "digits"
-    path: str = ""
-    label_column: str = "label"
-    test_fraction: float = 0.2
-    val_fraction: float = 0.1
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    shards_per_client: int = 2
-    synthetic_examples: int = 2000
-    synthetic_features: int = 20
-    synthetic_classes: int = 10
-    num_classes: int = 0  # 0 = infer from the data; set it when clients hold files
+    section = "data"
 
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` on the first bad value."""
-        _require(
-            self.source in DATA_SOURCES,
-            "data.source",
-            self.source,
-            f"must be one of {', '.join(DATA_SOURCES)}",
-        )
-        if self.source == "file":
-            _require(
-                bool(self.path),
+    source: str = key(
+        "digits",
+        help="where the examples come from (digits: scikit-learn's, offline; file: data.path)",
+        choices=DATA_SOURCES,
+    )
+    path: str = key(
+        "", help=".npz (arrays x, y) or .csv file for source = file; relative to the config file"
+    )
+    label_column: str = key("label", help="label column of a .csv file")
+    test_fraction: float = key(
+        0.2,
+        help="held out for the server's centralized evaluation",
+        rule=in_range(0, 1, open="both"),
+    )
+    val_fraction: float = key(
+        0.1,
+        help="of each client's data, kept for federated evaluation",
+        rule=in_range(0, 1, open="high"),
+    )
+    partition: str = key(
+        "dirichlet",
+        help="how the clients split the training data (dirichlet: label skew, see alpha)",
+        choices=PARTITIONERS,
+    )
+    alpha: float = key(
+        0.5,
+        help="Dirichlet concentration; smaller = more label skew, e.g. 0.5",
+        rule=finite_positive,
+    )
+    shards_per_client: int = key(
+        2, help="label-sorted shards per client, for partition = shards", rule=at_least(1)
+    )
+    synthetic_examples: int = key(
+        2000, help="examples generated for source = synthetic", rule=at_least(4)
+    )
+    synthetic_features: int = key(20, help="features of each synthetic example", rule=at_least(2))
+    synthetic_classes: int = key(10, help="classes of the synthetic data", rule=at_least(2))
+    num_classes: int = key(
+        0,
+        help="0 = infer from the labels; set it when clients hold their own files",
+        rule=at_least(0),
+    )
+
+    def cross_check(self) -> None:
+        """``source = 'file'`` needs a ``path``."""
+        if self.source == "file" and not self.path:
+            raise ConfigError(
                 "data.path",
                 self.path,
                 "data.source = 'file' needs data.path: a .npz (arrays 'x', 'y') or .csv file",
             )
-        _require(
-            self.partition in PARTITIONERS,
-            "data.partition",
-            self.partition,
-            f"must be one of {', '.join(PARTITIONERS)}",
-        )
-        _require(
-            math.isfinite(self.alpha) and self.alpha > 0,
-            "data.alpha",
-            self.alpha,
-            "must be > 0 (Dirichlet concentration; smaller = more label skew, e.g. 0.5)",
-        )
-        _require(
-            0.0 < self.test_fraction < 1.0,
-            "data.test-fraction",
-            self.test_fraction,
-            "must be strictly between 0 and 1",
-        )
-        _require(
-            0.0 <= self.val_fraction < 1.0,
-            "data.val-fraction",
-            self.val_fraction,
-            "must be >= 0 and < 1",
-        )
-        _require(
-            self.shards_per_client >= 1,
-            "data.shards-per-client",
-            self.shards_per_client,
-            "must be an integer >= 1",
-        )
-        _require(
-            self.num_classes >= 0,
-            "data.num-classes",
-            self.num_classes,
-            "must be >= 0 (0 = infer from the labels)",
-        )
-        for key in ("synthetic_examples", "synthetic_features", "synthetic_classes"):
-            value = getattr(self, key)
-            minimum = 2 if key != "synthetic_examples" else 4
-            _require(
-                value >= minimum,
-                "data." + key.replace("_", "-"),
-                value,
-                f"must be an integer >= {minimum}",
-            )
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     """``[model]``: a factory returning any ``torch.nn.Module``, and optional loops.
 
     ``factory`` is a built-in name (``"cnn"``, ``"mlp"``) or an import path
@@ -202,145 +215,135 @@ class ModelConfig:
     when the factory accepts them and the table does not set them.
     """
 
-    factory: str = "cnn"
-    kwargs: FrozenMap = field(default_factory=FrozenMap)
-    train_fn: str = ""
-    evaluate_fn: str = ""
+    section = "model"
 
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` on the first bad value."""
-        _require(
-            bool(self.factory),
-            "model.factory",
-            self.factory,
-            "must be 'cnn', 'mlp' or an import path 'package.module:function'",
-        )
-        for key in ("train_fn", "evaluate_fn"):
-            value = getattr(self, key)
-            _require(
-                value == "" or ":" in value,
-                "model." + key.replace("_", "-"),
-                value,
-                "must be empty (built-in loop) or an import path 'package.module:function'",
-            )
+    factory: str = key(
+        "cnn",
+        help="cnn, mlp, or an import path 'package.module:function' returning a torch.nn.Module",
+        rule=non_empty(),
+    )
+    kwargs: FrozenMap = key(
+        FrozenMap(), help="keyword arguments for the factory (the [model.kwargs] table)"
+    )
+    train_fn: str = key(
+        "",
+        help="custom training loop by import path (empty: the built-in loop)",
+        rule=import_path_or_empty(empty_means="built-in loop"),
+    )
+    evaluate_fn: str = key(
+        "",
+        help="custom evaluation loop by import path (empty: the built-in loop)",
+        rule=import_path_or_empty(empty_means="built-in loop"),
+    )
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """``[train]``: each client's local training."""
 
-    local_epochs: int = 2
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    optimizer: str = "sgd"
+    section = "train"
 
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` on the first bad value."""
-        _require(self.local_epochs >= 1, "train.local-epochs", self.local_epochs, "must be >= 1")
-        _require(self.batch_size >= 1, "train.batch-size", self.batch_size, "must be >= 1")
-        _require(math.isfinite(self.lr) and self.lr > 0, "train.lr", self.lr, "must be > 0")
-        _require(0.0 <= self.momentum < 1.0, "train.momentum", self.momentum, "must be in [0, 1)")
-        _require(self.weight_decay >= 0, "train.weight-decay", self.weight_decay, "must be >= 0")
-        _require(
-            self.optimizer in OPTIMIZERS,
-            "train.optimizer",
-            self.optimizer,
-            f"must be one of {', '.join(OPTIMIZERS)}",
-        )
+    local_epochs: int = key(2, help="local epochs per round", rule=at_least(1))
+    batch_size: int = key(32, help="local mini-batch size", rule=at_least(1))
+    lr: float = key(0.05, help="local learning rate", rule=finite_positive)
+    momentum: float = key(0.9, help="SGD momentum", rule=in_range(0, 1, open="high"))
+    weight_decay: float = key(0.0, help="L2 weight decay of the local optimizer", rule=at_least(0))
+    optimizer: str = key("sgd", help="local optimizer", choices=OPTIMIZERS)
 
 
 @dataclass(frozen=True)
-class StrategyConfig:
-    """``[strategy]``: aggregation, client sampling and the per-round deadline."""
+class StrategyConfig(Section):
+    """``[strategy]``: which strategy aggregates, its options, and client sampling.
 
-    name: str = "fedavg"
-    fraction_train: float = 1.0
-    min_train_clients: int = 2
-    fraction_evaluate: float = 1.0
-    min_evaluate_clients: int = 2
-    min_available_clients: int = 2
-    round_timeout: float = 600.0
-    min_train_replies: int = 1
-    round_retries: int = 2
-    retry_backoff: float = 1.0
-    max_num_examples: int = 0  # 0 = no cap
-    max_reply_mb: float = 0.0  # 0 = auto: 2 x the model's size + 1 MB
-    accumulation_block: int = 32
+    ``options`` (the ``[strategy.options]`` table) is free-form here: each strategy
+    checks its own options. The round policy (deadline, retries, minimum clients)
+    is in :class:`RoundConfig`.
+    """
 
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` on the first bad value."""
-        _require(
-            self.name in STRATEGIES,
-            "strategy.name",
-            self.name,
-            f"must be one of {', '.join(STRATEGIES)}",
-        )
-        for key in ("fraction_train", "fraction_evaluate"):
-            value = getattr(self, key)
-            _require(
-                0.0 <= value <= 1.0, "strategy." + key.replace("_", "-"), value, "must be in [0, 1]"
-            )
-        for key in ("min_train_clients", "min_evaluate_clients", "min_available_clients"):
-            value = getattr(self, key)
-            _require(value >= 0, "strategy." + key.replace("_", "-"), value, "must be >= 0")
-        _require(
-            self.round_timeout > 0,
-            "strategy.round-timeout",
-            self.round_timeout,
-            "must be > 0 seconds",
-        )
-        _require(
-            self.min_train_replies >= 1,
-            "strategy.min-train-replies",
-            self.min_train_replies,
-            "must be an integer >= 1 (valid training replies needed to accept a round)",
-        )
-        _require(
-            self.round_retries >= 0, "strategy.round-retries", self.round_retries, "must be >= 0"
-        )
-        _require(
-            math.isfinite(self.retry_backoff) and self.retry_backoff >= 0,
-            "strategy.retry-backoff",
-            self.retry_backoff,
-            "must be >= 0 seconds (doubled after each retry)",
-        )
-        _require(
-            self.max_num_examples >= 0,
-            "strategy.max-num-examples",
-            self.max_num_examples,
-            "must be >= 0 (0 = no cap)",
-        )
-        _require(
-            math.isfinite(self.max_reply_mb) and self.max_reply_mb >= 0,
-            "strategy.max-reply-mb",
-            self.max_reply_mb,
-            "must be >= 0 (0 = twice the model's size plus 1 MB)",
-        )
-        _require(
-            self.accumulation_block >= 1,
-            "strategy.accumulation-block",
-            self.accumulation_block,
-            "must be an integer >= 1 (clients summed in float32 before a float64 flush)",
-        )
+    section = "strategy"
+
+    name: str = key(
+        "fedavg",
+        help="the strategy that turns the clients' replies into the next model",
+        rule=name_or_import_path(BUILTIN_STRATEGIES, what="Class"),
+    )
+    options: FrozenMap = key(
+        FrozenMap(),
+        help="the strategy's own options (the [strategy.options] table; the strategy checks them)",
+    )
+    fraction_train: float = key(
+        1.0, help="fraction of clients sampled for training each round", rule=in_range(0, 1)
+    )
+    min_train_clients: int = key(2, help="lower bound on the training sample", rule=at_least(0))
+    fraction_evaluate: float = key(
+        1.0, help="fraction of clients sampled for evaluation each round", rule=in_range(0, 1)
+    )
+    min_evaluate_clients: int = key(
+        2, help="lower bound on the evaluation sample", rule=at_least(0)
+    )
+    max_num_examples: int = key(
+        0, help="replies claiming more examples are rejected (0 = no cap)", rule=at_least(0)
+    )
+    max_reply_mb: float = key(
+        0.0,
+        help="larger replies are rejected unread (0 = twice the model's size + 1 MiB)",
+        rule=at_least(0),
+    )
+    accumulation_block: int = key(
+        32,
+        help="clients summed in float32 before a float64 flush (fedcore/core/aggregation.py)",
+        rule=at_least(1),
+    )
 
 
 @dataclass(frozen=True)
-class EngineConfig:
+class RoundConfig(Section):
+    """``[round]``: the round policy, apart from the strategy: deadline, quorum, retries."""
+
+    section = "round"
+
+    timeout: float = key(
+        600.0,
+        help="seconds to wait for replies per stage (the round's deadline)",
+        rule=greater_than(0, finite=False),
+        resume_may_change=True,
+    )
+    min_available_clients: int = key(
+        2, help="wait for this many connected clients before a round", rule=at_least(0)
+    )
+    min_train_replies: int = key(
+        1, help="valid training replies needed for a round to count", rule=at_least(1)
+    )
+    retries: int = key(
+        2,
+        help="retries of a round that did not count (the previous model is kept)",
+        rule=at_least(0),
+        resume_may_change=True,
+    )
+    retry_backoff: float = key(
+        1.0,
+        help="seconds before the first retry, doubled after each",
+        rule=at_least(0),
+        resume_may_change=True,
+    )
+
+
+@dataclass(frozen=True)
+class EngineConfig(Section):
     """``[engine]``: the embedded simulation engine."""
 
-    workers: int = 0  # 0 = one per CPU core
+    section = "engine"
 
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` on the first bad value."""
-        _require(
-            self.workers >= 0, "engine.workers", self.workers, "must be >= 0 (0 = one per core)"
-        )
+    workers: int = key(
+        0,
+        help="embedded-engine executors (0 = one per core; executor 0 is a thread of the server)",
+        rule=at_least(0),
+        resume_may_change=True,
+    )
 
 
 @dataclass(frozen=True)
-class DeployConfig:
+class DeployConfig(Section):
     """``[deploy]``: the ServerApp under a deployment engine (``fedcore server``, ``flwr run``).
 
     ``run-dir`` is the exact run directory when the engine gives the ServerApp no
@@ -349,22 +352,28 @@ class DeployConfig:
     pulls for replies (Flower's own grid waits 3 s between pulls).
     """
 
-    run_dir: str = ""
-    poll_interval: float = 0.05
-    resume: bool = False  # continue the run in run-dir from its checkpoint
+    section = "deploy"
 
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` on the first bad value."""
-        _require(
-            math.isfinite(self.poll_interval) and 0 < self.poll_interval <= 10,
-            "deploy.poll-interval",
-            self.poll_interval,
-            "must be > 0 and <= 10 seconds (e.g. 0.05)",
-        )
+    run_dir: str = key(
+        "",
+        help="the run directory under fedcore server (set by --out; empty: under run.out-dir)",
+        resume_may_change=True,
+    )
+    poll_interval: float = key(
+        0.05,
+        help="seconds between the ServerApp's pulls for replies in deployment",
+        rule=in_range(0, 10, open="low"),
+        resume_may_change=True,
+    )
+    resume: bool = key(
+        False,
+        help="continue the run in run-dir from its checkpoint (fedcore server --resume)",
+        resume_may_change=True,
+    )
 
 
 @dataclass(frozen=True)
-class SecAggConfig:
+class SecAggConfig(Section):
     """``[secagg]``: secure aggregation (SecAgg+); the server learns only the weighted sum.
 
     ``neighbours``/``threshold`` 0 pick ``k = O(log n)`` and ``t = k/2 + 1``
@@ -374,65 +383,59 @@ class SecAggConfig:
     round's total weight leaves room; the ring never changes the result); the
     error bound is in docs/security.md.
     ``stage-timeout`` is the deadline of each key exchange; the exchange that
-    trains uses ``strategy.round-timeout``. ``evaluate`` also aggregates the
+    trains uses ``round.timeout``. ``evaluate`` also aggregates the
     federated evaluation securely (no per-client accuracy or validation count).
     """
 
-    enabled: bool = True
-    evaluate: bool = True
-    neighbours: int = 0
-    threshold: int = 0
-    clip: float = 4.0
-    bits: int = 16
-    ring_bits: int = 0
-    stage_timeout: float = 60.0
+    section = "secagg"
 
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` on the first bad value."""
-        _require(
-            self.neighbours >= 0 and self.neighbours != 1,
-            "secagg.neighbours",
-            self.neighbours,
-            "must be 0 (auto: O(log n)) or an integer >= 2",
-        )
-        _require(
-            self.threshold >= 0 and self.threshold != 1,
-            "secagg.threshold",
-            self.threshold,
-            "must be 0 (auto: a majority of the neighbours) or an integer >= 2",
-        )
-        _require(
-            self.neighbours == 0 or self.threshold <= self.neighbours,
-            "secagg.threshold",
-            self.threshold,
-            f"must be <= secagg.neighbours ({self.neighbours})",
-        )
-        _require(
-            math.isfinite(self.clip) and self.clip > 0,
-            "secagg.clip",
-            self.clip,
-            "must be > 0 (updates are clipped to [-clip, clip] before quantization)",
-        )
-        _require(
-            self.ring_bits in (0, 32, 64),
-            "secagg.ring-bits",
-            self.ring_bits,
-            "must be 0 (auto), 32 or 64",
-        )
+    enabled: bool = key(
+        True, help="secure aggregation (SecAgg+) of the training updates; needs run.clients >= 3"
+    )
+    evaluate: bool = key(True, help="aggregate the federated evaluation securely too")
+    neighbours: int = key(
+        0, help="each client's neighbours k (0 = auto: O(log n))", rule=zero_or_at_least(2)
+    )
+    threshold: int = key(
+        0,
+        help="shares t that unmask a client (0 = auto: a majority of the neighbours)",
+        rule=zero_or_at_least(2),
+    )
+    clip: float = key(
+        4.0,
+        help="updates (trained - global) are clipped to [-clip, clip] before quantization",
+        rule=finite_positive,
+    )
+    bits: int = key(
+        16,
+        help="quantization bits (<= 24 with ring-bits = 32); error bound in docs/security.md",
+        rule=in_range(2, 56),
+    )
+    ring_bits: int = key(
+        0,
+        help="ring size in bits (0 = auto: 64 in round 1, then 32 when safe)",
+        rule=one_of(0, 32, 64),
+    )
+    stage_timeout: float = key(
+        60.0, help="seconds: the deadline of each key-exchange stage", rule=finite_positive
+    )
+
+    def cross_check(self) -> None:
+        """``threshold <= neighbours``; ``bits`` fits the ring."""
+        if self.neighbours != 0 and self.threshold > self.neighbours:
+            raise ConfigError(
+                "secagg.threshold",
+                self.threshold,
+                f"must be <= secagg.neighbours ({self.neighbours})",
+            )
         top = 24 if self.ring_bits == 32 else 56
-        _require(
-            2 <= self.bits <= top,
-            "secagg.bits",
-            self.bits,
-            f"must be in [2, {top}] for ring-bits = {self.ring_bits} "
-            "(the ring must also hold the total example count: N * 2^(bits-1) < 2^(ring-bits-1))",
-        )
-        _require(
-            math.isfinite(self.stage_timeout) and self.stage_timeout > 0,
-            "secagg.stage-timeout",
-            self.stage_timeout,
-            "must be > 0 seconds",
-        )
+        if not 2 <= self.bits <= top:
+            raise ConfigError(
+                "secagg.bits",
+                self.bits,
+                f"must be in [2, {top}] for ring-bits = {self.ring_bits} (the ring must also "
+                "hold the total example count: N * 2^(bits-1) < 2^(ring-bits-1))",
+            )
 
 
 @dataclass(frozen=True)
@@ -444,6 +447,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    round: RoundConfig = field(default_factory=RoundConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
@@ -452,26 +456,26 @@ class Config:
         """Validate every section, then the rules that span sections."""
         for f in fields(self):
             getattr(self, f.name).validate()
-        s = self.strategy
-        _require(
-            s.min_available_clients <= self.run.clients,
-            "strategy.min-available-clients",
-            s.min_available_clients,
-            f"must be <= run.clients ({self.run.clients})",
-        )
-        _require(
-            s.min_train_clients <= self.run.clients,
-            "strategy.min-train-clients",
-            s.min_train_clients,
-            f"must be <= run.clients ({self.run.clients})",
-        )
-        _require(
-            not self.secagg.enabled or self.run.clients >= 3,
-            "secagg.enabled",
-            self.secagg.enabled,
-            f"secure aggregation needs at least 3 clients per round, run.clients is "
-            f"{self.run.clients}: use more clients or set [secagg] enabled = false",
-        )
+        clients = self.run.clients
+        if self.round.min_available_clients > clients:
+            raise ConfigError(
+                "round.min-available-clients",
+                self.round.min_available_clients,
+                f"must be <= run.clients ({clients})",
+            )
+        if self.strategy.min_train_clients > clients:
+            raise ConfigError(
+                "strategy.min-train-clients",
+                self.strategy.min_train_clients,
+                f"must be <= run.clients ({clients})",
+            )
+        if self.secagg.enabled and clients < 3:
+            raise ConfigError(
+                "secagg.enabled",
+                self.secagg.enabled,
+                f"secure aggregation needs at least 3 clients per round, run.clients is "
+                f"{clients}: use more clients or set [secagg] enabled = false",
+            )
 
     def replace(self, **sections: Mapping[str, Any]) -> Config:
         """Return a validated copy with some keys of some sections changed.
@@ -480,62 +484,98 @@ class Config:
         2
         """
         raw = to_dict(self)
-        for name, values in sections.items():
+        for name, values in _resolve_aliases(sections).items():
             raw.setdefault(name, {}).update(values)
         return config_from_dict(raw)
 
 
-_SECTIONS: dict[str, type] = get_type_hints(Config)
+#: Section name -> its dataclass, in file order.
+SECTIONS: Mapping[str, type[Section]] = MappingProxyType(
+    {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+)
 
 
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
+def declared_keys() -> list[KeyInfo]:
+    """Every declared key of every section, in file order (docs are built from this)."""
+    return [info for cls in SECTIONS.values() for info in key_infos(cls)]
 
 
-def _check_type(key: str, value: object, expected: type) -> object:
-    if expected is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(key, value, "must be a number")
-        return float(value)
-    if expected is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, value, "must be an integer")
-        return value
-    if expected is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, value, "must be true or false")
-        return value
-    if expected is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, value, "must be a string")
-        return value
-    raise AssertionError(f"unsupported config field type {expected}")  # pragma: no cover
+#: Keys that do not change which model a run produces; they may differ on ``--resume``.
+RESUME_MAY_CHANGE: frozenset[str] = frozenset(
+    info.dotted for info in declared_keys() if info.resume_may_change
+)
 
 
-def _build_section(name: str, cls: type, raw: object) -> Any:
+def _caller_stacklevel() -> int:
+    """``stacklevel`` that points a warning at the first frame outside this module."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
+
+
+def _resolve_aliases(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` with each deprecated key moved onto its new key (one warning each)."""
+    out = dict(raw)
+    for old, new in DEPRECATED_KEYS.items():
+        old_section, old_key = old.split(".", 1)
+        new_section, new_key = new.split(".", 1)
+        table = out.get(old_section)
+        if not isinstance(table, Mapping) or old_key not in table:
+            continue
+        value = table[old_key]
+        target = out.get(new_section, {})
+        if not isinstance(target, Mapping):
+            raise ConfigError(new_section, target, f"must be a table [{new_section}]")
+        if new_key in target:
+            raise ConfigError(
+                old,
+                value,
+                f"is the old spelling of '{new}', which is also given ({target[new_key]!r}); "
+                f"keep only '{new}'",
+            )
+        warnings.warn(
+            f"config key '{old}' is deprecated; use '{new}'",
+            DeprecationWarning,
+            stacklevel=_caller_stacklevel(),
+        )
+        out[old_section] = {k: v for k, v in table.items() if k != old_key}
+        out[new_section] = {**target, new_key: value}
+    return out
+
+
+def _unknown_key_hint(section: str, name: str) -> str:
+    """``"did you mean 'run.rounds'? "`` for a near miss, else ``""``."""
+    here = {info.name: info.dotted for info in key_infos(SECTIONS[section])}
+    here.update(
+        {
+            old.split(".", 1)[1]: new
+            for old, new in DEPRECATED_KEYS.items()
+            if old.startswith(section + ".")
+        }
+    )
+    near = close_match(name, list(here))
+    if near is not None:
+        return f"did you mean '{here[near]}'? "
+    elsewhere = [info.dotted for info in declared_keys() if info.name == name]
+    return f"did you mean '{elsewhere[0]}'? " if elsewhere else ""
+
+
+def _build_section(name: str, cls: type[Section], raw: object) -> Any:
     if not isinstance(raw, Mapping):
         raise ConfigError(name, raw, f"must be a table [{name}]")
-    hints = get_type_hints(cls)
-    by_kebab = {_kebab(f.name): f for f in fields(cls)}
+    infos = {info.name: info for info in key_infos(cls)}
     values: dict[str, Any] = {}
-    for key, value in raw.items():
-        dotted = f"{name}.{key}"
-        f = by_kebab.get(key)
-        if f is None:
+    for k, value in raw.items():
+        info = infos.get(k)
+        if info is None:
             raise ConfigError(
-                dotted, value, f"unknown key; [{name}] accepts {', '.join(sorted(by_kebab))}"
+                f"{name}.{k}",
+                value,
+                f"unknown key; {_unknown_key_hint(name, k)}"
+                f"[{name}] accepts {', '.join(sorted(infos))}",
             )
-        if f.name == "kwargs":
-            if not isinstance(value, Mapping):
-                raise ConfigError(dotted, value, "must be a table [model.kwargs]")
-            for k, v in value.items():
-                if not isinstance(v, bool | int | float | str):
-                    raise ConfigError(
-                        f"{dotted}.{k}", v, "model kwargs must be booleans, numbers or strings"
-                    )
-            values["kwargs"] = FrozenMap(value)
-            continue
-        values[f.name] = _check_type(dotted, value, hints[f.name])
+        values[info.attr] = check_value_type(info, value)
     return cls(**values)
 
 
@@ -543,14 +583,17 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a nested mapping (parsed TOML)."""
     if not isinstance(raw, Mapping):
         raise ConfigError("<root>", raw, "a config must be a table of sections")
-    sections: dict[str, Any] = {}
     for name, value in raw.items():
-        cls = _SECTIONS.get(name)
-        if cls is None:
+        if name not in SECTIONS:
+            near = close_match(str(name), list(SECTIONS))
+            hint = f"did you mean '{near}'? " if near else ""
             raise ConfigError(
-                name, value, f"unknown section; allowed sections: {', '.join(_SECTIONS)}"
+                name, value, f"unknown section; {hint}allowed sections: {', '.join(SECTIONS)}"
             )
-        sections[name] = _build_section(name, cls, value)
+    sections = {
+        name: _build_section(name, SECTIONS[name], value)
+        for name, value in _resolve_aliases(raw).items()
+    }
     cfg = Config(**sections)
     cfg.validate()
     return cfg
@@ -583,13 +626,13 @@ def load_config(path: str | Path | None = None) -> Config:
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     """Nested plain-dict form with kebab-case keys (what a TOML file holds)."""
     out: dict[str, dict[str, Any]] = {}
-    for f in fields(cfg):
-        section = getattr(cfg, f.name)
-        table: dict[str, Any] = {}
-        for sf in fields(section):
-            value = getattr(section, sf.name)
-            table[_kebab(sf.name)] = dict(value) if sf.name == "kwargs" else value
-        out[f.name] = table
+    for name, cls in SECTIONS.items():
+        section = getattr(cfg, name)
+        out[name] = {
+            info.name: dict(v) if info.is_table else v
+            for info in key_infos(cls)
+            for v in (getattr(section, info.attr),)
+        }
     return out
 
 
@@ -597,51 +640,30 @@ def to_flat(cfg: Config) -> dict[str, Scalar]:
     """Flat ``{"section.key": value}`` form: Flower's run config."""
     flat: dict[str, Scalar] = {}
     for section, table in to_dict(cfg).items():
-        for key, value in table.items():
+        for k, value in table.items():
             if isinstance(value, dict):
-                for k, v in value.items():
-                    flat[f"{section}.{key}.{k}"] = v
+                for sub, v in value.items():
+                    flat[f"{section}.{k}.{sub}"] = v
             else:
-                flat[f"{section}.{key}"] = value
+                flat[f"{section}.{k}"] = value
     return flat
 
 
 def config_from_flat(flat: Mapping[str, Any]) -> Config:
     """Inverse of :func:`to_flat` (Flower hands apps this flat form)."""
     nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        parts = key.split(".")
+    for dotted, value in flat.items():
+        parts = dotted.split(".")
         node = nested
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(key, value, f"conflicts with scalar key '{part}'")
+                raise ConfigError(dotted, value, f"conflicts with scalar key '{part}'")
             node = child
         node[parts[-1]] = value
     return config_from_dict(nested)
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
-
-
 def to_toml(cfg: Config) -> str:
     """Render a config as TOML text that :func:`load_config` reads back identically."""
-    lines: list[str] = []
-    for section, table in to_dict(cfg).items():
-        lines.append(f"[{section}]")
-        nested = {k: v for k, v in table.items() if isinstance(v, dict)}
-        for key, value in table.items():
-            if key not in nested:
-                lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
-        for key, sub in nested.items():
-            lines.append(f"[{section}.{key}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in sub.items())
-            lines.append("")
-    return "\n".join(lines)
+    return tomli_w.dumps(to_dict(cfg))

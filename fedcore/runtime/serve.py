@@ -106,14 +106,14 @@ def plain_exchange(cfg: Config) -> PlainExchange:
 
 
 def round_policy(cfg: Config) -> RoundPolicy:
-    """The round policy from the ``[strategy]`` section."""
-    s = cfg.strategy
+    """The round policy from the ``[round]`` section."""
+    r = cfg.round
     return RoundPolicy(
-        timeout=s.round_timeout,
-        min_available=s.min_available_clients,
-        min_replies=s.min_train_replies,
-        retries=s.round_retries,
-        backoff=s.retry_backoff,
+        timeout=r.timeout,
+        min_available=r.min_available_clients,
+        min_replies=r.min_train_replies,
+        retries=r.retries,
+        backoff=r.retry_backoff,
     )
 
 
