@@ -60,11 +60,8 @@ def config(rounds: int, run_dir: Path) -> Config:
             },
             "model": {"factory": "mlp", "kwargs": {"hidden": 32}},
             "train": {"local-epochs": 1, "batch-size": 16, "lr": 0.1},
-            "strategy": {
-                "min-available-clients": CLIENTS,
-                "min-train-clients": CLIENTS,
-                "min-evaluate-clients": CLIENTS,
-            },
+            "strategy": {"min-train-clients": CLIENTS, "min-evaluate-clients": CLIENTS},
+            "round": {"min-available-clients": CLIENTS},
             "deploy": {"run-dir": str(run_dir)},
         }
     )

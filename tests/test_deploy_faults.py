@@ -41,7 +41,7 @@ ROUNDS = 8
 def test_killed_client_and_killed_server_recover(tmp_path: Path) -> None:
     fed = provision(tmp_path / "fed", clients=["client-1", "client-2", "client-3", "client-4"])
     cfg = _config(ROUNDS, clients=4, min_clients=3).replace(
-        strategy={"round-timeout": 12.0, "min-train-replies": 3},
+        round={"timeout": 12.0, "min-train-replies": 3},
         secagg={"stage-timeout": 12.0},
     )
     assert cfg.secagg.enabled

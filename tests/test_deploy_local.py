@@ -51,7 +51,7 @@ def test_deploy_config_fixes_clients_classes_and_run_dir(tmp_path: Path) -> None
         _cfg().replace(secagg={"enabled": False}), clients=1, rounds=4, run_dir=tmp_path / "run"
     )
     assert cfg.run.clients == 1 and cfg.run.rounds == 4
-    assert cfg.strategy.min_available_clients == 1 and cfg.strategy.min_train_clients == 1
+    assert cfg.round.min_available_clients == 1 and cfg.strategy.min_train_clients == 1
     assert cfg.data.num_classes == 10  # a client's file may lack a class; the count is fixed
     assert cfg.deploy.run_dir == str(tmp_path / "run")
 

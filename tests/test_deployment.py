@@ -220,11 +220,10 @@ def _config(rounds: int, clients: int, min_clients: int, *, secagg: bool = True)
             "model": {"factory": "tests.apps.pattern:model"},
             "train": {"local-epochs": 1, "batch-size": 16, "lr": 0.1},
             "strategy": {
-                "min-available-clients": min_clients,
                 "min-train-clients": min_clients,
                 "min-evaluate-clients": min_clients,
-                "round-timeout": 120.0,
             },
+            "round": {"min-available-clients": min_clients, "timeout": 120.0},
             "secagg": {"enabled": secagg},
         }
     )

@@ -50,7 +50,7 @@ def test_bad_secagg_values_name_the_key(values, key):
 
 def test_two_clients_with_secagg_on_is_a_config_error():
     with pytest.raises(ConfigError, match="at least 3 clients") as exc:
-        config_from_dict({"run": {"clients": 2}, "strategy": {"min-available-clients": 2}})
+        config_from_dict({"run": {"clients": 2}, "round": {"min-available-clients": 2}})
     assert exc.value.key == "secagg.enabled"
     config_from_dict({"run": {"clients": 2}, "secagg": {"enabled": False}})
 
