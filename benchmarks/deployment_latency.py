@@ -41,9 +41,9 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 from fedcore.core.config import Config, config_from_dict, to_dict, to_toml  # noqa: E402
-from fedcore.deploy.local import carve, free_port  # noqa: E402
-from fedcore.deploy.processes import Supervisor  # noqa: E402
+from fedcore.deploy.local import carve  # noqa: E402
 from fedcore.deploy.provision import provision  # noqa: E402
+from fedcore.engines.processes import ProcessTree, free_port  # noqa: E402
 
 CLIENTS = 3
 
@@ -84,7 +84,7 @@ def fedcore_arm(base: Path, rounds: int, fed: object, data: list[Path]) -> list[
     port, local_port = free_port(), free_port()
     cli = [sys.executable, "-m", "fedcore.cli"]
     logs = base / "logs"
-    with Supervisor() as sup:
+    with ProcessTree() as sup:
         with open(logs / "fedcore-server.log", "wb") as f:
             server = sup.start(
                 "server",
@@ -176,7 +176,7 @@ def flower_arm(base: Path, rounds: int, fed: object, data: list[Path]) -> list[f
     port = free_port()
     logs = base / "logs"
     flwr_env = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    with Supervisor() as sup:
+    with ProcessTree() as sup:
         with open(logs / "flower-superlink.log", "wb") as f:
             link = sup.start(
                 "superlink",

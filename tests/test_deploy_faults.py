@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 
 from fedcore.core.config import to_toml
-from fedcore.deploy.local import carve, free_port
+from fedcore.deploy.local import carve
 from fedcore.deploy.provision import provision
+from fedcore.engines.processes import free_port
 from fedcore.serverside.checkpoint import load_checkpoint
 from tests.procs import stop
 from tests.test_deployment import CLI, _config, _metrics_rows, _wait_for

@@ -41,9 +41,10 @@ import pytest
 
 from fedcore.core.config import config_from_dict, to_toml
 from fedcore.core.errors import DeploymentError
-from fedcore.deploy.local import carve, free_port
+from fedcore.deploy.local import carve
 from fedcore.deploy.node import FleetSession, Refused
 from fedcore.deploy.provision import add_client, provision, revoke
+from fedcore.engines.processes import free_port
 from tests.apps.pattern import needle
 from tests.procs import procs_mentioning as _procs_mentioning
 from tests.procs import stop

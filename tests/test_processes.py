@@ -1,4 +1,4 @@
-"""Supervisor: children stop with it, even grandchildren in their own session, even on SIGKILL."""
+"""ProcessTree: children stop with it, even grandchildren in their own session, even on SIGKILL."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcore.deploy.processes import Supervisor
+from fedcore.engines.processes import ProcessTree, free_port
 from tests.procs import procs_mentioning
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses /proc and prctl")
@@ -34,13 +34,13 @@ def test_stop_all_reaches_grandchildren_in_other_sessions(tmp_path: Path) -> Non
                          start_new_session=True)
         time.sleep(120)
     """)
-    sup = Supervisor()
-    sup.start("child", [sys.executable, "-c", child])
+    tree = ProcessTree()
+    tree.start("child", [sys.executable, "-c", child])
     deadline = time.monotonic() + 10
     while len(procs_mentioning(marker)) < 1 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert procs_mentioning(marker), "the grandchild did not start"
-    sup.stop_all(grace=2)
+    tree.stop_all(grace=2)
     assert _wait_gone(marker) == []
 
 
@@ -48,9 +48,9 @@ def test_children_die_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     marker = str(tmp_path / "orphan-marker")
     parent = textwrap.dedent(f"""
         import sys, time
-        from fedcore.deploy.processes import Supervisor
-        sup = Supervisor()
-        sup.start("child", [sys.executable, "-c", "import time; time.sleep(120)", {marker!r}])
+        from fedcore.engines.processes import ProcessTree
+        tree = ProcessTree()
+        tree.start("child", [sys.executable, "-c", "import time; time.sleep(120)", {marker!r}])
         print("ready", flush=True)
         time.sleep(120)
     """)
@@ -65,3 +65,47 @@ def test_children_die_when_the_supervisor_is_killed(tmp_path: Path) -> None:
         proc.kill()
         for pid in procs_mentioning(marker, pids=True):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_tree_follows_samples_and_stops_what_it_started(tmp_path: Path) -> None:
+    marker = str(tmp_path / "tree-marker")
+    with ProcessTree(pss=False) as tree:
+        proc = tree.start("sleeper", [sys.executable, "-c", "import time; time.sleep(120)", marker])
+        assert tree.children == {"sleeper": proc}
+        now = tree.sample()
+        assert now.processes == 1 and now.rss > 0
+        assert [p.pid for p in tree.survivors()] == [proc.pid]
+        assert tree.env()[tree.marker_variable] == "1"
+    assert proc.poll() is not None  # leaving the block stopped it
+    assert tree.survivors() == [] and _wait_gone(marker) == []
+
+
+def test_nested_trees_mark_grandchildren_with_both_markers(tmp_path: Path) -> None:
+    # `fedcore deploy-local` runs `fedcore server`, which runs its own tree: the outer tree
+    # still finds (and stops) the inner tree's children, even in a session of their own
+    marker = str(tmp_path / "nested-marker")
+    inner = textwrap.dedent(f"""
+        import time
+        from fedcore.engines.processes import ProcessTree
+        tree = ProcessTree()
+        tree.start("leaf", [{sys.executable!r}, "-c", "import time; time.sleep(120)", {marker!r}])
+        time.sleep(120)
+    """)
+    outer = ProcessTree()
+    outer.start("inner", [sys.executable, "-c", inner])
+    deadline = time.monotonic() + 20
+    while not procs_mentioning(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    leaf = procs_mentioning(marker, pids=True)
+    assert len(leaf) == 1
+    assert outer.marker_variable in Path(f"/proc/{leaf[0]}/environ").read_text()
+    outer.stop_all(grace=2)
+    assert _wait_gone(marker) == []
+
+
+def test_free_port_can_be_bound() -> None:
+    import socket
+
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))

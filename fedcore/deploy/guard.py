@@ -32,6 +32,8 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
+from fedcore.flower_adapter import fleet_routes
+
 __all__ = ["OPEN_PATH", "ListenerGuard", "fleet_routes", "is_loopback"]
 
 #: Local-listener path that opens the public listener.
@@ -56,16 +58,6 @@ def is_loopback(host: object) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped.is_loopback
     return ip.is_loopback
-
-
-def fleet_routes() -> frozenset[str]:
-    """The paths of Flower's Fleet API router (what SuperNodes call)."""
-    from flwr.superlink.routers.fleet.router import router
-
-    paths = frozenset(str(getattr(r, "path", "")) for r in router.routes)
-    if not paths or not all(p.startswith("/v1/fleet/") for p in paths):  # pragma: no cover
-        raise RuntimeError(f"unexpected Fleet API routes in this Flower version: {sorted(paths)}")
-    return paths
 
 
 class ListenerGuard:

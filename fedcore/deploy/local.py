@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,16 +31,9 @@ import numpy as np
 
 from fedcore.core.config import Config, to_toml
 from fedcore.core.errors import DataError, DeploymentError
-from fedcore.deploy.processes import Supervisor, install_signal_handlers
+from fedcore.engines.processes import ProcessTree, free_port, install_signal_handlers
 
-__all__ = ["carve", "deploy_local", "free_port", "register"]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["carve", "deploy_local", "register"]
 
 
 def carve(cfg: Config, out: Path) -> list[Path]:
@@ -135,8 +127,8 @@ def deploy_local(
             flush=True,
         )
         cli = [sys.executable, "-m", "fedcore.cli"]
-        with Supervisor() as sup:
-            server = sup.start(
+        with ProcessTree() as tree:
+            server = tree.start(
                 "server",
                 [
                     *cli,
@@ -157,7 +149,7 @@ def deploy_local(
                 name = f"client-{i + 1}"
                 log_path = logs / f"{name}.log"
                 with open(log_path, "wb") as log_file:
-                    proc = sup.start(
+                    proc = tree.start(
                         name,
                         [
                             *cli,

@@ -31,7 +31,6 @@ against TLS) ends the process with a message saying which.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 import threading
@@ -41,9 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcore.core.errors import DeploymentError
+from fedcore import flower_adapter as flower
+from fedcore.core.errors import ConfigError, DeploymentError
+from fedcore.core.registry import import_object
 from fedcore.deploy.files import check_kit_dir
-from fedcore.deploy.processes import install_signal_handlers
+from fedcore.engines.processes import install_signal_handlers
 from fedcore.storage.keys import IDENTITY_KEY, load_identity_key
 
 __all__ = [
@@ -144,14 +145,11 @@ def transient(exc: BaseException) -> bool:
 def explain(exc: BaseException, address: str) -> DeploymentError | None:
     """A :class:`Refused` when the server refuses this node (identity, TLS), else ``None``."""
     import httpx
-    from flwr.supercore.error import ApiErrorCode, FlowerError
 
     text = str(exc).lower()
     if isinstance(exc, httpx.HTTPStatusError):
         status = exc.response.status_code
-        err = FlowerError.from_json(exc.response.text)
-        code = getattr(err, "code", None)
-        if code == ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED:
+        if flower.activation_refused(exc.response.text):
             return Refused(
                 f"{address} does not admit this node's identity (never admitted, or revoked). "
                 "Ask the federation operator to admit it: `fedcore provision --add-client`."
@@ -202,32 +200,19 @@ class FleetSession:
         key_path: Path | None,
         insecure: bool = False,
     ) -> None:
-        from flwr.supercore.interceptors.http.runtime_version import (
-            RuntimeVersionHttpInterceptor,
-        )
-        from flwr.supercore.primitives.asymmetric import generate_key_pairs
-        from flwr.supernode.fleet_http_client import FleetHttpClient
-        from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
-
         self.address = address
         self.insecure = insecure
         if key_path is not None:
             private = load_identity_key(key_path)
             self._self_register = False
         else:
-            private, _ = generate_key_pairs()
+            private = flower.new_node_key()
             self._self_register = True
         self._private = private
-        self.client = FleetHttpClient.from_server_address(
-            address,
-            insecure,
-            None if insecure else ca_pem,
-            interceptors=[
-                RuntimeVersionHttpInterceptor(component_name="SuperNode"),
-                NodeAuthHttpInterceptor(private, private.public_key()),
-            ],
+        self.client = flower.fleet_client(
+            address, insecure=insecure, ca_pem=ca_pem, private_key=private
         )
-        self.node: Any = None
+        self.node_id: int | None = None
         self._heartbeat: Any = None
         self.lost = threading.Event()  # set when the server stops recognising us
 
@@ -239,21 +224,16 @@ class FleetSession:
         server still counts as online cannot be activated until that session's
         heartbeat expires (at most ``2 * HEARTBEAT_INTERVAL`` s): that is retried too.
         """
-        from flwr.proto.fleet_pb2 import ActivateNodeRequest, RegisterNodeFleetRequest
-        from flwr.proto.node_pb2 import Node
-        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
-
-        pk = public_key_to_bytes(self._private.public_key())
         deadline = time.monotonic() + wait
         delay = 0.25
         last: BaseException | None = None
         while True:
             try:
                 if self._self_register:
-                    self.client.RegisterNode(RegisterNodeFleetRequest(public_key=pk))
+                    flower.register_self(self.client, self._private)
                     self._self_register = False
-                res = self.client.ActivateNode(
-                    ActivateNodeRequest(public_key=pk, heartbeat_interval=HEARTBEAT_INTERVAL)
+                node_id = flower.activate_node(
+                    self.client, self._private, heartbeat_interval=HEARTBEAT_INTERVAL
                 )
                 break
             except Exception as exc:  # noqa: BLE001 - classified below
@@ -272,10 +252,10 @@ class FleetSession:
                 )
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
-        self.node = Node(node_id=res.node_id)
+        self.node_id = node_id
         self._heartbeat = _Heartbeat(self._send_heartbeat, HEARTBEAT_INTERVAL / 2)
         self._heartbeat.start()
-        return int(res.node_id)
+        return node_id
 
     def reconnect(self, *, wait: float) -> int:
         """Activate again (after a server restart the node id may change); its node id.
@@ -285,18 +265,20 @@ class FleetSession:
         if self._heartbeat is not None and self._heartbeat.is_running:
             self._heartbeat.stop()
         self._heartbeat = None
-        self.node = None
+        self.node_id = None
         self.lost.clear()
         return self.connect(wait=wait)
 
+    def _node(self) -> int:
+        if self.node_id is None:
+            raise DeploymentError("not connected: call connect() first")
+        return self.node_id
+
     def _send_heartbeat(self) -> bool:
         import httpx
-        from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
 
         try:
-            res = self.client.SendNodeHeartbeat(
-                SendNodeHeartbeatRequest(node=self.node, heartbeat_interval=HEARTBEAT_INTERVAL)
-            )
+            return flower.send_heartbeat(self.client, self._node(), interval=HEARTBEAT_INTERVAL)
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code == 401:
                 self.lost.set()
@@ -304,17 +286,14 @@ class FleetSession:
             return False
         except httpx.HTTPError:
             return False
-        return bool(res.success)
 
     def close(self) -> None:
         """Deactivate the node and close the connection (best effort)."""
-        from flwr.proto.fleet_pb2 import DeactivateNodeRequest
-
         if self._heartbeat is not None and self._heartbeat.is_running:
             self._heartbeat.stop()
-        if self.node is not None:
+        if self.node_id is not None:
             try:
-                self.client.DeactivateNode(DeactivateNodeRequest(node_id=self.node.node_id))
+                flower.deactivate_node(self.client, self.node_id)
             except Exception:  # noqa: BLE001 - the server may be gone already
                 pass
         self.client.close()
@@ -322,115 +301,45 @@ class FleetSession:
     # -- messages -------------------------------------------------------------
     def pull(self) -> Any:
         """The next message for this node as ``(metadata-only Message, ObjectTree)``, or None."""
-        from flwr.common.serde import message_from_proto
-        from flwr.proto.fleet_pb2 import PullMessagesRequest
-
-        res = self.client.PullMessages(PullMessagesRequest(node=self.node))
-        if not res.messages_list:
-            return None
-        return message_from_proto(res.messages_list[0]), res.message_object_trees[0]
+        return flower.pull_message(self.client, self._node())
 
     def receive(self, tree: Any, run_id: int) -> Any:
         """Pull the message's objects, confirm receipt and return the full Message."""
-        from flwr.app import Message
-        from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-            make_confirm_message_received_fn_protobuf,
-            make_pull_object_fn_protobuf,
-        )
-        from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-
-        message = pull_and_inflate_object_from_tree(
-            tree,
-            make_pull_object_fn_protobuf(self.client.PullObject, self.node, run_id),
-            make_confirm_message_received_fn_protobuf(
-                self.client.ConfirmMessageReceived, self.node, run_id
-            ),
-            return_type=Message,
-        )
-        message.metadata.__dict__["_message_id"] = tree.object_id
-        return message
+        return flower.receive_message(self.client, self._node(), run_id, tree)
 
     def send(self, reply: Any, runtime: float) -> None:
         """Push a reply and its objects (Flower's two-step object transfer)."""
-        from flwr.app.message import remove_content_from_message
-        from flwr.common.serde import message_to_proto
-        from flwr.proto.fleet_pb2 import PushMessagesRequest
-        from flwr.supercore.inflatable.inflatable_object import (
-            get_all_nested_objects,
-            get_object_tree,
-            no_object_id_recompute,
-        )
-        from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-            make_push_object_fn_protobuf,
-        )
-        from flwr.supercore.inflatable.inflatable_utils import push_objects
-
-        reply.metadata.__dict__["_message_id"] = reply.object_id
-        with no_object_id_recompute():
-            tree = get_object_tree(reply)
-            res = self.client.PushMessages(
-                PushMessagesRequest(
-                    node=self.node,
-                    messages_list=[message_to_proto(remove_content_from_message(reply))],
-                    message_object_trees=[tree],
-                    clientapp_runtime_list=[runtime],
-                )
-            )
-            push_objects(
-                get_all_nested_objects(reply),
-                make_push_object_fn_protobuf(
-                    self.client.PushObject, self.node, reply.metadata.run_id, res.session_id
-                ),
-                object_ids_to_push=set(res.objects_to_push),
-            )
+        flower.push_reply(self.client, self._node(), reply, runtime=runtime)
 
     def run_config(self, run_id: int) -> tuple[Any, dict[str, Any]]:
         """The run and its config (the server's app bundle is read, never executed)."""
-        from flwr.common.config import get_fused_config_from_fab
-        from flwr.common.serde import fab_from_proto, run_from_proto
-        from flwr.proto.fab_pb2 import GetFabRequest
-        from flwr.proto.run_pb2 import GetRunRequest
-
-        run = run_from_proto(self.client.GetRun(GetRunRequest(node=self.node, run_id=run_id)).run)
-        fab = fab_from_proto(
-            self.client.GetFab(
-                GetFabRequest(node=self.node, hash_str=run.fab_hash, run_id=run_id)
-            ).fab
-        )
-        return run, dict(get_fused_config_from_fab(fab.content, run))
+        return flower.fetch_run_config(self.client, self._node(), run_id)
 
     def run_finished(self, run_id: int) -> bool:
         """Whether run ``run_id`` is over (the server no longer serves it)."""
         import httpx
-        from flwr.proto.run_pb2 import GetRunRequest
-        from flwr.supercore.error import ApiErrorCode, FlowerError
 
         try:
-            self.client.GetRun(GetRunRequest(node=self.node, run_id=run_id))
+            flower.get_run(self.client, self._node(), run_id)
         except httpx.HTTPStatusError as exc:
-            err = FlowerError.from_json(exc.response.text)
-            return getattr(err, "code", None) == ApiErrorCode.FLEET_RUN_STATUS_NOT_ALLOWED
+            return flower.run_not_served(exc.response.text)
         return False
 
 
 def load_app(path: str) -> Callable[..., Any]:
     """The ClientApp object at ``module:attribute``."""
-    module, _, attr = path.partition(":")
-    if not module or not attr:
-        raise DeploymentError(f"--app {path!r} must be 'module:attribute', e.g. clients.app:app")
-    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+    try:
+        return import_object(path, key="--app")  # type: ignore[no-any-return]
+    except ConfigError as exc:
+        raise DeploymentError(f"--app {path!r}: {exc.allowed} (e.g. clients.app:app)") from exc
 
 
 def _handle(app: Callable[..., Any], message: Any, context: Any) -> Any:
-    from flwr.app import Error, Message
-    from flwr.common.constant import ErrorCode
-
     try:
         return app(message, context)
     except Exception as exc:  # noqa: BLE001 - a failing client is data, not a crash
         log.exception("the ClientApp raised")
-        reason = f"{type(exc).__name__}: {exc}"
-        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
+        return flower.error_reply(message, f"{type(exc).__name__}: {exc}")
 
 
 class _Worker:
@@ -452,7 +361,6 @@ class _Worker:
     def step(self, node_id: int) -> bool:
         """Pull one message and answer it; whether there was one."""
         from flwr.app import Context, RecordDict
-        from flwr.supercore.task_identity import TaskIdentity
 
         got = self.session.pull()
         if got is None:
@@ -471,9 +379,7 @@ class _Worker:
             self.out(f"joined run {run_id}")
         t_recv = time.perf_counter()
         message = self.session.receive(tree, run_id)
-        TaskIdentity.run_id = run_id
-        TaskIdentity.node_id = node_id
-        TaskIdentity.task_id = 1
+        flower.set_task_identity(run_id=run_id, node_id=node_id, task_id=1)
         t0 = time.perf_counter()
         reply = _handle(self.app, message, self.contexts[run_id])
         t1 = time.perf_counter()

@@ -22,7 +22,7 @@ The ServerApp is ``server/app.py``, unchanged, run by Flower's SuperExec.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import importlib.util
 import json
 import shutil
 import sys
@@ -32,10 +32,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedcore import flower_adapter as flower
 from fedcore.core.config import Config, to_dict
 from fedcore.core.errors import DeploymentError
 from fedcore.deploy.files import check_kit_dir
-from fedcore.deploy.processes import Supervisor, install_signal_handlers
+from fedcore.engines.processes import ProcessTree, install_signal_handlers
 
 __all__ = ["Admission", "build_fab", "check_kit", "register", "run_server"]
 
@@ -58,13 +59,21 @@ def check_kit(kit: Path) -> None:
     )
 
 
-def _app_files() -> dict[str, bytes]:
-    import clients.app
-    import server.app
+#: The Flower apps the bundle names (``[tool.flwr.app.components]``), found by module path.
+APP_MODULES = ("server.app", "clients.app")
 
+
+def _app_files() -> dict[str, bytes]:
+    """The apps' sources as they are installed here, located without importing them."""
     files: dict[str, bytes] = {}
-    for mod in (server.app, clients.app):
-        path = Path(str(mod.__file__))
+    for name in APP_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise DeploymentError(
+                f"cannot find the Flower app module {name!r}: install fedcore with its apps "
+                "(pip install -e . in the repository)"
+            )
+        path = Path(spec.origin)
         pkg = path.parent.name
         files[f"{pkg}/app.py"] = path.read_bytes()
         init = path.parent / "__init__.py"
@@ -79,7 +88,6 @@ def build_fab(cfg: Config) -> bytes:
     client use the fedcore installed on their machine.
     """
     import tomli_w
-    from flwr.cli.build import build_fab_from_files
 
     from fedcore import __version__
 
@@ -103,8 +111,7 @@ def build_fab(cfg: Config) -> bytes:
         },
     }
     files = {"pyproject.toml": tomli_w.dumps(pyproject).encode(), **_app_files()}
-    fab, _ = build_fab_from_files(files)
-    return fab
+    return flower.build_fab(files)
 
 
 class Admission:
@@ -129,8 +136,6 @@ class Admission:
 
     def sync(self) -> list[str]:
         """Register newly admitted keys, unregister revoked ones; return what changed."""
-        from flwr.proto.control_pb2 import RegisterNodeRequest, UnregisterNodeRequest
-
         from fedcore.storage.keys import load_admitted_keys, public_key_pem
 
         wanted = {public_key_pem(k): name for name, k in load_admitted_keys(self.admitted).items()}
@@ -138,7 +143,7 @@ class Admission:
         for pem, (name, node_id) in list(self.registered.items()):
             if pem not in wanted:
                 try:
-                    self.control.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
+                    flower.unregister_node(self.control, node_id)
                 except Exception as exc:  # noqa: BLE001 - report, keep serving
                     changes.append(f"could not revoke {name}: {exc}")
                     continue
@@ -159,12 +164,12 @@ class Admission:
             if pem in self.refused:
                 continue
             try:
-                res = self.control.RegisterNode(RegisterNodeRequest(public_key=pem, name=name))
+                node_id = flower.register_node(self.control, pem, name)
             except Exception as exc:  # noqa: BLE001 - report, keep serving
                 changes.append(f"could not admit {name}: {exc}")
                 self.refused.add(pem)
                 continue
-            self.registered[pem] = (name, int(res.node_id))
+            self.registered[pem] = (name, node_id)
             changes.append(f"admitted {name}")
         return changes
 
@@ -178,18 +183,6 @@ class Admission:
             return []
         self._mtime = mtime
         return self.sync()
-
-
-def _control_client(local_port: int, ca: bytes | None) -> Any:
-    from flwr.supercore.control import ControlHttpClient
-    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
-
-    return ControlHttpClient.from_server_address(
-        f"127.0.0.1:{local_port}",
-        ca is None,
-        ca,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-cli")],
-    )
 
 
 def _wait_healthy(proc: Any, local_port: int, ca_path: Path | None, log_path: Path) -> None:
@@ -271,12 +264,7 @@ def run_server(
     out: Callable[[str], None] = print,
 ) -> int:
     """Serve one fedcore run; return 0 if it completed (see the module docstring)."""
-    from flwr.common.serde import fab_to_proto, user_config_to_proto
-    from flwr.proto.control_pb2 import StartRunRequest, StopRunRequest
-    from flwr.supercore.address import parse_address
-    from flwr.supercore.fab import Fab
-
-    parsed = parse_address(address)
+    parsed = flower.parse_address(address)
     if not parsed:
         raise DeploymentError(f"--address {address!r} is not HOST:PORT (e.g. 0.0.0.0:9092)")
     port = int(parsed[1])
@@ -336,27 +324,22 @@ def run_server(
     control = None
     status = "unknown"
     try:
-        with Supervisor() as sup, open(log_path, "ab") as log_file:
-            proc = sup.start("superlink", argv, env=env, stdout=log_file)
+        with ProcessTree() as tree, open(log_path, "ab") as log_file:
+            proc = tree.start("superlink", argv, env=env, stdout=log_file)
             _wait_healthy(proc, local_port, None if insecure else kit / "ca.pem", log_path)  # type: ignore[operator]
             mode = "PLAINTEXT, no node authentication" if insecure else "TLS, node authentication"
             out(
                 f"fedcore server: Fleet API on {address} ({mode}); "
                 f"Control/Runtime APIs on 127.0.0.1:{local_port} only"
             )
-            control = _control_client(local_port, ca)
+            control = flower.control_client(f"127.0.0.1:{local_port}", ca_pem=ca)
             admission = None
             if not insecure:
                 admission = Admission(control, kit / "admitted.json")  # type: ignore[operator]
                 for change in admission.sync_if_changed():
                     out(f"  {change}")
             _open_public_listener(local_port, None if insecure else kit / "ca.pem")  # type: ignore[operator]
-            fab_bytes = build_fab(cfg)
-            fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
-            res = control.StartRun(
-                StartRunRequest(fab=fab_to_proto(fab), override_config=user_config_to_proto({}))
-            )
-            run_id = int(res.run_id)
+            run_id = flower.start_run(control, build_fab(cfg))
             out(
                 f"run {run_id}: {cfg.run.rounds} rounds, waiting for "
                 f"{cfg.strategy.min_available_clients} client(s); run directory {run_dir}"
@@ -368,7 +351,7 @@ def run_server(
             except KeyboardInterrupt:
                 out("fedcore server: interrupted; stopping the run and every process")
                 try:
-                    control.StopRun(StopRunRequest(run_id=run_id))
+                    flower.stop_run(control, run_id)
                 except Exception:  # noqa: BLE001 - best effort while shutting down
                     pass
                 raise
@@ -403,8 +386,6 @@ def _follow(
     out: Callable[[str], None],
 ) -> str:
     """Wait for the run to finish, printing rounds and syncing admissions; its sub-status."""
-    from flwr.proto.control_pb2 import ListRunsRequest
-
     printer = _RoundPrinter(run_dir, cfg.run.rounds, out)
     last_sync = time.monotonic()
     while True:
@@ -421,12 +402,12 @@ def _follow(
                     out(f"  {change}")
             except DeploymentError as exc:  # a bad file: keep the admitted keys we have
                 out(f"  admitted keys not reloaded: {exc}")
-        run = control.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]
-        if run.status.status == "finished":
+        status, sub_status, details = flower.run_status(control, run_id)
+        if status == "finished":
             printer.poll()
-            if run.status.sub_status != "completed":
-                out(f"run {run_id} {run.status.sub_status}: {run.status.details}")
-            return str(run.status.sub_status)
+            if sub_status != "completed":
+                out(f"run {run_id} {sub_status}: {details}")
+            return sub_status
         time.sleep(0.3)
 
 

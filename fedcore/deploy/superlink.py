@@ -14,8 +14,9 @@ ServerApp) with three differences:
 3. uvicorn trusts no proxy headers, so the peer address is the socket's.
 
 It relies on two private helpers of ``flwr.superlink.cli.flower_superlink``
-(``_parse_superlink_lifespan_config`` and ``SuperLinkLifespan``), which is why
-``pyproject.toml`` pins ``flwr<1.43``.
+(``_parse_superlink_lifespan_config`` and ``SuperLinkLifespan``), reached through
+:func:`fedcore.flower_adapter.superlink_app`, which is why ``pyproject.toml`` pins
+``flwr<1.43``.
 """
 
 from __future__ import annotations
@@ -79,32 +80,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--database", default=":flwr-in-memory:")
     args = p.parse_args(argv)
 
-    import importlib
-
     import uvicorn
-    from flwr.supercore.address import parse_address
-    from flwr.supercore.http_logging import get_uvicorn_log_config
-    from flwr.supercore.logger import console_handler
-    from flwr.superlink.main import create_app
 
+    from fedcore import flower_adapter as flower
     from fedcore.deploy.guard import ListenerGuard, fleet_routes
 
-    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
-
-    parsed = parse_address(args.public)
+    parsed = flower.parse_address(args.public)
     if not parsed:
         sys.exit(f"--public {args.public!r} is not HOST:PORT")
     host, port, _ = parsed
     if port == args.local_port:
         sys.exit("the public and local listeners need different ports")
-    sys.argv = [
-        "flower-superlink",
-        *superlink_argv(
+    app, config = flower.superlink_app(
+        superlink_argv(
             local_port=args.local_port, kit=args.kit, insecure=args.insecure, database=args.database
-        ),
-    ]
-    config = fs._parse_superlink_lifespan_config()  # noqa: SLF001 - pinned flwr
-    app = create_app(config, fs.SuperLinkLifespan)
+        )
+    )
     guarded = ListenerGuard(
         app, local_port=args.local_port, public_paths=fleet_routes(), start_open=False
     )
@@ -117,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             access_log=False,
             proxy_headers=False,
             server_header=False,
-            log_config=get_uvicorn_log_config(console_handler.level),
+            log_config=flower.uvicorn_log_config(),
             ssl_keyfile=config.ssl_keyfile,
             ssl_certfile=config.ssl_certfile,
         )

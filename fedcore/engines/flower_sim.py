@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from pathlib import Path
 
 from fedcore.core.config import Scalar
 from fedcore.core.errors import EngineError
-from fedcore.engines.processes import MemorySample, ProcessTree, SeenProcess
+from fedcore.engines.processes import MemorySample, ProcessTree, SeenProcess, free_port
 
 __all__ = ["FlowerRun", "flower_env", "run_flower_simulation"]
 
@@ -84,12 +83,6 @@ class FlowerRun:
     def completed(self) -> bool:
         """True when Flower reports the run finished and completed."""
         return self.status == COMPLETED
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def flower_env(
@@ -235,7 +228,7 @@ def run_flower_simulation(
     ray_tmpdir = tempfile.mkdtemp(prefix="fcray-")
     # The sampler also keeps following the tree, so short-lived processes are seen too.
     tree = ProcessTree(sample_interval=sample_interval, pss=sample)
-    http_port, control_port = _free_port(), _free_port()
+    http_port, control_port = free_port(), free_port()
     env = tree.env(
         flower_env(
             home,
@@ -258,7 +251,8 @@ def run_flower_simulation(
     try:
         tree.start_sampling()
         # The command flwr/cli/local_superlink.py runs, on our ports, in-memory state.
-        superlink = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+        superlink = tree.start(
+            "superlink",
             [
                 "flower-superlink",
                 "--insecure",
@@ -277,10 +271,7 @@ def run_flower_simulation(
             env=env,
             cwd=app,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
         )
-        tree.add_root(superlink.pid)
         _wait_healthy(http_port, superlink, 60.0, link_log)
 
         federation = f"num-supernodes={n_nodes} client-resources-num-cpus={client_cpus}"

@@ -15,13 +15,15 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
+
+from fedcore.flower_adapter import GridBase
 
 __all__ = ["PollingGrid"]
 
 
-class PollingGrid(Grid):
+class PollingGrid(GridBase):
     """Wrap ``inner`` so ``send_and_receive`` pulls every ``interval`` seconds.
 
     Parameters
@@ -32,6 +34,10 @@ class PollingGrid(Grid):
         Seconds between two pulls while replies are outstanding.
 
     """
+
+    #: ``send_and_receive`` yields each reply as soon as it (and every earlier one) arrived:
+    #: wrapping it again would change nothing.
+    streams_replies = True
 
     def __init__(self, inner: Grid, *, interval: float = 0.05) -> None:
         self._inner = inner
@@ -46,16 +52,6 @@ class PollingGrid(Grid):
     def set_run(self, run: Any) -> None:
         """Set the inner grid's run."""
         self._inner.set_run(run)
-
-    def create_message(  # noqa: D102 - deprecated in Flower; kept for the ABC
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         """Connected node ids (inner grid)."""

@@ -1,14 +1,26 @@
-"""Track every process an engine starts: memory summed over the tree, and cleanup.
+"""Start, track and stop every process fedcore runs: one tree per command or engine run.
 
-A :class:`ProcessTree` follows one or more root processes and all their
-descendants, including detached ones (``start_new_session``) as long as they are
-seen while their parent lives. Every process started with :meth:`ProcessTree.env`
-also carries a unique marker in its environment, so a descendant that was
-re-parented before it was seen is still found (and only ours are: the marker is
-a fresh random token).
+A :class:`ProcessTree` starts child processes (:meth:`ProcessTree.start`) or
+follows ones started elsewhere (:meth:`ProcessTree.add_root`), follows all
+their descendants, sums their memory, and stops every one of them: on
+:meth:`ProcessTree.stop_all`, on leaving its ``with`` block (also on an
+exception, Ctrl-C, or SIGTERM after :func:`install_signal_handlers`), and
+(Linux) even when this process dies without cleaning up.
 
-Used by :mod:`fedcore.engines.flower_sim` to leave no process behind, and by the
+- Each child starts in its own session (process group), so one signal reaches
+  everything it forks, and (Linux) with a parent-death signal: if this process
+  dies (SIGKILL), every child still gets SIGTERM.
+- Every process started with :meth:`ProcessTree.env` (which :meth:`~ProcessTree.start`
+  uses) carries an environment variable unique to its tree, inherited by every
+  descendant. A descendant in a session of its own (Flower's SuperLink starts
+  SuperExec that way), or re-parented before it was seen, is still found, and
+  only ours are: the name is a fresh random token. Trees nest: a child's own
+  tree adds its variable to the one it inherited.
+
+Used by ``fedcore server``, ``fedcore deploy-local`` and
+:mod:`fedcore.engines.flower_sim` to leave no process behind, and by the
 benchmarks to measure peak memory summed over all processes of a run.
+:func:`free_port` picks the loopback ports those processes listen on.
 """
 
 from __future__ import annotations
@@ -16,16 +28,67 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
 
 import psutil
 
-__all__ = ["MemorySample", "ProcessTree", "SeenProcess"]
+__all__ = [
+    "MemorySample",
+    "ProcessTree",
+    "SeenProcess",
+    "free_port",
+    "install_signal_handlers",
+]
 
-MARKER_VARIABLE = "FEDCORE_PROCESS_TREE"
+#: Prefix of the environment variable that marks the processes of one tree.
+MARKER_PREFIX = "FEDCORE_TREE_"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that is free right now (the OS picks it; take it soon)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM and SIGHUP into ``KeyboardInterrupt`` so ``finally`` blocks run."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking the kernel to SIGTERM the child when we die (Linux ``prctl``).
+
+    ``prctl`` is looked up here, in the parent: between ``fork`` and ``exec`` the
+    child only calls it.
+    """
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+        return None
+
+    def preexec() -> None:  # pragma: no cover - runs in the child before exec
+        prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+    return preexec
 
 
 @dataclass(frozen=True)
@@ -63,7 +126,9 @@ class SeenProcess:
 
 
 class ProcessTree:
-    """The processes started from a set of roots, with memory sampling and cleanup.
+    """The processes started from a set of roots: start, memory sampling, cleanup.
+
+    Use as a context manager; leaving it runs :meth:`stop_all`.
 
     Parameters
     ----------
@@ -76,8 +141,12 @@ class ProcessTree:
 
     def __init__(self, *, sample_interval: float = 0.2, pss: bool = True) -> None:
         self.marker = secrets.token_hex(8)
+        #: The environment variable (value ``"1"``) every process of this tree carries.
+        self.marker_variable = MARKER_PREFIX + self.marker.upper()
         self.sample_interval = sample_interval
         self.with_pss = pss
+        #: The children :meth:`start` started, by name.
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
         self._roots: list[psutil.Process] = []
         self._seen: dict[tuple[int, float], psutil.Process] = {}
         self._names: dict[tuple[int, float], str] = {}  # first words of the command line
@@ -89,13 +158,64 @@ class ProcessTree:
         self.peak_detail: list[tuple[str, int, int]] = []
         self.samples = 0
 
-    # -- membership -----------------------------------------------------------
+    # -- starting -------------------------------------------------------------
     def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        """Return ``base`` (default ``os.environ``) plus this tree's marker, for ``Popen``."""
+        """``base`` (default ``os.environ``) plus this tree's marker and this venv on PATH."""
         env = dict(os.environ if base is None else base)
-        env[MARKER_VARIABLE] = self.marker
+        bindir = str(Path(sys.executable).parent)
+        if bindir not in env.get("PATH", "").split(os.pathsep):
+            env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
+        env[self.marker_variable] = "1"
         return env
 
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdout: IO[Any] | int | None = None,
+        cwd: str | Path | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` as child ``name`` in its own session, and follow it.
+
+        Parameters
+        ----------
+        name : str
+            Key of the child in :attr:`children`.
+        argv : sequence of str
+            The command.
+        env : Mapping[str, str], optional
+            Variables to add to this process's environment (see :meth:`env`).
+        stdout : file or int, optional
+            Where its stdout and stderr go (default: ours).
+        cwd : str or Path, optional
+            Its working directory.
+
+        Returns
+        -------
+        subprocess.Popen
+            The child.
+
+        """
+        proc = subprocess.Popen(  # noqa: S603 - argv built by fedcore
+            list(argv),
+            env=self.env({**os.environ, **(env or {})}),
+            stdout=stdout,
+            stderr=subprocess.STDOUT if stdout is not None else None,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=cwd,
+            preexec_fn=_parent_death_signal(),
+        )
+        self.children[name] = proc
+        try:
+            self.add_root(proc.pid)
+        except psutil.NoSuchProcess:  # already gone: nothing to follow
+            pass
+        return proc
+
+    # -- membership -----------------------------------------------------------
     def add_root(self, pid: int) -> None:
         """Follow ``pid`` and its descendants."""
         with self._lock:
@@ -137,7 +257,7 @@ class ProcessTree:
             if proc.pid == me:
                 continue
             try:
-                if proc.environ().get(MARKER_VARIABLE) == self.marker and (
+                if proc.environ().get(self.marker_variable) == "1" and (
                     proc.status() != psutil.STATUS_ZOMBIE
                 ):
                     found.append(proc)
@@ -234,6 +354,44 @@ class ProcessTree:
             if not left:
                 break
         return described
+
+    def stop_all(self, grace: float = 5.0) -> list[str]:
+        """Stop every child and every other process of the tree; return the strays killed.
+
+        SIGTERM each child's process group, SIGKILL what is left after ``grace``
+        seconds, then SIGTERM (and after a second SIGKILL) every process of the
+        tree still running: descendants in sessions of their own, marked strays.
+        """
+        live = list(self.children.values())
+        for proc in live:
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in live:
+            _signal_group(proc, signal.SIGKILL)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                pass
+        return self.kill_survivors(grace=1.0)
+
+    def __enter__(self) -> ProcessTree:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Send ``sig`` to ``proc``'s process group (ignored once it is gone)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _ctime(proc: psutil.Process) -> float | None:

@@ -199,11 +199,15 @@ def initial_model(cfg: Config, test: Dataset) -> torch.nn.Module:
 
 
 def fast_polling(grid: Grid, interval: float) -> Grid:
-    """``grid`` wrapped in a :class:`PollingGrid`, unless it is fedcore's embedded grid."""
-    from fedcore.engines.embedded import EmbeddedGrid
+    """``grid`` wrapped in a :class:`PollingGrid`, unless it already streams its replies.
+
+    A grid whose class sets ``streams_replies = True`` (fedcore's embedded grid, a
+    ``PollingGrid``) yields each reply as soon as it arrives; Flower's deployment
+    grid sleeps 3 s between pulls and gets wrapped.
+    """
     from fedcore.engines.polling import PollingGrid
 
-    if isinstance(grid, EmbeddedGrid | PollingGrid):
+    if getattr(type(grid), "streams_replies", False):
         return grid
     return PollingGrid(grid, interval=interval)
 

@@ -1,0 +1,497 @@
+"""The one module that reaches into Flower's internals (written for Flower 1.42).
+
+Everywhere else fedcore uses Flower's public API only: ``flwr.app``,
+``flwr.serverapp`` and ``flwr.clientapp``. What that API does not offer lives
+here, so a Flower upgrade touches this file and no other:
+
+- messages: their protobuf wire form (the embedded engine's pipes), setting a
+  message id, error replies, the process's ``TaskIdentity``, an empty ``Run``,
+  and :class:`GridBase` (the deprecated abstract ``Grid.create_message``);
+- the Fleet API a node speaks (``fedcore client``): a signed HTTPS client,
+  activation, heartbeats, Flower's two-step object transfer, the run config;
+- the Control API ``fedcore server`` drives: node keys, starting and following
+  a run, building a Flower App Bundle;
+- the SuperLink app ``python -m fedcore.deploy.superlink`` serves, its Fleet API
+  routes and its log config.
+
+Importing this module checks ``flwr.__version__`` (:func:`check_flower_version`):
+another Flower than :data:`SUPPORTED_FLOWER`.x raises :class:`FlowerVersionError`
+naming both versions. Flower's heavier modules (the SuperNode, SuperLink and CLI
+packages) are imported inside the functions that use them, so importing this
+module costs no more than ``import flwr``. ``tests/test_flower_adapter.py`` fails
+if any other module of fedcore or the apps imports a private Flower module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flwr
+from flwr.app import Error, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID as _SUPERLINK_NODE_ID
+from flwr.common.constant import ErrorCode
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as _ProtoMessage  # pylint: disable=E0611
+from flwr.serverapp import Grid
+from flwr.supercore.address import parse_address as _parse_address
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedcore.core.errors import EngineError
+
+__all__ = [
+    "SUPERLINK_NODE_ID",
+    "SUPPORTED_FLOWER",
+    "FlowerVersionError",
+    "GridBase",
+    "activate_node",
+    "activation_refused",
+    "build_fab",
+    "check_flower_version",
+    "control_client",
+    "deactivate_node",
+    "empty_run",
+    "error_reply",
+    "fetch_run_config",
+    "fleet_client",
+    "fleet_routes",
+    "get_run",
+    "message_from_bytes",
+    "message_to_bytes",
+    "new_node_key",
+    "parse_address",
+    "pull_message",
+    "push_reply",
+    "receive_message",
+    "register_node",
+    "register_self",
+    "run_not_served",
+    "run_status",
+    "send_heartbeat",
+    "set_message_id",
+    "set_task_identity",
+    "start_run",
+    "stop_run",
+    "superlink_app",
+    "unregister_node",
+    "uvicorn_log_config",
+]
+
+#: The Flower release line this module is written against (``major.minor``).
+SUPPORTED_FLOWER = "1.42"
+
+
+class FlowerVersionError(EngineError, ImportError):
+    """The installed Flower is not the release this adapter was written for."""
+
+
+def check_flower_version(version: str) -> None:
+    """Raise :class:`FlowerVersionError` unless ``version`` is ``SUPPORTED_FLOWER.x``.
+
+    Parameters
+    ----------
+    version : str
+        A Flower version string, e.g. ``flwr.__version__``.
+
+    Raises
+    ------
+    FlowerVersionError
+        ``version`` is another release line (or not a version at all).
+
+    """
+    major, minor = SUPPORTED_FLOWER.split(".")
+    if version.split(".")[:2] != [major, minor]:
+        upper = f"{major}.{int(minor) + 1}"
+        raise FlowerVersionError(
+            f"fedcore supports Flower {SUPPORTED_FLOWER}.x, but flwr {version} is installed. "
+            f"Install a supported one (pip install 'flwr[simulation]>={SUPPORTED_FLOWER},"
+            f"<{upper}'), or port fedcore/flower_adapter.py to Flower {version}."
+        )
+
+
+check_flower_version(flwr.__version__)
+
+#: Node id of the SuperLink (the sender of every message a ServerApp pushes).
+SUPERLINK_NODE_ID: int = int(_SUPERLINK_NODE_ID)
+
+
+# ------------------------------------------------------------------ messages
+def message_to_bytes(message: Message) -> bytes:
+    """Flower's own protobuf encoding of ``message`` (never a pickle)."""
+    return bytes(message_to_proto(message).SerializeToString())
+
+
+def message_from_bytes(data: bytes) -> Message:
+    """The :class:`~flwr.app.Message` that :func:`message_to_bytes` encoded."""
+    proto = _ProtoMessage()
+    proto.ParseFromString(data)
+    return message_from_proto(proto)
+
+
+def set_message_id(message: Message, message_id: str) -> None:
+    """Give ``message`` the id ``message_id`` (Flower's metadata has no public setter)."""
+    message.metadata.__dict__["_message_id"] = message_id
+
+
+def error_reply(message: Message, reason: str, *, crashed: bool = False) -> Message:
+    """An error reply to ``message``: the ClientApp raised, or (``crashed``) its process died."""
+    code = ErrorCode.CLIENT_APP_CRASHED if crashed else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    return Message(Error(code, reason), reply_to=message)
+
+
+def set_task_identity(
+    *, run_id: int | None = None, node_id: int | None = None, task_id: int | None = None
+) -> None:
+    """Set the identity of the task this process runs (Flower stamps it on new messages).
+
+    Parameters
+    ----------
+    run_id, node_id, task_id : int, optional
+        The parts to set; ``None`` leaves that part as it is.
+
+    """
+    if run_id is not None:
+        TaskIdentity.run_id = run_id
+    if node_id is not None:
+        TaskIdentity.node_id = node_id
+    if task_id is not None:
+        TaskIdentity.task_id = task_id
+
+
+def empty_run(run_id: int) -> Run:
+    """A ``Run`` with id ``run_id`` and nothing else (a grid's run in simulation)."""
+    return Run.create_empty(run_id)
+
+
+class GridBase(Grid):
+    """A ``Grid`` with the methods Flower 1.42 still declares abstract but deprecates.
+
+    fedcore's grids subclass it and implement the rest of the ``Grid`` API.
+    """
+
+    def create_message(  # noqa: D102 - deprecated in Flower; kept for the ABC
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+
+def parse_address(address: str) -> tuple[str, int, bool | None] | None:
+    """``(host, port, is_ipv6)`` of ``HOST:PORT`` (``[::1]:PORT`` for IPv6), else ``None``."""
+    return _parse_address(address)
+
+
+# ------------------------------------------------------------------ Fleet API (a node)
+def new_node_key() -> Any:
+    """A fresh EC P-384 private key of the kind Flower's node authentication uses."""
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs
+
+    return generate_key_pairs()[0]
+
+
+def fleet_client(address: str, *, insecure: bool, ca_pem: bytes | None, private_key: Any) -> Any:
+    """Flower's Fleet API client for ``address``, every request signed with ``private_key``.
+
+    Parameters
+    ----------
+    address : str
+        ``HOST:PORT`` of the SuperLink's Fleet API.
+    insecure : bool
+        Plain HTTP (then ``ca_pem`` is ignored).
+    ca_pem : bytes or None
+        CA certificate(s) to verify the server with.
+    private_key : EllipticCurvePrivateKey
+        The node identity key (Flower's ``NodeAuthHttpInterceptor`` signs with it).
+
+    Returns
+    -------
+    FleetHttpClient
+        Pass it to the other Fleet API functions here; ``close()`` it when done.
+
+    """
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    return FleetHttpClient.from_server_address(
+        address,
+        insecure,
+        None if insecure else ca_pem,
+        interceptors=[
+            RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+            NodeAuthHttpInterceptor(private_key, private_key.public_key()),
+        ],
+    )
+
+
+def _public_key_bytes(private_key: Any) -> bytes:
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    return bytes(public_key_to_bytes(private_key.public_key()))
+
+
+def _node(node_id: int) -> Any:
+    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+
+    return Node(node_id=node_id)
+
+
+def register_self(client: Any, private_key: Any) -> None:
+    """Register this node's key itself (only a SuperLink without node authentication allows it)."""
+    from flwr.proto.fleet_pb2 import RegisterNodeFleetRequest  # pylint: disable=E0611
+
+    client.RegisterNode(RegisterNodeFleetRequest(public_key=_public_key_bytes(private_key)))
+
+
+def activate_node(client: Any, private_key: Any, *, heartbeat_interval: float) -> int:
+    """Activate the node whose key is ``private_key``'s; its node id.
+
+    Raises the client's HTTP error when the SuperLink refuses (see
+    :func:`activation_refused`).
+    """
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest  # pylint: disable=E0611
+
+    res = client.ActivateNode(
+        ActivateNodeRequest(
+            public_key=_public_key_bytes(private_key), heartbeat_interval=heartbeat_interval
+        )
+    )
+    return int(res.node_id)
+
+
+def send_heartbeat(client: Any, node_id: int, *, interval: float) -> bool:
+    """Tell the SuperLink node ``node_id`` is alive for ``interval`` s more; whether it agreed."""
+    from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest  # pylint: disable=E0611
+
+    res = client.SendNodeHeartbeat(
+        SendNodeHeartbeatRequest(node=_node(node_id), heartbeat_interval=interval)
+    )
+    return bool(res.success)
+
+
+def deactivate_node(client: Any, node_id: int) -> None:
+    """Tell the SuperLink node ``node_id`` is leaving."""
+    from flwr.proto.fleet_pb2 import DeactivateNodeRequest  # pylint: disable=E0611
+
+    client.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
+
+
+def pull_message(client: Any, node_id: int) -> tuple[Message, Any] | None:
+    """The next message for ``node_id`` as ``(metadata-only Message, object tree)``, or None."""
+    from flwr.proto.fleet_pb2 import PullMessagesRequest  # pylint: disable=E0611
+
+    res = client.PullMessages(PullMessagesRequest(node=_node(node_id)))
+    if not res.messages_list:
+        return None
+    return message_from_proto(res.messages_list[0]), res.message_object_trees[0]
+
+
+def receive_message(client: Any, node_id: int, run_id: int, tree: Any) -> Message:
+    """Pull the objects of the message ``tree`` describes, confirm receipt; the full Message."""
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+
+    node = _node(node_id)
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, run_id),
+        return_type=Message,
+    )
+    set_message_id(message, tree.object_id)
+    return message
+
+
+def push_reply(client: Any, node_id: int, reply: Message, *, runtime: float) -> None:
+    """Push ``reply`` and its objects (Flower's two-step object transfer)."""
+    from flwr.app.message import remove_content_from_message
+    from flwr.proto.fleet_pb2 import PushMessagesRequest  # pylint: disable=E0611
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_all_nested_objects,
+        get_object_tree,
+        no_object_id_recompute,
+    )
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_push_object_fn_protobuf
+    from flwr.supercore.inflatable.inflatable_utils import push_objects
+
+    node = _node(node_id)
+    set_message_id(reply, reply.object_id)
+    with no_object_id_recompute():
+        tree = get_object_tree(reply)
+        res = client.PushMessages(
+            PushMessagesRequest(
+                node=node,
+                messages_list=[message_to_proto(remove_content_from_message(reply))],
+                message_object_trees=[tree],
+                clientapp_runtime_list=[runtime],
+            )
+        )
+        push_objects(
+            get_all_nested_objects(reply),
+            make_push_object_fn_protobuf(
+                client.PushObject, node, reply.metadata.run_id, res.session_id
+            ),
+            object_ids_to_push=set(res.objects_to_push),
+        )
+
+
+def get_run(client: Any, node_id: int, run_id: int) -> Run:
+    """Run ``run_id`` as the SuperLink describes it to node ``node_id``."""
+    from flwr.common.serde import run_from_proto
+    from flwr.proto.run_pb2 import GetRunRequest  # pylint: disable=E0611
+
+    return run_from_proto(client.GetRun(GetRunRequest(node=_node(node_id), run_id=run_id)).run)
+
+
+def fetch_run_config(client: Any, node_id: int, run_id: int) -> tuple[Run, dict[str, Any]]:
+    """The run and its flat run config (the app bundle is read for its config, never run)."""
+    from flwr.common.config import get_fused_config_from_fab
+    from flwr.common.serde import fab_from_proto
+    from flwr.proto.fab_pb2 import GetFabRequest  # pylint: disable=E0611
+
+    run = get_run(client, node_id, run_id)
+    fab = fab_from_proto(
+        client.GetFab(GetFabRequest(node=_node(node_id), hash_str=run.fab_hash, run_id=run_id)).fab
+    )
+    return run, dict(get_fused_config_from_fab(fab.content, run))
+
+
+def _api_error_code(response_text: str) -> Any:
+    from flwr.supercore.error import FlowerError
+
+    return getattr(FlowerError.from_json(response_text), "code", None)
+
+
+def activation_refused(response_text: str) -> bool:
+    """Whether an HTTP error body says the SuperLink refused to activate the node's key."""
+    from flwr.supercore.error import ApiErrorCode
+
+    return bool(_api_error_code(response_text) == ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED)
+
+
+def run_not_served(response_text: str) -> bool:
+    """Whether an HTTP error body says the run is no longer served (it finished)."""
+    from flwr.supercore.error import ApiErrorCode
+
+    return bool(_api_error_code(response_text) == ApiErrorCode.FLEET_RUN_STATUS_NOT_ALLOWED)
+
+
+# ------------------------------------------------------------------ Control API (the server)
+def control_client(address: str, *, ca_pem: bytes | None) -> Any:
+    """Flower's Control API client for ``address`` (HTTPS against ``ca_pem``; HTTP if None)."""
+    from flwr.supercore.control import ControlHttpClient
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+
+    return ControlHttpClient.from_server_address(
+        address,
+        ca_pem is None,
+        ca_pem,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-cli")],
+    )
+
+
+def register_node(control: Any, public_key_pem: bytes, name: str) -> int:
+    """Register a node key under ``name`` (what ``flwr supernode register`` does); its node id."""
+    from flwr.proto.control_pb2 import RegisterNodeRequest  # pylint: disable=E0611
+
+    res = control.RegisterNode(RegisterNodeRequest(public_key=public_key_pem, name=name))
+    return int(res.node_id)
+
+
+def unregister_node(control: Any, node_id: int) -> None:
+    """Unregister node ``node_id`` (Flower keeps its key taken for the SuperLink's lifetime)."""
+    from flwr.proto.control_pb2 import UnregisterNodeRequest  # pylint: disable=E0611
+
+    control.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
+
+
+def start_run(control: Any, fab: bytes) -> int:
+    """Start a run of the app bundle ``fab`` (no config overrides); its run id."""
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest  # pylint: disable=E0611
+    from flwr.supercore.fab import Fab
+
+    bundle = Fab(hashlib.sha256(fab).hexdigest(), fab, {})
+    res = control.StartRun(
+        StartRunRequest(fab=fab_to_proto(bundle), override_config=user_config_to_proto({}))
+    )
+    return int(res.run_id)
+
+
+def stop_run(control: Any, run_id: int) -> None:
+    """Ask the SuperLink to stop run ``run_id``."""
+    from flwr.proto.control_pb2 import StopRunRequest  # pylint: disable=E0611
+
+    control.StopRun(StopRunRequest(run_id=run_id))
+
+
+def run_status(control: Any, run_id: int) -> tuple[str, str, str]:
+    """``(status, sub_status, details)`` of run ``run_id``, e.g. ``("finished", "completed", "")``.
+
+    Parameters
+    ----------
+    control : ControlHttpClient
+        From :func:`control_client`.
+    run_id : int
+        The run.
+
+    """
+    from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=E0611
+
+    status = control.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id].status
+    return str(status.status), str(status.sub_status), str(status.details)
+
+
+def build_fab(files: Mapping[str, bytes]) -> bytes:
+    """A Flower App Bundle holding ``files`` (path in the bundle -> content)."""
+    from flwr.cli.build import build_fab_from_files
+
+    fab, _ = build_fab_from_files(dict(files))
+    return bytes(fab)
+
+
+# ------------------------------------------------------------------ the SuperLink process
+def superlink_app(argv: Sequence[str]) -> tuple[Any, Any]:
+    """Flower's SuperLink FastAPI app configured by ``flower-superlink`` arguments ``argv``.
+
+    The same app and lifespan (Control, Fleet and Runtime APIs, SuperExec) that
+    ``flower-superlink`` serves; the caller serves it. Returns ``(app, config)``;
+    ``config.ssl_keyfile`` and ``config.ssl_certfile`` are the TLS files (or None).
+    Flower parses the arguments from ``sys.argv``, which this sets.
+    """
+    from flwr.superlink.cli import flower_superlink as cli
+    from flwr.superlink.main import create_app
+
+    sys.argv = ["flower-superlink", *argv]
+    config = cli._parse_superlink_lifespan_config()  # noqa: SLF001 - pinned Flower
+    return create_app(config, cli.SuperLinkLifespan), config
+
+
+def uvicorn_log_config() -> dict[str, Any]:
+    """The uvicorn log config ``flower-superlink`` uses (Flower's console log level)."""
+    from flwr.supercore.http_logging import get_uvicorn_log_config
+    from flwr.supercore.logger import console_handler
+
+    return dict(get_uvicorn_log_config(console_handler.level))
+
+
+def fleet_routes() -> frozenset[str]:
+    """The paths of Flower's Fleet API router (what SuperNodes call)."""
+    from flwr.superlink.routers.fleet.router import router
+
+    paths = frozenset(str(getattr(r, "path", "")) for r in router.routes)
+    if not paths or not all(p.startswith("/v1/fleet/") for p in paths):  # pragma: no cover
+        raise EngineError(
+            f"unexpected Fleet API routes in Flower {flwr.__version__}: {sorted(paths)}"
+        )
+    return paths

@@ -1,0 +1,136 @@
+"""Flower's internals stay behind fedcore.flower_adapter, which checks the Flower version."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import flwr
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from fedcore import flower_adapter
+from fedcore.core.errors import EngineError
+from fedcore.flower_adapter import FlowerVersionError, check_flower_version
+
+ROOT = Path(__file__).resolve().parents[1]
+ADAPTER = ROOT / "fedcore" / "flower_adapter.py"
+#: Flower's public API: what every module may import.
+PUBLIC = {
+    "flwr.app",
+    "flwr.serverapp",
+    "flwr.serverapp.strategy",
+    "flwr.clientapp",
+    "flwr.clientapp.mod",
+}
+
+
+def _flwr_modules(tree: ast.AST) -> list[tuple[int, str]]:
+    """Every Flower module a module imports: import statements and import_module("...")."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "flwr":  # from flwr import serverapp -> flwr.serverapp
+                found += [(node.lineno, f"flwr.{a.name}") for a in node.names]
+            else:
+                found.append((node.lineno, node.module))
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and (
+                (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                or (
+                    isinstance(node.func, ast.Name)
+                    and node.func.id in ("import_module", "__import__")
+                )
+            )
+        ):
+            found.append((node.lineno, node.args[0].value))
+    return [(line, m) for line, m in found if m == "flwr" or m.startswith("flwr.")]
+
+
+def _dict_writes(tree: ast.AST) -> list[int]:
+    """Lines that write ``<x>.__dict__[...]`` (how Flower's private fields get set)."""
+    lines = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        for t in targets:
+            if (
+                isinstance(t, ast.Subscript)
+                and isinstance(t.value, ast.Attribute)
+                and t.value.attr == "__dict__"
+            ):
+                lines.append(t.lineno)
+    return lines
+
+
+def _sources() -> list[Path]:
+    files = [p for d in ("fedcore", "server", "clients") for p in sorted((ROOT / d).rglob("*.py"))]
+    assert ADAPTER in files
+    return files
+
+
+def test_only_the_adapter_imports_private_flower_modules() -> None:
+    offenders = []
+    for path in _sources():
+        if path == ADAPTER:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        rel = path.relative_to(ROOT)
+        offenders += [f"{rel}:{line}: {m}" for line, m in _flwr_modules(tree) if m not in PUBLIC]
+        offenders += [f"{rel}:{line}: writes __dict__" for line in _dict_writes(tree)]
+    assert offenders == [], (
+        "Flower's private modules and private attributes are for fedcore/flower_adapter.py "
+        "only; add what you need there:\n" + "\n".join(offenders)
+    )
+
+
+def test_the_scan_sees_every_kind_of_import() -> None:
+    code = (
+        "import flwr.proto.fleet_pb2\n"
+        "from flwr.supercore.run import Run\n"
+        "from flwr import simulation\n"
+        "import importlib\n"
+        "m = importlib.import_module('flwr.superlink.main')\n"
+        "from flwr.app import Message\n"
+        "msg.metadata.__dict__['_message_id'] = 'x'\n"
+    )
+    tree = ast.parse(code)
+    mods = [m for _, m in _flwr_modules(tree) if m not in PUBLIC]
+    assert mods == [
+        "flwr.proto.fleet_pb2",
+        "flwr.supercore.run",
+        "flwr.simulation",
+        "flwr.superlink.main",
+    ]
+    assert _dict_writes(tree) == [7]
+
+
+def test_the_adapter_accepts_the_installed_flower() -> None:
+    check_flower_version(flwr.__version__)
+    check_flower_version(f"{flower_adapter.SUPPORTED_FLOWER}.7")
+
+
+@pytest.mark.parametrize("version", ["1.43.0", "1.41.2", "2.42.0", "1.4", "nightly"])
+def test_the_adapter_refuses_another_flower(version: str) -> None:
+    with pytest.raises(FlowerVersionError) as info:
+        check_flower_version(version)
+    message = str(info.value)
+    assert version in message and f"Flower {flower_adapter.SUPPORTED_FLOWER}.x" in message
+    # the CLI reports it like any fedcore error; `except ImportError` sees it too
+    assert isinstance(info.value, EngineError) and isinstance(info.value, ImportError)
+
+
+def test_message_round_trip_and_ids() -> None:
+    msg = Message(RecordDict({"c": ConfigRecord({"i": 3})}), 1001, "train")
+    flower_adapter.set_message_id(msg, "abc")
+    again = flower_adapter.message_from_bytes(flower_adapter.message_to_bytes(msg))
+    assert again.metadata.message_id == "abc"
+    assert again.content.config_records["c"]["i"] == 3
+    err = flower_adapter.error_reply(again, "boom", crashed=True)
+    assert err.has_error() and err.error.reason == "boom"
+    assert err.metadata.reply_to_message_id == "abc"
