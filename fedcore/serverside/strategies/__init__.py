@@ -19,15 +19,37 @@ from fedcore.serverside.strategies.base import (
     arrays_to_numpy,
     options_from_mapping,
 )
+from fedcore.serverside.strategies.fedadagrad import FedAdagrad
+from fedcore.serverside.strategies.fedadam import FedAdam
 from fedcore.serverside.strategies.fedavg import FedAvg
+from fedcore.serverside.strategies.fedavgm import FedAvgM
+from fedcore.serverside.strategies.fedmedian import FedMedian
+from fedcore.serverside.strategies.fedopt import FedOpt
+from fedcore.serverside.strategies.fedprox import FedProx
+from fedcore.serverside.strategies.fedtrimmedavg import FedTrimmedAvg
+from fedcore.serverside.strategies.fedyogi import FedYogi
+from fedcore.serverside.strategies.krum import Krum
+from fedcore.serverside.strategies.multikrum import MultiKrum
+from fedcore.serverside.strategies.scaffold import Scaffold
 
 __all__ = [
     "STRATEGIES",
     "EvaluateResult",
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
+    "FedAvgM",
+    "FedMedian",
+    "FedOpt",
+    "FedProx",
+    "FedTrimmedAvg",
+    "FedYogi",
+    "Krum",
+    "MultiKrum",
     "NoOptions",
     "Rejection",
     "Sampling",
+    "Scaffold",
     "Strategy",
     "apply_update",
     "arrays_to_numpy",
@@ -37,7 +59,19 @@ __all__ = [
 
 #: Built-in strategies by ``[strategy] name``.
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
-for _cls in (FedAvg,):
+for _cls in (
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedAdagrad,
+    FedAdam,
+    FedYogi,
+    Scaffold,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+):
     STRATEGIES.register(_cls.name, _cls)
 
 
