@@ -5,7 +5,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedcore.cli import main
 from fedcore.core.errors import DeploymentError
-from fedcore.deploy.provision import FederationPaths, add_client, fingerprint, provision, revoke
+from fedcore.deploy.provision import FederationPaths, add_client, provision, revoke
+from fedcore.secagg.protocol.rosters import fingerprint, fingerprint_text
 from fedcore.storage.keys import (
     load_admitted_keys,
     load_identity_key,
@@ -119,6 +122,22 @@ def test_add_client_touches_no_other_kit(fed: FederationPaths) -> None:
     admitted = load_admitted_keys(fed.server_kit)
     assert set(admitted) == {"client-1", "client-2", "client-3", "dave"}
     assert fingerprint(admitted["dave"]) == fingerprint(load_identity_key(kit).public_key())
+
+
+def test_kit_fingerprint_is_the_one_ssh_keygen_prints(fed: FederationPaths) -> None:
+    kit = fed.client_kit("client-1")
+    fp = json.loads((kit / "client.json").read_text())["fingerprint"]
+    assert fp == fingerprint_text(load_identity_key(kit).public_key())
+    assert fp == json.loads(fed.admitted.read_text())["clients"]["client-1"]["fingerprint"]
+    ssh_keygen = shutil.which("ssh-keygen")
+    if ssh_keygen is not None:  # docs/deployment.md tells operators to check it this way
+        out = subprocess.run(
+            [ssh_keygen, "-lf", str(kit / "identity.pub")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert fp in out.split()
 
 
 def test_rotate_with_force_replaces_the_admitted_key(fed: FederationPaths) -> None:

@@ -32,9 +32,7 @@ All keys come from the operating system's CSPRNG through ``cryptography``.
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime as dt
-import hashlib
 import ipaddress
 import json
 import re
@@ -51,11 +49,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedcore.core.errors import DeploymentError
 from fedcore.deploy.files import PRIVATE, PUBLIC, make_dir, write_new
+from fedcore.secagg.protocol.rosters import fingerprint_text
 
 __all__ = [
     "FederationPaths",
     "add_client",
-    "fingerprint",
     "provision",
     "register",
     "renew_server",
@@ -116,15 +114,6 @@ def _check_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
-
-
-def fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:
-    """``SHA256:...`` fingerprint of a public key (what ``ssh-keygen -l`` prints)."""
-    line = public_key.public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    blob = base64.b64decode(line.split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -265,7 +254,7 @@ def _write_client_kit(
         .decode()
         + f" fedcore:{name}"
     )
-    fp = fingerprint(key.public_key())
+    fp = fingerprint_text(key.public_key())
     write_new(kit / "identity.key", private, mode=PRIVATE, force=force)
     write_new(kit / "identity.pub", (public_line + "\n").encode(), mode=PUBLIC, force=force)
     write_new(kit / "ca.pem", ca_pem, mode=PUBLIC, force=force)

@@ -31,6 +31,7 @@ scheme; docs/security.md states the trust assumptions of each.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import stat
@@ -57,6 +58,7 @@ __all__ = [
     "Roster",
     "check_key_file",
     "fingerprint",
+    "fingerprint_text",
     "public_key_of",
 ]
 
@@ -65,8 +67,25 @@ VerifyingKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
 
 
 def fingerprint(public_key: VerifyingKey) -> bytes:
-    """SHA-256 of the DER SubjectPublicKeyInfo (a stable id of a public key)."""
-    return hashlib.sha256(_spki(public_key)).digest()
+    """SHA-256 of the key's OpenSSH wire encoding: a stable id of a public key.
+
+    The same digest ``ssh-keygen -l`` prints (:func:`fingerprint_text`), so an
+    operator can check a kit's ``identity.pub`` against ``admitted.json``.
+    """
+    try:
+        line = public_key.public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    except (ValueError, TypeError) as exc:  # a curve OpenSSH has no name for
+        raise SecureAggregationError(
+            f"unsupported identity key ({exc}): use Ed25519 or EC P-256, P-384 or P-521"
+        ) from None
+    return hashlib.sha256(base64.b64decode(line.split()[1])).digest()
+
+
+def fingerprint_text(public_key: VerifyingKey) -> str:
+    """``SHA256:...``: :func:`fingerprint` as ``ssh-keygen -l`` prints it."""
+    return "SHA256:" + base64.b64encode(fingerprint(public_key)).decode().rstrip("=")
 
 
 def _ec_hash(curve: ec.EllipticCurve) -> hashes.HashAlgorithm:
