@@ -63,6 +63,14 @@ from fedcore.secagg.protocol.rosters import (
     check_key_file,
 )
 from fedcore.secagg.protocol.wire import MASKED, SECAGG, pack_ids, unpack_ids
+from fedcore.storage.keys import (
+    ADMITTED_KEYS,
+    CA_CERT,
+    IDENTITY_CERT,
+    IDENTITY_KEY,
+    load_admitted_keys,
+    load_identity_key,  # reads PEM or OpenSSH
+)
 
 __all__ = [
     "ADMITTED_KEYS",
@@ -80,11 +88,8 @@ __all__ = [
 
 #: Record in ``Context.state`` holding this client's secrets between stages.
 STATE = "fedcore.secagg"
-#: Node-config keys of a provisioned kit (deployment).
-IDENTITY_KEY = "identity-key"
-IDENTITY_CERT = "identity-cert"
-CA_CERT = "ca-cert"
-ADMITTED_KEYS = "admitted-keys"
+# The node-config keys of a provisioned kit (IDENTITY_KEY, ...) are defined, once, in
+# fedcore.storage.keys; they are re-exported here for the ClientApp's callers.
 
 TrainHandler = Callable[[Message, Context], Message]
 
@@ -104,8 +109,6 @@ def _certificate_identity(key_path: str, cert_path: str) -> CertificateIdentity:
 
 @functools.lru_cache(maxsize=4)
 def _kit_identity(key_path: str) -> KeyIdentity:
-    from fedcore.storage.keys import load_identity_key  # reads PEM or OpenSSH
-
     check_key_file(Path(key_path))
     return KeyIdentity(load_identity_key(key_path))
 
@@ -141,8 +144,6 @@ def roster_for(context: Context) -> tuple[Roster, dict[int, bytes] | None]:
     if CA_CERT in nc:
         return CaRoster.from_file(str(nc[CA_CERT]), now=dt.datetime.now(dt.UTC)), None
     if ADMITTED_KEYS in nc:
-        from fedcore.storage.keys import load_admitted_keys
-
         return AdmittedRoster(load_admitted_keys(str(nc[ADMITTED_KEYS])).values()), None
     raw = _record(context).get("pins")
     pins = {int(k): bytes.fromhex(v) for k, v in json.loads(str(raw)).items()} if raw else {}

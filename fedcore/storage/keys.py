@@ -33,6 +33,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedcore.core.errors import DeploymentError
 
 __all__ = [
+    "ADMITTED_KEYS",
+    "CA_CERT",
+    "IDENTITY_CERT",
     "IDENTITY_KEY",
     "context_identity_key",
     "load_admitted_keys",
@@ -43,8 +46,15 @@ __all__ = [
     "verify",
 ]
 
-#: Node-config key under which ``fedcore client`` passes the identity key's path.
+# Node-config keys of a provisioned node (deployment); each value is a file path.
+#: The kit's identity key (``fedcore client`` passes it).
 IDENTITY_KEY = "identity-key"
+#: A certificate for the identity key (the certificate scheme of secure aggregation).
+IDENTITY_CERT = "identity-cert"
+#: The CA that issued the peers' identity certificates.
+CA_CERT = "ca-cert"
+#: The federation's ``admitted.json``, to accept only admitted peers.
+ADMITTED_KEYS = "admitted-keys"
 _HASH = hashes.SHA384()
 
 
