@@ -68,10 +68,10 @@ def _deploy_config(cfg: Config, clients: int, rounds: int | None, run_dir: Path)
     cfg = cfg.replace(
         run={"clients": clients, **({"rounds": rounds} if rounds is not None else {})},
         strategy={
-            "min-available-clients": clients,
             "min-train-clients": min(s.min_train_clients, clients),
             "min-evaluate-clients": min(s.min_evaluate_clients, clients),
         },
+        round={"min-available-clients": clients},
         deploy={"run-dir": str(run_dir)},
     )
     if cfg.data.num_classes == 0:  # a client's file may lack a class: fix the count for all

@@ -342,7 +342,7 @@ def run_server(
             run_id = flower.start_run(control, build_fab(cfg))
             out(
                 f"run {run_id}: {cfg.run.rounds} rounds, waiting for "
-                f"{cfg.strategy.min_available_clients} client(s); run directory {run_dir}"
+                f"{cfg.round.min_available_clients} client(s); run directory {run_dir}"
             )
             try:
                 status = _follow(
@@ -435,7 +435,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     if args.rounds is not None:
         overrides["run"] = {"rounds": args.rounds}
     if args.min_clients is not None:
-        overrides["strategy"] = {"min-available-clients": args.min_clients}
+        overrides["round"] = {"min-available-clients": args.min_clients}
     if args.out:
         overrides["deploy"] = {"run-dir": str(Path(args.out).resolve())}
     if overrides:
@@ -478,7 +478,7 @@ def register(subparsers: Any) -> None:
         help="continue a run from its last checkpoint (RUN_DIR/config.toml unless CONFIG)",
     )
     p.add_argument("--rounds", type=int, help="override run.rounds")
-    p.add_argument("--min-clients", type=int, help="override strategy.min-available-clients")
+    p.add_argument("--min-clients", type=int, help="override round.min-available-clients")
     p.add_argument(
         "--state-dir", help="keep the SuperLink's state and log here (default: a temp dir)"
     )
