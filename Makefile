@@ -28,6 +28,7 @@ simulate: setup
 
 test: setup
 	$(BIN)/ruff check fedcore server clients tests benchmarks
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 
 test-quick: setup
@@ -35,6 +36,7 @@ test-quick: setup
 
 lint: setup
 	$(BIN)/ruff check fedcore server clients tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
