@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import shutil
 import tomllib
 import warnings
@@ -9,6 +10,8 @@ from dataclasses import fields
 
 import pytest
 
+import fedcore.core.config
+import fedcore.core.keys
 from fedcore.core.config import (
     BUILTIN_STRATEGIES,
     DEPRECATED_KEYS,
@@ -257,3 +260,9 @@ def test_to_toml_loads_back_identically(tmp_path):
     assert load_config(path) == cfg
     assert load_config(path).secagg.clip == 0.1 + 0.2  # floats are written exactly
     assert tomllib.loads(to_toml(Config()))["round"]["timeout"] == 600.0
+
+
+@pytest.mark.parametrize("module", [fedcore.core.config, fedcore.core.keys])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
