@@ -26,6 +26,7 @@ from fedcore.runtime.configfile import default_config_path, importable
 
 __all__ = ["main"]
 
+
 def _apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
     run: dict[str, int] = {}
     if args.rounds is not None:
@@ -208,7 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except FedcoreError as exc:  # e.g. an unsupported Flower (fedcore.flower_adapter)
+        print(f"fedcore: error: {exc}", file=sys.stderr)
+        return 1
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except (ConfigError, DataError, CheckpointError) as exc:

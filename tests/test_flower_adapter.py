@@ -134,3 +134,19 @@ def test_message_round_trip_and_ids() -> None:
     err = flower_adapter.error_reply(again, "boom", crashed=True)
     assert err.has_error() and err.error.reason == "boom"
     assert err.metadata.reply_to_message_id == "abc"
+
+
+def test_the_cli_names_both_versions_under_another_flower() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flwr; flwr.__version__ = '1.43.0'\n"
+        "from fedcore.cli import main; sys.exit(main(['provision', '--help']))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert out.returncode == 1, out.stderr
+    assert "Flower 1.42.x" in out.stderr and "flwr 1.43.0" in out.stderr
+    assert "Traceback" not in out.stderr
