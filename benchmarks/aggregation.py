@@ -11,7 +11,8 @@ layout) and a ``"metrics"`` MetricRecord with ``"num-examples"``.
 
 fedcore is measured like-for-like (``finite=False``: no NaN/Inf check, Flower does
 none), with validation (``finite=True``, as ``FedAvg`` runs it), and end to end
-through the plain exchange and ``FedAvg.server_update`` on reply ``Message``s. The last line printed is
+through the plain exchange and ``FedAvg.server_update`` on reply
+``Message``s. The last line printed is
 one JSON object.
 
     python benchmarks/aggregation.py [--clients 50] [--params 1000000] [--reps 9]

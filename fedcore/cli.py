@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -209,6 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Renamed config keys still work; say once which name to use instead (Python hides
+    # DeprecationWarning outside __main__ by default).
+    warnings.filterwarnings(
+        "default", message="config key .* is deprecated", category=DeprecationWarning
+    )
+    warnings.formatwarning = lambda msg, *_: f"fedcore: warning: {msg}\n"
     try:
         parser = build_parser()
     except FedcoreError as exc:  # e.g. an unsupported Flower (fedcore.flower_adapter)

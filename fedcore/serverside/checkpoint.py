@@ -31,7 +31,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from fedcore.core.aggregation import ArraySpec, array_view, numpy_to_array, spec_of
-from fedcore.core.config import Config, config_from_dict, to_dict, to_toml
+from fedcore.core.config import RESUME_MAY_CHANGE, Config, config_from_dict, to_dict, to_toml
 from fedcore.core.errors import CheckpointError, ConfigError
 from fedcore.core.faults import crash_point
 from fedcore.storage.files import arrays_from_safetensors, arrays_to_safetensors, atomic_write
@@ -49,22 +49,6 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT_VERSION = 1
 _MAX_HEADER = 64 * 1024 * 1024
 
-#: Keys that do not change which model a run produces; they may differ on resume.
-RESUME_MAY_CHANGE = frozenset(
-    {
-        "run.rounds",
-        "run.out-dir",
-        "run.centralized-baseline",
-        "run.baseline-epochs",
-        "engine.workers",
-        "strategy.round-timeout",
-        "strategy.round-retries",
-        "strategy.retry-backoff",
-        "deploy.run-dir",
-        "deploy.poll-interval",
-        "deploy.resume",
-    }
-)
 
 
 @dataclass(frozen=True)

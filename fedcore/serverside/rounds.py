@@ -93,7 +93,7 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 0.2) 
         if time.monotonic() >= deadline:
             raise RoundFailedError(
                 f"only {len(nodes)} client(s) connected after {timeout:.0f} s; "
-                f"strategy.min-available-clients = {minimum}"
+                f"round.min-available-clients = {minimum}"
             )
         time.sleep(poll)
 
