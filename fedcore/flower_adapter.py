@@ -30,15 +30,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flwr
-from flwr.app import Error, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID as _SUPERLINK_NODE_ID
-from flwr.common.constant import ErrorCode
-from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.proto.message_pb2 import Message as _ProtoMessage  # pylint: disable=E0611
-from flwr.serverapp import Grid
-from flwr.supercore.address import parse_address as _parse_address
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedcore.core.errors import EngineError
 
@@ -113,6 +104,18 @@ def check_flower_version(version: str) -> None:
 
 
 check_flower_version(flwr.__version__)
+
+# Flower's internals, imported once the version is known to be the one they are from
+# (another release may have moved them: the version error says so more clearly).
+from flwr.app import Error, Message, RecordDict  # noqa: E402
+from flwr.common.constant import SUPERLINK_NODE_ID as _SUPERLINK_NODE_ID  # noqa: E402
+from flwr.common.constant import ErrorCode  # noqa: E402
+from flwr.common.serde import message_from_proto, message_to_proto  # noqa: E402
+from flwr.proto.message_pb2 import Message as _ProtoMessage  # noqa: E402 # pylint: disable=E0611
+from flwr.serverapp import Grid  # noqa: E402
+from flwr.supercore.address import parse_address as _parse_address  # noqa: E402
+from flwr.supercore.run import Run  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 #: Node id of the SuperLink (the sender of every message a ServerApp pushes).
 SUPERLINK_NODE_ID: int = int(_SUPERLINK_NODE_ID)
@@ -469,8 +472,12 @@ def superlink_app(argv: Sequence[str]) -> tuple[Any, Any]:
     ``config.ssl_keyfile`` and ``config.ssl_certfile`` are the TLS files (or None).
     Flower parses the arguments from ``sys.argv``, which this sets.
     """
-    from flwr.superlink.cli import flower_superlink as cli
+    import importlib
+
     from flwr.superlink.main import create_app
+
+    # (``flwr.superlink.cli.flower_superlink`` the attribute is a function: import the module)
+    cli = importlib.import_module("flwr.superlink.cli.flower_superlink")
 
     sys.argv = ["flower-superlink", *argv]
     config = cli._parse_superlink_lifespan_config()  # noqa: SLF001 - pinned Flower

@@ -150,3 +150,16 @@ def test_the_cli_names_both_versions_under_another_flower() -> None:
     assert out.returncode == 1, out.stderr
     assert "Flower 1.42.x" in out.stderr and "flwr 1.43.0" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_superlink_app_is_flowers_app_with_our_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from fedcore.deploy.superlink import superlink_argv
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # superlink_app sets it for Flower
+    app, config = flower_adapter.superlink_app(
+        superlink_argv(local_port=9999, kit=None, insecure=True)
+    )
+    assert type(app).__name__ == "FastAPI" and callable(app)  # served, not run, here
+    assert config.ssl_keyfile is None and config.ssl_certfile is None
