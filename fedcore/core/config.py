@@ -52,18 +52,17 @@ from fedcore.core.keys import (
     close_match,
     finite_positive,
     greater_than,
+    identifier_or_import_path,
     import_path_or_empty,
     in_range,
     key,
     key_infos,
-    name_or_import_path,
     non_empty,
     one_of,
     zero_or_at_least,
 )
 
 __all__ = [
-    "BUILTIN_STRATEGIES",
     "DEPRECATED_KEYS",
     "RESUME_MAY_CHANGE",
     "SECTIONS",
@@ -90,21 +89,6 @@ __all__ = [
 PARTITIONERS = ("iid", "dirichlet", "shards")
 DATA_SOURCES = ("digits", "synthetic", "file")
 OPTIMIZERS = ("sgd", "adam")
-#: ``[strategy] name`` values that need no import path.
-BUILTIN_STRATEGIES = (
-    "fedavg",
-    "fedavgm",
-    "fedprox",
-    "fedadagrad",
-    "fedadam",
-    "fedyogi",
-    "scaffold",
-    "fedmedian",
-    "fedtrimmedavg",
-    "krum",
-    "multikrum",
-)
-
 #: Old spelling -> new key. The old one is still read (with a ``DeprecationWarning``).
 DEPRECATED_KEYS: Mapping[str, str] = MappingProxyType(
     {
@@ -265,7 +249,7 @@ class StrategyConfig(Section):
     name: str = key(
         "fedavg",
         help="the strategy that turns the clients' replies into the next model",
-        rule=name_or_import_path(BUILTIN_STRATEGIES, what="Class"),
+        rule=identifier_or_import_path(what="Class", where="docs/strategies.md"),
     )
     options: FrozenMap = key(
         FrozenMap(),

@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, get_type_hints
@@ -47,7 +48,7 @@ __all__ = [
     "kebab",
     "key",
     "key_infos",
-    "name_or_import_path",
+    "identifier_or_import_path",
     "non_empty",
     "one_of",
     "zero_or_at_least",
@@ -269,31 +270,30 @@ def import_path_or_empty(*, empty_means: str, what: str = "function") -> Rule:
 
 
 @dataclass(frozen=True)
-class _NameOrImportPath(Rule):
-    names: tuple[str, ...]
+class _IdentifierOrImportPath(Rule):
     what: str
+    where: str
 
     def ok(self, value: Any) -> bool:
-        return isinstance(value, str) and (value in self.names or _is_import_path(value))
+        return isinstance(value, str) and (
+            re.fullmatch(r"[a-z][a-z0-9_-]*", value) is not None or _is_import_path(value)
+        )
 
     def allowed(self, kind: type) -> str:
         return (
-            f"must be one of {', '.join(self.names)} or an import path 'package.module:{self.what}'"
+            f"must be a built-in name ({self.where}) or an import path "
+            f"'package.module:{self.what}'"
         )
 
-    def problem(self, value: Any, kind: type) -> str | None:
-        if self.ok(value):
-            return None
-        text = self.allowed(kind)
-        near = close_match(value, self.names) if isinstance(value, str) else None
-        if near is not None:
-            text += f"; did you mean '{near}'?"
-        return text
 
+def identifier_or_import_path(*, what: str, where: str) -> Rule:
+    """A lowercase name that a registry elsewhere resolves, or ``"package.module:<what>"``.
 
-def name_or_import_path(names: Sequence[str], *, what: str) -> Rule:
-    """A built-in name from ``names`` or an import path ``"package.module:<what>"``."""
-    return _NameOrImportPath(tuple(names), what)
+    Which names exist is declared once, by the registry (``where`` says where to look);
+    the config only checks the form, and the code that resolves the name refuses an
+    unknown one with a "did you mean".
+    """
+    return _IdentifierOrImportPath(what, where)
 
 
 # ----------------------------------------------------------------------------- keys
