@@ -256,10 +256,11 @@ def bench_default(reps: int) -> dict:
     """Train + evaluate rounds of the default simulation config (digits, CNN, 10 clients)."""
     from flwr.app import ConfigRecord
 
-    from fedcore.core.config import load_config, to_flat
+    from fedcore.core.config import to_flat
     from fedcore.engines.embedded import EmbeddedGrid, node_id_for
     from fedcore.runtime.serve import build_exchanges, build_strategy, plain_exchange
     from fedcore.serverside.rounds import evaluate_once, train_once
+    from fedcore.storage.configfile import load_config
 
     cfg = load_config(ROOT / "simulations" / "default.toml")
     arrays = _initial(cfg)

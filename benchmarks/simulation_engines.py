@@ -38,9 +38,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedcore.core.config import Config, load_config, to_flat, to_toml
+from fedcore.core.config import Config, to_flat, to_toml
 from fedcore.engines.flower_sim import run_flower_simulation
 from fedcore.engines.processes import ProcessTree
+from fedcore.storage.configfile import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 2**20

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fedcore.clientside.partition import dirichlet, iid, shards
 from fedcore.core.aggregation import WeightedMean, weighted_mean
-from fedcore.core.config import Config, config_from_dict, config_from_flat, load_config, to_flat
+from fedcore.core.config import Config, config_from_dict, config_from_flat, to_flat
 from fedcore.core.errors import (
     AggregationError,
     CheckpointError,
@@ -23,6 +23,7 @@ from fedcore.core.errors import (
 )
 from fedcore.core.sampling import sample_clients
 from fedcore.serverside.strategies import FedAvg, Strategy
+from fedcore.storage.configfile import load_config
 
 __version__ = "0.1.0"
 

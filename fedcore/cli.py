@@ -21,9 +21,10 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedcore.core.config import Config, load_config, to_flat
+from fedcore.core.config import Config, to_flat
 from fedcore.core.errors import CheckpointError, ConfigError, DataError, FedcoreError
 from fedcore.runtime.configfile import default_config_path, importable
+from fedcore.storage.configfile import load_config
 
 __all__ = ["main"]
 

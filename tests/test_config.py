@@ -8,15 +8,9 @@ import tomllib
 
 import pytest
 
-from fedcore.core.config import (
-    Config,
-    config_from_dict,
-    config_from_flat,
-    load_config,
-    to_flat,
-    to_toml,
-)
+from fedcore.core.config import Config, config_from_dict, config_from_flat, to_flat, to_toml
 from fedcore.core.errors import ConfigError
+from fedcore.storage.configfile import load_config
 
 from .conftest import ROOT
 

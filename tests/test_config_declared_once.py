@@ -21,13 +21,13 @@ from fedcore.core.config import (
     config_from_dict,
     config_from_flat,
     declared_keys,
-    load_config,
     to_flat,
     to_toml,
 )
-from fedcore.core.config_docs import COMMAND, README_MARKERS, main, stale_files
 from fedcore.core.errors import ConfigError
 from fedcore.serverside.strategies import STRATEGIES
+from fedcore.storage.config_docs import COMMAND, README_MARKERS, main, stale_files
+from fedcore.storage.configfile import load_config
 
 from .conftest import ROOT
 

@@ -1,6 +1,6 @@
 """pyproject's ``[tool.flwr.app.config]`` is simulations/default.toml in Flower's flat form.
 
-The tables are generated (``python -m fedcore.core.config_docs --write``); this checks the
+The tables are generated (``python -m fedcore.storage.config_docs --write``); this checks the
 result the way Flower reads it.
 """
 
@@ -11,7 +11,8 @@ from pathlib import Path
 
 from flwr.common.config import flatten_dict
 
-from fedcore.core.config import config_from_flat, load_config, to_flat
+from fedcore.core.config import config_from_flat, to_flat
+from fedcore.storage.configfile import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +29,7 @@ def test_app_config_is_the_flattened_default_toml():
     differing = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
     assert found == expected, (
         "pyproject.toml [tool.flwr.app.config] drifted from simulations/default.toml; "
-        f"differing keys: {differing}; run `python -m fedcore.core.config_docs --write`"
+        f"differing keys: {differing}; run `python -m fedcore.storage.config_docs --write`"
     )
     # same types too (Flower's run config keeps int/float/bool/str apart)
     assert {k: type(v) for k, v in found.items()} == {k: type(v) for k, v in expected.items()}

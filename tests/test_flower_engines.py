@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedcore.core.config import load_config
 from fedcore.engines.flower_sim import run_flower_simulation
+from fedcore.storage.configfile import load_config
 from fedcore.storage.files import arrays_from_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent

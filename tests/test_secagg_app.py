@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedcore.core.config import config_from_dict, config_from_flat, load_config, to_flat
+from fedcore.core.config import config_from_dict, config_from_flat, to_flat
 from fedcore.core.errors import ConfigError
 from fedcore.runtime.serve import build_exchanges, build_strategy
 from fedcore.secagg.exchange import SecureExchange
 from fedcore.serverside.exchange import PlainExchange
 from fedcore.serverside.strategies import FedAvg
+from fedcore.storage.configfile import load_config
 
 
 def test_secagg_is_on_by_default_with_auto_graph():

@@ -12,9 +12,10 @@ import json
 
 import pytest
 
-from fedcore.core.config import load_config, to_flat
+from fedcore.core.config import to_flat
 from fedcore.engines.embedded import run_embedded
 from fedcore.serverside.strategies import STRATEGIES
+from fedcore.storage.configfile import load_config
 
 from .conftest import ROOT
 

@@ -25,17 +25,15 @@ Flower's run config is flat (``"data.alpha" = 0.1``); :func:`to_flat` and
 ServerApp and ClientApp under every engine. Renamed keys keep working: their old
 spelling (:data:`DEPRECATED_KEYS`) is read as the new key with a ``DeprecationWarning``.
 The table of keys in ``simulations/README.md`` and pyproject's Flower mirror are
-generated from these declarations (``python -m fedcore.core.config_docs --write``).
+generated from these declarations (``python -m fedcore.storage.config_docs --write``).
 """
 
 from __future__ import annotations
 
 import sys
-import tomllib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -80,7 +78,6 @@ __all__ = [
     "config_from_dict",
     "config_from_flat",
     "declared_keys",
-    "load_config",
     "to_dict",
     "to_flat",
     "to_toml",
@@ -583,30 +580,6 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None) -> Config:
-    """Read and validate a TOML config file (``None``: all defaults).
-
-    A relative ``data.path`` is taken relative to the config file's directory, so a
-    config and its data file can be moved together.
-    """
-    if path is None:
-        return config_from_dict({})
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("<file>", str(p), f"cannot be read ({exc.strerror})") from exc
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("<file>", str(p), f"is not valid TOML: {exc}") from exc
-    data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"]:
-        if not Path(data["path"]).is_absolute():
-            raw["data"] = {**data, "path": str((p.parent / data["path"]).resolve())}
-    return config_from_dict(raw)
-
-
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     """Nested plain-dict form with kebab-case keys (what a TOML file holds)."""
     out: dict[str, dict[str, Any]] = {}
@@ -649,5 +622,5 @@ def config_from_flat(flat: Mapping[str, Any]) -> Config:
 
 
 def to_toml(cfg: Config) -> str:
-    """Render a config as TOML text that :func:`load_config` reads back identically."""
+    """Render a config as TOML text that ``load_config`` (fedcore.storage) reads back as is."""
     return tomli_w.dumps(to_dict(cfg))

@@ -16,7 +16,7 @@ A section of :mod:`fedcore.core.config` is a frozen dataclass whose fields are m
 
 From that one declaration come the type check, the range check and its message, the
 table of keys in ``simulations/README.md`` and pyproject's Flower mirror
-(:mod:`fedcore.core.config_docs`). A :class:`Rule` both checks a value and says what is
+(:mod:`fedcore.storage.config_docs`). A :class:`Rule` both checks a value and says what is
 allowed; rules that involve two keys stay in the section's :meth:`Section.cross_check`.
 """
 

@@ -202,9 +202,9 @@ def deploy_local(
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
     """``fedcore deploy-local``."""
-    from fedcore.core.config import load_config
     from fedcore.runtime.configfile import default_config_path
     from fedcore.serverside.rundir import default_run_dir
+    from fedcore.storage.configfile import load_config
 
     install_signal_handlers()
     path = Path(args.config) if args.config else default_config_path()

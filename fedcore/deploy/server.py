@@ -413,8 +413,8 @@ def _follow(
 
 def cmd_server(args: argparse.Namespace) -> int:
     """``fedcore server``."""
-    from fedcore.core.config import load_config
     from fedcore.runtime.configfile import default_config_path
+    from fedcore.storage.configfile import load_config
 
     install_signal_handlers()
     resume = Path(args.resume).resolve() if args.resume else None

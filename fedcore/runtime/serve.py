@@ -133,8 +133,8 @@ def _secagg_settings(cfg: Config) -> Any:
 
 def _secagg_roster(node_config: Mapping[str, Any] | None) -> Any:
     """Return the CA roster of ``node_config["ca-cert"]`` (deployment), else TOFU pins."""
-    from fedcore.secagg.handler import CA_CERT
     from fedcore.secagg.protocol.rosters import CaRoster, PinnedRoster
+    from fedcore.storage.keys import CA_CERT
 
     nc = node_config or {}
     if CA_CERT in nc:

@@ -1,6 +1,6 @@
 """Files generated from the config declarations: the README table of keys, pyproject's mirror.
 
-``python -m fedcore.core.config_docs --write`` rewrites, in place and only between their
+``python -m fedcore.storage.config_docs --write`` rewrites, in place and only between their
 markers, the table of keys in ``simulations/README.md`` and the
 ``[tool.flwr.app.config.*]`` tables of ``pyproject.toml`` (``simulations/default.toml``
 with every other key at its default: what ``flwr run .`` hands the apps). ``--check``
@@ -19,8 +19,9 @@ from typing import Any
 
 import tomli_w
 
-from fedcore.core.config import DEPRECATED_KEYS, Config, declared_keys, load_config, to_dict
+from fedcore.core.config import DEPRECATED_KEYS, Config, declared_keys, to_dict
 from fedcore.core.keys import KeyInfo
+from fedcore.storage.configfile import load_config
 
 __all__ = [
     "COMMAND",
@@ -33,7 +34,7 @@ __all__ = [
     "stale_files",
 ]
 
-COMMAND = "python -m fedcore.core.config_docs --write"
+COMMAND = "python -m fedcore.storage.config_docs --write"
 README_MARKERS = ("<!-- keys:begin -->", "<!-- keys:end -->")
 PYPROJECT_MARKERS = ("# keys:begin", "# keys:end")
 
@@ -137,7 +138,9 @@ def stale_files(root: Path) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``--write`` regenerates the files; ``--check`` returns 1 if one is stale."""
-    parser = argparse.ArgumentParser(prog="python -m fedcore.core.config_docs", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m fedcore.storage.config_docs", description=__doc__
+    )
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--write", action="store_true", help="rewrite the generated parts")
     mode.add_argument("--check", action="store_true", help="exit 1 if a generated part is stale")
