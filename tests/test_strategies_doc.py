@@ -3,28 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shlex
-import shutil
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 
 from fedcore.serverside.strategies import STRATEGIES
 
 from .conftest import ROOT
+from .docs_runner import blocks, run_page
 
 DOC = ROOT / "docs" / "strategies.md"
-BLOCK = re.compile(r"<!-- (file: (?P<name>\S+)|run|run-python) -->\n```\w*\n(?P<body>.*?)```", re.S)
 
 
 def _blocks():
-    for m in BLOCK.finditer(DOC.read_text()):
-        yield ("file" if m["name"] else m.group(1)), m["name"], m["body"]
+    return blocks(DOC)
 
 
 def test_the_example_strategy_is_under_40_lines():
@@ -45,46 +40,22 @@ def test_the_table_lists_every_builtin_strategy():
 
 @pytest.mark.slow
 def test_user_strategy_example_runs_exactly_as_documented(tmp_path):
-    env = {**os.environ, "PYTHONPATH": ""}  # only what the doc promises may be importable
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    printed = []
-    for kind, name, body in _blocks():
-        if kind == "file":
-            (tmp_path / name).write_text(body)
-        elif kind == "run":
-            for line in body.strip().splitlines():
-                argv = shlex.split(line)
-                argv[0] = shutil.which(argv[0], path=env["PATH"]) or argv[0]
-                proc = subprocess.run(
-                    argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-                )
-                assert proc.returncode == 0, f"{line}\n{proc.stdout}\n{proc.stderr}"
-        else:
-            proc = subprocess.run(
-                [sys.executable, "-c", body],
-                cwd=tmp_path,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            assert proc.returncode == 0, proc.stderr
-            printed.append(proc.stdout.strip())
+    printed = run_page(DOC, tmp_path)
     assert printed == ["[0.6, 0.8]"]
     run = tmp_path / "my-run"
     saved = tomllib.loads((run / "config.toml").read_text())
     assert saved["strategy"]["name"] == "clipping:ClippedFedAvg"
     assert saved["secagg"]["enabled"] is True  # it trained under secure aggregation
     rows = json.loads((run / "metrics.json").read_text())
-    assert len(rows) == 5 and all(r["clients"] == 10 for r in rows)
-    assert rows[-1]["accuracy"] > 0.6 and rows[-1]["accuracy"] > rows[0]["accuracy"]
+    assert len(rows) == 10 and all(r["clients"] == 10 for r in rows)
+    assert rows[-1]["accuracy"] > 0.85  # measured: 0.9387 (plain FedAvg's steps, capped)
 
 
 def test_a_bad_option_of_the_example_is_refused_naming_the_key(tmp_path):
     files = {n: b for k, n, b in _blocks() if k == "file"}
     (tmp_path / "clipping.py").write_text(files["clipping.py"])
     (tmp_path / "bad.toml").write_text(
-        files["experiment.toml"].replace("max-norm = 2.0", "max-norm = -1.0")
+        files["experiment.toml"].replace("max-norm = 1.0", "max-norm = -1.0")
     )
     proc = subprocess.run(
         [sys.executable, "-m", "fedcore.cli", "simulate", "bad.toml", "--out", "r"],
