@@ -9,14 +9,29 @@ path in ``model.train-fn`` / ``model.evaluate-fn``::
 ``train`` must return at least ``"train_loss"``; ``evaluate`` at least ``"loss"``
 and ``"accuracy"``. Both get the model already loaded with the global weights and
 must leave the trained weights in it. No fedcore base class is involved.
+
+Strategies that change local training reach a user's loop through ``settings``;
+a loop that calls both hooks works with every strategy::
+
+    for xb, yb in loader:
+        opt.zero_grad()
+        loss = settings.regularize(model, loss_fn(model(xb), yb))  # FedProx's term
+        loss.backward()
+        settings.correct(model)                                    # SCAFFOLD's c - c_i
+        opt.step()
+
+Both are no-ops unless the strategy asked for them (``proximal-mu`` > 0, a
+SCAFFOLD control variate); ``correct`` also counts the local steps SCAFFOLD needs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -27,18 +42,51 @@ from fedcore.core.errors import ModelError
 from fedcore.core.registry import import_object
 
 __all__ = [
+    "StepCounter",
     "TrainSettings",
+    "control_variate_update",
     "evaluate",
     "make_loader",
     "resolve_loops",
     "seed_torch",
+    "step_size_sum",
     "train",
 ]
 
 
+@dataclass
+class StepCounter:
+    """How often a train call used the strategy hooks (mutable, one per call)."""
+
+    steps: int = 0  # calls of TrainSettings.correct: SCAFFOLD's K
+    regularized: int = 0  # calls of TrainSettings.regularize
+    #: The raw gradient of the first step (at the global model), by parameter name, when
+    #: a SCAFFOLD correction is set: its option I control variate.
+    first_gradient: dict[str, np.ndarray] | None = None
+
+
 @dataclass(frozen=True)
 class TrainSettings:
-    """What one local training call needs; ``seed`` drives shuffling and dropout."""
+    """What one local training call needs; ``seed`` drives shuffling and dropout.
+
+    The last four fields carry what a strategy adds to local training; the handler
+    fills them (:meth:`bind`) and a loop reaches them through :meth:`regularize`
+    and :meth:`correct`.
+
+    Parameters
+    ----------
+    proximal_mu : float (default: 0.0)
+        FedProx's ``mu`` (Li et al. 2020): :meth:`regularize` adds
+        ``mu / 2 * ||w - w_global||^2``.
+    global_params : mapping of str to Tensor, optional
+        The global values of the trainable parameters, by ``named_parameters`` name.
+    correction : mapping of str to Tensor, optional
+        SCAFFOLD's ``c - c_i`` per trainable parameter (Karimireddy et al. 2020):
+        :meth:`correct` adds it to each gradient.
+    counter : StepCounter
+        Counts :meth:`correct` calls (the local steps ``K``) and :meth:`regularize` calls.
+
+    """
 
     epochs: int
     batch_size: int
@@ -47,6 +95,12 @@ class TrainSettings:
     weight_decay: float = 0.0
     optimizer: str = "sgd"
     seed: int = 0
+    proximal_mu: float = 0.0
+    global_params: Mapping[str, torch.Tensor] | None = field(
+        default=None, repr=False, compare=False
+    )
+    correction: Mapping[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    counter: StepCounter = field(default_factory=StepCounter, repr=False, compare=False)
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, *, seed: int) -> TrainSettings:
@@ -60,6 +114,134 @@ class TrainSettings:
             optimizer=cfg.optimizer,
             seed=seed,
         )
+
+    def bind(
+        self,
+        model: nn.Module,
+        *,
+        proximal_mu: float = 0.0,
+        correction: Mapping[str, torch.Tensor] | None = None,
+    ) -> TrainSettings:
+        """A copy for training ``model`` (loaded with the global weights) with the hooks set.
+
+        Snapshots the global trainable parameters when ``proximal_mu`` > 0; starts a
+        fresh step counter.
+        """
+        snapshot = None
+        if proximal_mu > 0:
+            snapshot = {
+                name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad
+            }
+        return dataclasses.replace(
+            self,
+            proximal_mu=float(proximal_mu),
+            global_params=snapshot,
+            correction=correction,
+            counter=StepCounter(),
+        )
+
+    @property
+    def local_steps(self) -> int:
+        """How many times :meth:`correct` was called (SCAFFOLD's ``K``)."""
+        return self.counter.steps
+
+    def regularize(self, model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+        """``loss + mu / 2 * sum ||w - w_global||^2`` (FedProx); ``loss`` when ``mu = 0``.
+
+        Call it on each batch's loss before ``backward()``.
+        """
+        self.counter.regularized += 1
+        if self.proximal_mu == 0.0 or not self.global_params:
+            return loss
+        term = loss.new_zeros(())
+        for name, p in model.named_parameters():
+            g = self.global_params.get(name)
+            if g is not None:
+                term = term + (p - g).pow(2).sum()
+        return loss + 0.5 * self.proximal_mu * term
+
+    @torch.no_grad()
+    def correct(self, model: nn.Module) -> None:
+        """Add SCAFFOLD's ``c - c_i`` to each parameter's gradient; count the step.
+
+        Call it once per optimizer step, after ``backward()`` and before ``step()``.
+        The first call also keeps the uncorrected gradient: taken at the global model,
+        it is SCAFFOLD's option I estimate of ``c_i``.
+        """
+        self.counter.steps += 1
+        if self.correction is None:
+            return
+        first = self.counter.steps == 1
+        if first:
+            self.counter.first_gradient = {}
+        for name, p in model.named_parameters():
+            corr = self.correction.get(name)
+            if corr is None:
+                continue
+            if first:
+                raw = p.grad if p.grad is not None else torch.zeros_like(p)
+                self.counter.first_gradient[name] = raw.detach().cpu().numpy().astype(np.float64)
+            if p.grad is not None:
+                p.grad.add_(corr)
+
+
+def step_size_sum(lr: float, momentum: float, steps: int) -> float:
+    """Total step size of ``steps`` SGD steps on a constant gradient: ``x - y = S * g``.
+
+    ``steps * lr`` without momentum (the paper's ``K * eta_l``); with heavy-ball
+    momentum ``beta`` (buffer started at the first gradient, as in :class:`_SGD` and
+    ``torch.optim.SGD``) ``lr * sum_{j=1..K} (1 - beta^j) / (1 - beta)``.
+
+    >>> step_size_sum(0.1, 0.0, 10)
+    1.0
+    >>> round(step_size_sum(0.1, 0.5, 2), 6)    # 0.1 * (1 + 1.5)
+    0.25
+    """
+    if momentum == 0.0:
+        return steps * lr
+    geometric = momentum * (1.0 - momentum**steps) / (1.0 - momentum)
+    return lr * (steps - geometric) / (1.0 - momentum)
+
+
+def control_variate_update(
+    c: Mapping[str, np.ndarray],
+    c_i: Mapping[str, np.ndarray],
+    x: Mapping[str, np.ndarray],
+    y: Mapping[str, np.ndarray],
+    *,
+    step_sum: float,
+    names: set[str] | None = None,
+    weight: float = 1.0,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """SCAFFOLD option II: ``c_i+ = c_i - c + (x - y) / step_sum``; returns ``(c_i+, c_i+ - c_i)``.
+
+    Karimireddy et al. 2020, Algorithm 1 line 12, with ``step_sum = K * lr`` for plain
+    SGD (:func:`step_size_sum` for momentum). With the local gradients corrected by
+    ``weight * (c - c_i)`` instead of ``c - c_i``, ``(x - y) / step_sum`` also carries
+    ``weight`` times the correction, so ``c_i+ = weight * (c_i - c) + (x - y) / step_sum``
+    (the paper's formula at ``weight = 1``): the mean uncorrected gradient. Arrays not
+    in ``names`` (buffers, not trained by gradients) keep ``c_i``. float64 throughout.
+
+    >>> one = {"w": np.array([1.0])}
+    >>> new, delta = control_variate_update(
+    ...     {"w": np.array([0.5])}, {"w": np.array([0.0])}, {"w": np.array([2.0])}, one,
+    ...     step_sum=0.5)
+    >>> new["w"].tolist(), delta["w"].tolist()    # 0 - 0.5 + (2 - 1) / 0.5
+    ([1.5], [1.5])
+    """
+    if not (step_sum > 0 and np.isfinite(step_sum)):
+        raise ValueError(f"step_sum must be a positive number, got {step_sum!r}")
+    new: dict[str, np.ndarray] = {}
+    delta: dict[str, np.ndarray] = {}
+    for name, ci in c_i.items():
+        ci = np.asarray(ci, dtype=np.float64)
+        if names is not None and name not in names:
+            new[name], delta[name] = ci, np.zeros_like(ci)
+            continue
+        drift = np.asarray(x[name], np.float64) - np.asarray(y[name], np.float64)
+        new[name] = weight * (ci - np.asarray(c[name], np.float64)) + drift / step_sum
+        delta[name] = new[name] - ci
+    return new, delta
 
 
 def make_loader(data: Dataset, *, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -167,7 +349,9 @@ class _Adam:
 def train(model: nn.Module, loader: DataLoader, settings: TrainSettings) -> dict[str, float]:
     """Train in place with SGD (momentum) or Adam on cross-entropy.
 
-    Returns ``{"train_loss": mean loss over all batches of the last epoch}``.
+    Applies the strategy hooks (:meth:`TrainSettings.regularize`, :meth:`TrainSettings.correct`)
+    at every step. Returns ``{"train_loss": mean loss over all batches of the last epoch}``
+    (the cross-entropy, without the proximal term).
     """
     seed_torch(settings.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -186,7 +370,8 @@ def train(model: nn.Module, loader: DataLoader, settings: TrainSettings) -> dict
         for xb, yb in loader:
             opt.zero_grad()
             loss = loss_fn(model(xb), yb)
-            loss.backward()
+            settings.regularize(model, loss).backward()
+            settings.correct(model)
             opt.step()
             total += float(loss.detach()) * len(yb)
             count += len(yb)

@@ -5,9 +5,10 @@ Averaging for Federated Learning", ICML 2020 (arXiv:1910.06378), Algorithm 1.
 
 The server keeps a control variate ``c`` (an estimate of the global gradient), each
 client ``i`` its own ``c_i``. Every local step corrects the gradient by ``c - c_i``;
-after ``K`` local steps a client sets (option II of the paper)::
+after ``K`` local steps a client sets (the paper's option I, the default, or II)::
 
-    c_i+ = c_i - c + (x - y_i) / (K * lr)
+    c_i+ = g_i(x)                              option I: its first step's gradient, at x
+    c_i+ = c_i - c + (x - y_i) / (K * lr)      option II: from the drift of its K steps
 
 and replies its model ``y_i`` and ``Delta c_i = c_i+ - c_i``. The server steps::
 
@@ -48,12 +49,16 @@ from fedcore.serverside.strategies.base import (
     unprefixed,
 )
 
-__all__ = ["CONTROL", "CONTROL_DELTA", "Scaffold", "ScaffoldOptions"]
+__all__ = ["CONTROL", "CONTROL_DELTA", "OPTION", "WEIGHT", "Scaffold", "ScaffoldOptions"]
 
 #: Server -> client: the global control variate ``c``.
 CONTROL = "scaffold.c"
 #: Client -> server (summed): ``c_i+ - c_i``.
 CONTROL_DELTA = "scaffold.delta-c"
+#: Training-config key: which of the paper's control-variate updates clients use.
+OPTION = "scaffold-option"
+#: Training-config key: the weight of ``c - c_i`` in each corrected local gradient.
+WEIGHT = "scaffold-correction-weight"
 
 _C = "c."
 
@@ -66,15 +71,29 @@ class ScaffoldOptions:
     ----------
     server_learning_rate : float (default: 1.0)
         ``eta_g``, the global step size on the mean update (``server-learning-rate``).
+    control_option : int (default: 1)
+        How clients update ``c_i`` (``control-option``, the paper's Algorithm 1 line 12):
+        1, option I, the gradient of the first local step (taken at ``x``); 2,
+        option II, ``c_i - c + (x - y_i) / (K lr)``. Option II needs no extra
+        gradient but degenerates when local training nearly converges each round
+        (the trajectory's late gradients carry the old correction): on the default
+        digits setup (2 epochs, lr 0.05, momentum 0.9) it diverges, option I trains.
 
     """
 
     server_learning_rate: float = 1.0
+    control_option: int = 1
+    correction_weight: float = 0.5
 
     def __post_init__(self) -> None:
-        """Range check (``field: allowed`` becomes the ConfigError's text)."""
+        """Range checks (``field: allowed`` becomes the ConfigError's text)."""
         if not (math.isfinite(self.server_learning_rate) and self.server_learning_rate > 0):
             raise ValueError("server_learning_rate: must be a finite number > 0")
+        if self.control_option not in (1, 2):
+            raise ValueError("control_option: must be 1 (option I) or 2 (option II)")
+        w = self.correction_weight
+        if not (math.isfinite(w) and 0 < w <= 1):
+            raise ValueError("correction_weight: must be in (0, 1] (1 is the paper's SCAFFOLD)")
 
 
 class Scaffold(Strategy):
@@ -128,6 +147,13 @@ class Scaffold(Strategy):
         """As :class:`Strategy`'s, remembering ``N``, the number of connected nodes."""
         self.num_nodes = len(node_ids)
         return super().configure_train(server_round, arrays, config, node_ids)
+
+    def train_config(self, server_round: int) -> dict[str, Any]:
+        """The clients' control-variate update (``scaffold-option``) and correction weight."""
+        return {
+            OPTION: int(self.options.control_option),
+            WEIGHT: float(self.options.correction_weight),
+        }
 
     def train_records(self, server_round: int, arrays: ArrayRecord) -> dict[str, ArrayRecord]:
         """``{"scaffold.c": c}`` in the model's dtypes."""
