@@ -144,6 +144,11 @@ CASES = {
         lambda: flower.Krum(num_malicious_nodes=1),
     ),
     "krum-f0": (lambda: Krum(), lambda: flower.Krum()),
+    "multikrum-m-is-n-minus-f": (
+        lambda: MultiKrum.from_config({"num-malicious-nodes": 1}),  # m = 6 - 1
+        lambda: flower.MultiKrum(num_malicious_nodes=1, num_nodes_to_select=5),
+    ),
+    "multikrum-defaults-are-fedavg": (lambda: MultiKrum(), lambda: flower.FedAvg()),
     "multikrum": (
         lambda: MultiKrum.from_config({"num-malicious-nodes": 1, "num-nodes-to-select": 3}),
         lambda: flower.MultiKrum(num_malicious_nodes=1, num_nodes_to_select=3),

@@ -42,5 +42,5 @@ class Krum(MultiKrum):
     name = "krum"
     Options = KrumOptions
 
-    def _num_select(self) -> int:
+    def _num_select(self, num_clients: int) -> int:
         return 1

@@ -6,7 +6,8 @@ Byzantine Tolerant Gradient Descent", NeurIPS 2017.
 With ``n`` counted clients of which at most ``f`` are assumed Byzantine, client
 ``i``'s score is the sum of the squared distances from its model to its
 ``max(1, n - f - 2)`` nearest other models; the ``m`` lowest-scoring clients are
-averaged with their example weights (``m = 1`` is Krum). Distances between models
+averaged with their example weights (``m = 1`` is Krum; by default ``m = n - f``, the
+paper's Multi-Krum; Flower's default is ``m = 1``). Distances between models
 equal distances between updates, so they are computed on the updates (in float64).
 Selection and averaging follow Flower 1.42's ``flwr.serverapp.strategy.MultiKrum``.
 Not linear: refused under secure aggregation.
@@ -33,21 +34,23 @@ class MultiKrumOptions:
     ----------
     num_malicious_nodes : int (default: 0)
         ``f``, the number of Byzantine clients tolerated (``num-malicious-nodes``).
-    num_nodes_to_select : int (default: 5)
+    num_nodes_to_select : int (default: 0)
         ``m``, how many lowest-scoring clients are averaged (``num-nodes-to-select``);
-        all counted clients when fewer replied.
+        0 is the paper's ``m = n - f`` for the ``n`` clients counted in the round (so
+        the defaults average everyone: set ``num-malicious-nodes`` to tolerate
+        Byzantine clients); all counted clients when fewer replied.
 
     """
 
     num_malicious_nodes: int = 0
-    num_nodes_to_select: int = 5
+    num_nodes_to_select: int = 0
 
     def __post_init__(self) -> None:
         """Range checks (``field: allowed`` becomes the ConfigError's text)."""
         if self.num_malicious_nodes < 0:
             raise ValueError("num_malicious_nodes: must be an integer >= 0")
-        if self.num_nodes_to_select < 1:
-            raise ValueError("num_nodes_to_select: must be an integer >= 1")
+        if self.num_nodes_to_select < 0:
+            raise ValueError("num_nodes_to_select: must be an integer >= 1, or 0 for n - f")
 
 
 def krum_scores(replies: Sequence[ClientUpdate], num_malicious: int) -> np.ndarray:
@@ -82,8 +85,9 @@ class MultiKrum(Strategy):
     linear = False
     Options = MultiKrumOptions
 
-    def _num_select(self) -> int:
-        return int(self.options.num_nodes_to_select)
+    def _num_select(self, num_clients: int) -> int:
+        m = int(self.options.num_nodes_to_select)
+        return m if m > 0 else max(1, num_clients - int(self.options.num_malicious_nodes))
 
     def server_update(
         self, server_round: int, arrays: ArrayRecord, aggregate: Aggregate
@@ -91,10 +95,8 @@ class MultiKrum(Strategy):
         """``x + sum_{i in selected} n_i update_i / sum_{i in selected} n_i``."""
         replies = aggregate.replies
         assert replies, "MultiKrum needs the individual updates"
-        chosen = [
-            replies[i]
-            for i in krum_select(replies, self.options.num_malicious_nodes, self._num_select())
-        ]
+        f = int(self.options.num_malicious_nodes)
+        chosen = [replies[i] for i in krum_select(replies, f, self._num_select(len(replies)))]
         total = float(sum(r.num_examples for r in chosen))
         mean = {
             name: sum(r.num_examples * np.asarray(r.update[name], np.float64) for r in chosen)
