@@ -2,7 +2,12 @@
 
 ``[strategy] name`` is a registered name or an import path ``package.module:Class``
 naming a subclass of :class:`Strategy` (usually of :class:`FedAvg`). Adding a
-built-in strategy is one module plus one ``register`` line here.
+built-in strategy is one module (its class, its ``Options`` dataclass) plus its
+registration: the import and the entry in the tuple below (and ``__all__``), and the
+re-export in :mod:`fedcore.strategies`. Nothing else names a strategy:
+:func:`strategy_class` resolves ``[strategy] name``, each strategy validates its own
+``[strategy.options]``, and the round loop and both exchanges see only the
+:class:`Strategy` hooks.
 """
 
 from __future__ import annotations
