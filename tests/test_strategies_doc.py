@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -36,6 +37,14 @@ def test_the_table_lists_every_builtin_strategy():
         row = next(r for r in table.splitlines() if r.startswith(f"| `{name}` |"))
         secure = "| yes |" in row
         assert secure == STRATEGIES.get(name).linear, row
+        # the options column lists exactly the strategy's options, with their defaults
+        options = row.rstrip(" |").rsplit("|", 1)[1]
+        documented = dict(re.findall(r"`([a-z0-9-]+)` \(([^) ]+)", options))
+        declared = {
+            f.name.replace("_", "-"): str(f.default)
+            for f in dataclasses.fields(STRATEGIES.get(name).Options)
+        }
+        assert documented == declared, name
 
 
 @pytest.mark.slow
