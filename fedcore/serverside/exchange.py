@@ -11,6 +11,7 @@ The aggregation contract every exchange keeps (plain here; secure in
         rejected      every reply not used, with its reason
         extras        example-weighted means of the strategy's summed records
         replies       the individual updates: plain exchange, non-linear strategies only
+        mean          the weighted mean of the trained models (plain exchange only)
     )
 
 The strategy turns it into the next model (``Strategy.server_update``); it never
@@ -79,6 +80,10 @@ class Aggregate:
     rejected: tuple[Rejection, ...] = ()
     extras: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     replies: tuple[ClientUpdate, ...] | None = None
+    #: The weighted mean of the trained models themselves, in the model's dtypes, when
+    #: the exchange has it (plain). ``global + update`` equals it up to float64 rounding;
+    #: FedAvg returns it as is (one rounding, as the kernel's precision bound states).
+    mean: ArrayRecord | None = None
 
     @classmethod
     def failed(cls, rejected: Sequence[Rejection] = ()) -> Aggregate:
@@ -208,6 +213,30 @@ def _spec_bytes(spec: Mapping[str, ArraySpec]) -> int:
     )
 
 
+class _Difference(Mapping[str, np.ndarray]):
+    """``mean - global`` per array in float64, each computed the first time it is read.
+
+    FedAvg never reads it (it takes the mean itself), so the plain exchange spends no
+    model-sized pass on it unless a strategy asks.
+    """
+
+    def __init__(self, mean: ArrayRecord, arrays: ArrayRecord) -> None:
+        self._mean, self._arrays = mean, arrays
+        self._done: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._done:
+            m, g = array_view(self._mean[name]), array_view(self._arrays[name])
+            self._done[name] = m.astype(np.float64) - g.astype(np.float64)
+        return self._done[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays.keys())
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+
 def _minus(mean: ArrayRecord, arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return {
         name: array_view(mean[name]).astype(np.float64) - array_view(arr).astype(np.float64)
@@ -281,6 +310,7 @@ class PlainExchange:
             agg.rejected + tuple(late),
             agg.extras,
             agg.replies,
+            agg.mean,
         )
 
     def aggregate(
@@ -355,8 +385,10 @@ class PlainExchange:
             name: {k: array_view(v).astype(np.float64) for k, v in extra.result().items()}
             for name, extra in extra_acc.items()
         }
+        mean = acc.result()
         return Aggregate(
-            update=_minus(acc.result(), arrays),
+            update=_Difference(mean, arrays),  # type: ignore[arg-type]
+            mean=mean,
             total_weight=total,
             num_clients=acc.count,
             metrics=metrics.result(),

@@ -31,6 +31,8 @@ class FedAvg(Strategy):
     def server_update(
         self, server_round: int, arrays: ArrayRecord, aggregate: Aggregate
     ) -> ArrayRecord:
-        """``global + mean update``."""
+        """``global + mean update`` (the plain exchange's mean of the models, when it has it)."""
+        if aggregate.mean is not None:
+            return aggregate.mean
         assert aggregate.update is not None
         return apply_update(arrays, aggregate.update)
