@@ -6,53 +6,16 @@ what a user's own strategy needs (see docs/strategies.md).
 
 from __future__ import annotations
 
-from fedcore.serverside.exchange import Aggregate, ClientUpdate
-from fedcore.serverside.strategies import (
-    STRATEGIES,
-    FedAdagrad,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedMedian,
-    FedOpt,
-    FedProx,
-    FedTrimmedAvg,
-    FedYogi,
-    Krum,
-    MultiKrum,
-    NoOptions,
-    Sampling,
-    Scaffold,
-    Strategy,
-    apply_update,
-    arrays_to_numpy,
-    strategy_class,
-)
-from fedcore.serverside.strategies.base import prefixed, stacked_updates, unprefixed
+# Every built-in strategy and the base API, by the package's own __all__: registering a
+# new built-in strategy does not touch this file.
+from fedcore.serverside.exchange import Aggregate as Aggregate
+from fedcore.serverside.exchange import ClientUpdate as ClientUpdate
+from fedcore.serverside.strategies import *  # noqa: F403
+from fedcore.serverside.strategies import __all__ as _builtin
+from fedcore.serverside.strategies.base import prefixed as prefixed
+from fedcore.serverside.strategies.base import stacked_updates as stacked_updates
+from fedcore.serverside.strategies.base import unprefixed as unprefixed
 
-__all__ = [
-    "STRATEGIES",
-    "Aggregate",
-    "ClientUpdate",
-    "FedAdagrad",
-    "FedAdam",
-    "FedAvg",
-    "FedAvgM",
-    "FedMedian",
-    "FedOpt",
-    "FedProx",
-    "FedTrimmedAvg",
-    "FedYogi",
-    "Krum",
-    "MultiKrum",
-    "NoOptions",
-    "Sampling",
-    "Scaffold",
-    "Strategy",
-    "apply_update",
-    "arrays_to_numpy",
-    "prefixed",
-    "stacked_updates",
-    "strategy_class",
-    "unprefixed",
-]
+__all__ = sorted(
+    {*_builtin, "Aggregate", "ClientUpdate", "prefixed", "stacked_updates", "unprefixed"}
+)

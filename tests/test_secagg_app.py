@@ -139,3 +139,23 @@ def test_vector_layout_is_name_order_whatever_the_record_order():
         assert list(out.keys()) == list(glob.keys())
         assert out["a"].numpy().tolist() == [[1.5, 1.5], [1.5, 1.5]]
         assert out["b"].numpy().tolist() == [2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "krum", "multikrum"])
+def test_cli_refuses_a_nonlinear_strategy_under_secure_aggregation(tmp_path, name):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[strategy]\nname = "{name}"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedcore.cli", "simulate", str(cfg), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("fedcore: error:")]
+    assert len(errors) == 1 and "'strategy.name'" in errors[0] and "secagg.enabled" in errors[0]
+    assert "fedavg" in errors[0]  # a compatible strategy is suggested
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()

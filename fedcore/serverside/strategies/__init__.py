@@ -3,8 +3,8 @@
 ``[strategy] name`` is a registered name or an import path ``package.module:Class``
 naming a subclass of :class:`Strategy` (usually of :class:`FedAvg`). Adding a
 built-in strategy is one module (its class, its ``Options`` dataclass) plus its
-registration: the import and the entry in the tuple below (and ``__all__``), and the
-re-export in :mod:`fedcore.strategies`. Nothing else names a strategy:
+registration here: the import, the entry in the tuple below and in ``__all__``
+(:mod:`fedcore.strategies` re-exports that ``__all__``). Nothing else names a strategy:
 :func:`strategy_class` resolves ``[strategy] name``, each strategy validates its own
 ``[strategy.options]``, and the round loop and both exchanges see only the
 :class:`Strategy` hooks.
