@@ -206,6 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SHOWN: set[str] = set()
+
+
+def _show_warning_once(message: Warning | str, *_: object, **__: object) -> None:
+    """Print a warning as ``fedcore: warning: ...``, each text once per process.
+
+    A resumed run reads its config twice (the run directory's and the checkpoint's);
+    the user needs each rename notice once.
+    """
+    text = str(message)
+    if text not in _SHOWN:
+        _SHOWN.add(text)
+        print(f"fedcore: warning: {text}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedcore`` console script."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -214,9 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Renamed config keys still work; say once which name to use instead (Python hides
     # DeprecationWarning outside __main__ by default).
     warnings.filterwarnings(
-        "default", message="config key .* is deprecated", category=DeprecationWarning
+        "always", message="config key .* is deprecated", category=DeprecationWarning
     )
-    warnings.formatwarning = lambda msg, *_: f"fedcore: warning: {msg}\n"
+    warnings.showwarning = _show_warning_once
     try:
         parser = build_parser()
     except FedcoreError as exc:  # e.g. an unsupported Flower (fedcore.flower_adapter)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
@@ -98,3 +100,31 @@ def test_stale_temporaries_are_removed(tmp_path):
     removed = remove_stale_temporaries(tmp_path)
     assert [p.name for p in removed] == [".checkpoint.safetensors.abc.tmp"]
     assert (tmp_path / "keep.txt").exists()
+
+
+def test_a_checkpoint_written_by_fedcore_0_1_resumes(tmp_path):
+    """tests/data/v0.1-run: a 2-round run written before the [round] section existed
+    (its config names strategy.round-timeout ...). It resumes, each rename is announced
+    once, and the run directory's config is rewritten with the new names."""
+    import shutil
+    import subprocess
+    import sys
+    import tomllib
+
+    from .conftest import ROOT
+
+    run = tmp_path / "run"
+    shutil.copytree(ROOT / "tests" / "data" / "v0.1-run", run)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedcore.cli", "simulate", "--resume", str(run), "--rounds", "3"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    notice = "config key 'strategy.round-timeout' is deprecated; use 'round.timeout'"
+    assert proc.stderr.count(notice) == 1, proc.stderr
+    rows = json.loads((run / "metrics.json").read_text())
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    saved = tomllib.loads((run / "config.toml").read_text())
+    assert saved["round"]["timeout"] == 30.0 and "round-timeout" not in saved["strategy"]

@@ -68,20 +68,58 @@ class ServerState:
 STRATEGY_PREFIX = "fedcore.strategy/"
 
 
-def _model_affecting(cfg: Config) -> dict[str, Any]:
+#: What fedcore 0.1 (before the [round] section) let change on resume. Its checkpoints
+#: name the round-policy keys in [strategy]; their fingerprint left exactly these out.
+_V01_RESUME_MAY_CHANGE = frozenset(
+    {
+        "run.rounds",
+        "run.out-dir",
+        "run.centralized-baseline",
+        "run.baseline-epochs",
+        "engine.workers",
+        "strategy.round-timeout",
+        "strategy.round-retries",
+        "strategy.retry-backoff",
+        "deploy.run-dir",
+        "deploy.poll-interval",
+        "deploy.resume",
+    }
+)
+
+
+def _affecting(table: Mapping[str, Any], may_change: frozenset[str]) -> dict[str, Any]:
     flat: dict[str, Any] = {}
-    for section, table in to_dict(cfg).items():
-        for key, value in table.items():
+    for section, keys in table.items():
+        for key, value in keys.items():
             dotted = f"{section}.{key}"
-            if dotted not in RESUME_MAY_CHANGE:
+            if dotted not in may_change:
                 flat[dotted] = value
     return flat
 
 
+def _model_affecting(cfg: Config) -> dict[str, Any]:
+    return _affecting(to_dict(cfg), RESUME_MAY_CHANGE)
+
+
+def _fingerprint(flat: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def config_fingerprint(cfg: Config) -> str:
     """SHA-256 of the config keys that determine the model (see ``RESUME_MAY_CHANGE``)."""
-    blob = json.dumps(_model_affecting(cfg), sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return _fingerprint(_model_affecting(cfg))
+
+
+def _intact(raw: Mapping[str, Any], fingerprint: object) -> bool:
+    """Whether the stored config text still has the fingerprint written beside it.
+
+    Computed over the config as stored, so a checkpoint written before a key was
+    renamed (fedcore 0.1's ``strategy.round-timeout``...) still checks out.
+    """
+    return any(
+        _fingerprint(_affecting(raw, may_change)) == fingerprint
+        for may_change in (RESUME_MAY_CHANGE, _V01_RESUME_MAY_CHANGE)
+    )
 
 
 def _arrays_digest(arrays: ArrayRecord) -> str:
@@ -191,10 +229,11 @@ def load_checkpoint(
     try:
         import tomllib
 
-        saved_cfg = config_from_dict(tomllib.loads(meta["config_toml"]))
+        raw = tomllib.loads(meta["config_toml"])
+        saved_cfg = config_from_dict(raw)
     except (KeyError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"{path} holds no valid config ({exc})") from exc
-    if config_fingerprint(saved_cfg) != meta.get("config_fingerprint"):
+    if not _intact(raw, meta.get("config_fingerprint")):
         raise CheckpointError(f"{path} is corrupt: its config does not match its fingerprint")
     if expect is not None and config_fingerprint(expect) != config_fingerprint(saved_cfg):
         a, b = _model_affecting(saved_cfg), _model_affecting(expect)
