@@ -311,7 +311,7 @@ def test_too_few_survivors_fails_cleanly_and_keeps_the_model(setup, grid, caplog
             rounds=1,
             train_config=_train_config(cfg),
             evaluate_config=ConfigRecord(),
-            policy=RoundPolicy(timeout=60.0, min_available=CLIENTS, retries=0),
+            policy=RoundPolicy(timeout=60.0, min_available_clients=CLIENTS, retries=0),
             exchange=stage,
         )
     assert final is arrays  # the previous model, untouched

@@ -14,12 +14,13 @@ deployment engine).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -56,6 +57,8 @@ __all__ = [
 
 log = logging.getLogger("fedcore")
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class RunSummary:
@@ -86,12 +89,7 @@ def build_strategy(cfg: Config) -> Strategy:
             f"(secagg.enabled = true) hides from the server; use a linear strategy "
             f"({linear}) or set [secagg] enabled = false",
         )
-    sampling = Sampling(
-        fraction_train=s.fraction_train,
-        fraction_evaluate=s.fraction_evaluate,
-        min_train_clients=s.min_train_clients,
-        min_evaluate_clients=s.min_evaluate_clients,
-    )
+    sampling = fields_from(s, Sampling)
     return cls.from_config(getattr(s, "options", {}), seed=cfg.run.seed, sampling=sampling)
 
 
@@ -105,30 +103,23 @@ def plain_exchange(cfg: Config) -> PlainExchange:
     )
 
 
-def round_policy(cfg: Config) -> RoundPolicy:
-    """The round policy from the ``[round]`` section."""
-    r = cfg.round
-    return RoundPolicy(
-        timeout=r.timeout,
-        min_available=r.min_available_clients,
-        min_replies=r.min_train_replies,
-        retries=r.retries,
-        backoff=r.retry_backoff,
+def fields_from(section: Any, cls: type[T]) -> T:
+    """``cls`` built from the same-named fields of a config section (no hand-kept copy)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(
+        **{f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in names}
     )
+
+
+def round_policy(cfg: Config) -> RoundPolicy:
+    """The round policy: the ``[round]`` section."""
+    return cfg.round
 
 
 def _secagg_settings(cfg: Config) -> Any:
     from fedcore.secagg.exchange import SecAggSettings
 
-    a = cfg.secagg
-    return SecAggSettings(
-        neighbours=a.neighbours,
-        threshold=a.threshold,
-        clip=a.clip,
-        bits=a.bits,
-        ring_bits=a.ring_bits,
-        stage_timeout=a.stage_timeout,
-    )
+    return fields_from(cfg.secagg, SecAggSettings)
 
 
 def _secagg_roster(node_config: Mapping[str, Any] | None) -> Any:

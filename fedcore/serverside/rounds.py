@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
+from fedcore.core.config import RoundConfig
 from fedcore.core.errors import RoundFailedError
 from fedcore.core.records import Rejection
 from fedcore.serverside.exchange import Aggregate, EvaluateResult, Exchange, PlainExchange
@@ -98,21 +99,12 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 0.2) 
         time.sleep(poll)
 
 
-@dataclass(frozen=True)
-class RoundPolicy:
-    """When a round counts, and what happens when it does not.
-
-    A training attempt succeeds when at least ``min_replies`` valid replies were
-    aggregated. A failed attempt keeps the previous model and is retried up to
-    ``retries`` times, sleeping ``backoff * 2**attempt`` seconds before each retry;
-    after that the round is recorded as failed (``clients = 0``) and the run goes on.
-    """
-
-    timeout: float = 600.0
-    min_available: int = 2
-    min_replies: int = 1
-    retries: int = 2
-    backoff: float = 1.0
+#: The round policy is the ``[round]`` section itself (declared once, in the config).
+#: A training attempt counts when at least ``min_train_replies`` valid replies were
+#: aggregated. A failed attempt keeps the previous model and is retried up to
+#: ``retries`` times, sleeping ``retry_backoff * 2**attempt`` seconds before each retry;
+#: after that the round is recorded as failed (``clients = 0``) and the run goes on.
+RoundPolicy = RoundConfig
 
 
 def train_once(
@@ -179,7 +171,7 @@ def _train_attempt(
 ) -> tuple[Aggregate | None, list[int], list[Rejection], str]:
     """One attempt: (aggregate if it counts, node ids, rejections, why it failed)."""
     try:
-        node_ids = wait_for_nodes(grid, policy.min_available, policy.timeout)
+        node_ids = wait_for_nodes(grid, policy.min_available_clients, policy.timeout)
     except RoundFailedError as exc:
         return None, [], [], str(exc)
     config = ConfigRecord(dict(train_config))
@@ -197,11 +189,11 @@ def _train_attempt(
         observer=observer,
     )
     rejected = list(agg.rejected)
-    if agg.update is None or agg.num_clients < policy.min_replies:
+    if agg.update is None or agg.num_clients < policy.min_train_replies:
         n = agg.num_clients
         why = (
             f"{n} valid training repl{'y' if n == 1 else 'ies'}, "
-            f"round.min-train-replies = {policy.min_replies}"
+            f"round.min-train-replies = {policy.min_train_replies}"
         )
         return None, node_ids, rejected, why
     return agg, node_ids, rejected, ""
@@ -241,7 +233,7 @@ def run_federation(
         node_ids: list[int] = []
         for attempt in range(policy.retries + 1):
             if attempt:
-                delay = policy.backoff * 2 ** (attempt - 1)
+                delay = policy.retry_backoff * 2 ** (attempt - 1)
                 log.warning("round %d: retry %d/%d in %.1f s", rnd, attempt, policy.retries, delay)
                 sleep(delay)
             agg, node_ids, dropped, why = _train_attempt(
