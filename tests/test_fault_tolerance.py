@@ -194,6 +194,7 @@ _keys = st.sampled_from(
 )
 
 
+@pytest.mark.filterwarnings("ignore:config key .* is deprecated:DeprecationWarning")
 @settings(max_examples=300, deadline=None)
 @given(
     st.dictionaries(
