@@ -127,7 +127,7 @@ def _secure(grid, arrays, cfg, rnd, settings=SETTINGS, nodes=NODES, timeout=60.0
 
 
 class _WithQuantizer:
-    """A TrainResult plus the quantizer its round used (for the error bound)."""
+    """A trained round's result plus the quantizer it used (for the error bound)."""
 
     def __init__(self, result, quantizer):
         self.result, self.quantizer = result, quantizer

@@ -31,7 +31,7 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -141,26 +141,34 @@ def _client_key(context: Context) -> int | str:
     return context.node_config.get(PARTITION_ID, context.node_id)  # type: ignore[return-value]
 
 
+def _number(
+    conf: Mapping[str, Any], key: str, default: float, ok: Callable[[float], bool], allowed: str
+) -> float:
+    """A finite number from a training message's config that ``ok`` accepts, else refused."""
+    value = conf.get(key, default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and ok(value))
+    ):
+        raise ConfigError(key, value, allowed)
+    return float(value)
+
+
 def proximal_mu(conf: Mapping[str, Any]) -> float:
     """FedProx's ``mu`` from a training message's config (0 when absent), checked.
 
     >>> proximal_mu({"proximal-mu": 0.1}), proximal_mu({})
     (0.1, 0.0)
     """
-    value = conf.get(PROXIMAL_MU, 0.0)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ConfigError(
-            PROXIMAL_MU,
-            value,
-            "must be a finite number >= 0 (FedProx's proximal weight, sent by the server "
-            "in the training message's config); refusing to train",
-        )
-    return float(value)
+    return _number(
+        conf,
+        PROXIMAL_MU,
+        0.0,
+        lambda v: v >= 0,
+        "must be a finite number >= 0 (FedProx's proximal weight, sent by the server "
+        "in the training message's config); refusing to train",
+    )
 
 
 def scaffold_option(conf: Mapping[str, Any]) -> int:
@@ -178,19 +186,14 @@ def scaffold_option(conf: Mapping[str, Any]) -> int:
 
 def scaffold_weight(conf: Mapping[str, Any]) -> float:
     """The weight of SCAFFOLD's correction from a training message's config (1 when absent)."""
-    value = conf.get(SCAFFOLD_WEIGHT, 1.0)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not (math.isfinite(value) and 0 < value <= 1)
-    ):
-        raise ConfigError(
-            SCAFFOLD_WEIGHT,
-            value,
-            "must be a number in (0, 1] (the weight of c - c_i in each corrected gradient), "
-            "sent by the server in the training message's config",
-        )
-    return float(value)
+    return _number(
+        conf,
+        SCAFFOLD_WEIGHT,
+        1.0,
+        lambda v: 0 < v <= 1,
+        "must be a number in (0, 1] (the weight of c - c_i in each corrected gradient), "
+        "sent by the server in the training message's config",
+    )
 
 
 @dataclasses.dataclass

@@ -61,14 +61,12 @@ from fedcore.secagg.protocol.quantize import (
 from fedcore.secagg.protocol.rosters import PinnedRoster, RegisteredKeyRoster, Roster
 from fedcore.secagg.protocol.wire import MASKED, SECAGG, pack_ids, unpack_ids
 from fedcore.serverside.exchange import Aggregate, EvaluateResult, Progress
-from fedcore.serverside.strategies.base import Strategy
 
 __all__ = [
     "EVALUATE_MESSAGE_TYPE",
     "MESSAGE_TYPE",
     "SecAggSettings",
     "SecureExchange",
-    "check_strategy",
 ]
 
 log = logging.getLogger("fedcore")
@@ -117,18 +115,6 @@ class SecAggSettings:
             ring_bits=self.ring_bits,
             clients=clients,
             previous_weight=previous_weight,
-        )
-
-
-def check_strategy(strategy: Strategy) -> None:
-    """Refuse a strategy that needs each client's update (secure aggregation hides them)."""
-    if not strategy.linear:
-        raise ConfigError(
-            "secagg.enabled",
-            True,
-            f"strategy {type(strategy).__name__} needs each client's individual update, which "
-            "secure aggregation hides from the server; use a strategy that only needs the "
-            "weighted mean (e.g. fedavg), or set [secagg] enabled = false",
         )
 
 

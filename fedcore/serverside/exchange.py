@@ -73,7 +73,7 @@ class ClientUpdate:
 class Aggregate:
     """What one round's training exchange produced (see the module docstring)."""
 
-    update: dict[str, np.ndarray] | None
+    update: Mapping[str, np.ndarray] | None
     total_weight: int
     num_clients: int
     metrics: dict[str, float]
@@ -237,13 +237,6 @@ class _Difference(Mapping[str, np.ndarray]):
         return len(self._arrays)
 
 
-def _minus(mean: ArrayRecord, arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return {
-        name: array_view(mean[name]).astype(np.float64) - array_view(arr).astype(np.float64)
-        for name, arr in arrays.items()
-    }
-
-
 class PlainExchange:
     """Replies in the clear, validated and folded into a streaming weighted mean.
 
@@ -371,7 +364,7 @@ class PlainExchange:
                     ClientUpdate(
                         node,
                         n,
-                        _minus(records[ARRAYS], arrays),
+                        dict(_Difference(records[ARRAYS], arrays)),
                         {
                             k: float(v)  # type: ignore[arg-type]
                             for k, v in reply_metrics.items()
@@ -387,7 +380,7 @@ class PlainExchange:
         }
         mean = acc.result()
         return Aggregate(
-            update=_Difference(mean, arrays),  # type: ignore[arg-type]
+            update=_Difference(mean, arrays),
             mean=mean,
             total_weight=total,
             num_clients=acc.count,
