@@ -230,6 +230,36 @@ class TrainConfig(Section):
     momentum: float = key(0.9, help="SGD momentum", rule=in_range(0, 1, open="high"))
     weight_decay: float = key(0.0, help="L2 weight decay of the local optimizer", rule=at_least(0))
     optimizer: str = key("sgd", help="local optimizer", choices=OPTIMIZERS)
+    # Bounds on what a server may ask of this client per round (the client's own config
+    # decides; a value outside them is refused with a reason, never clamped).
+    min_lr: float = key(
+        1e-6, help="smallest learning rate a server may send this client", rule=finite_positive
+    )
+    max_lr: float = key(
+        10.0, help="largest learning rate a server may send this client", rule=finite_positive
+    )
+    max_local_epochs: int = key(
+        100, help="most local epochs a server may ask of this client", rule=at_least(1)
+    )
+    max_batch_size: int = key(
+        65536, help="largest mini-batch a server may ask of this client", rule=at_least(1)
+    )
+
+    def cross_check(self) -> None:
+        """The client's own values lie inside its bounds."""
+        if self.min_lr > self.max_lr:
+            raise ConfigError(
+                "train.min-lr", self.min_lr, f"must be <= train.max-lr ({self.max_lr})"
+            )
+        for name, value, low, high in (
+            ("lr", self.lr, self.min_lr, self.max_lr),
+            ("local-epochs", self.local_epochs, 1, self.max_local_epochs),
+            ("batch-size", self.batch_size, 1, self.max_batch_size),
+        ):
+            if not low <= value <= high:
+                raise ConfigError(
+                    f"train.{name}", value, f"must be in [{low:g}, {high:g}] (this client's bounds)"
+                )
 
 
 @dataclass(frozen=True)
@@ -400,6 +430,22 @@ class SecAggConfig(Section):
     stage_timeout: float = key(
         60.0, help="seconds: the deadline of each key-exchange stage", rule=finite_positive
     )
+    min_neighbours: int = key(
+        2,
+        help="this client refuses a round with fewer neighbours k (its local minimum)",
+        rule=at_least(2),
+    )
+    min_threshold: int = key(
+        2,
+        help="this client refuses a round whose threshold t is lower (its local minimum)",
+        rule=at_least(2),
+    )
+    max_weight: int = key(
+        1_000_000,
+        help="this client's weight cap (examples), signed into its advert; the server "
+        "checks the total against the counted clients' caps",
+        rule=at_least(1),
+    )
 
     def cross_check(self) -> None:
         """``threshold <= neighbours``; ``bits`` fits the ring."""
@@ -408,6 +454,14 @@ class SecAggConfig(Section):
                 "secagg.threshold",
                 self.threshold,
                 f"must be <= secagg.neighbours ({self.neighbours})",
+            )
+        if self.neighbours != 0 and self.threshold != 0 and 2 * self.threshold <= self.neighbours:
+            raise ConfigError(
+                "secagg.threshold",
+                self.threshold,
+                f"must be > secagg.neighbours / 2 ({self.neighbours} / 2): with t <= k/2 a "
+                "server can split a client's neighbours in two and unmask it "
+                "(or set 0 = auto, a majority)",
             )
         top = 24 if self.ring_bits == 32 else 56
         if not 2 <= self.bits <= top:
