@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ARRAYS",
+    "ATTEMPT",
     "CONFIG",
     "METRICS",
     "NUM_EXAMPLES",
@@ -32,7 +33,9 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 NUM_EXAMPLES = "num-examples"
-
+#: Training-config key: which attempt at the round this is (absent or 0: the first);
+#: a client mixes it into its training seed, so a retried round shuffles anew.
+ATTEMPT = "attempt"
 
 
 @dataclass(frozen=True)
