@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 from fedcore.core.errors import SecureAggregationError
+from fedcore.core.seeds import rng
 from fedcore.secagg.protocol import shamir
 from fedcore.secagg.protocol.crypto import (
     FIELD_PRIME,
@@ -44,6 +45,7 @@ from fedcore.secagg.protocol.rosters import (
 )
 
 B = RoundBinding(run_id=5, server_round=3, session=b"s" * 16)
+P = FIELD_PRIME
 
 
 # -- Shamir -------------------------------------------------------------------------
@@ -58,13 +60,91 @@ def test_shamir_any_t_shares_reconstruct_and_fewer_fail():
         shamir.reconstruct({h: shares[h][0] for h in holders[:2]}, 3)
 
 
-def test_shamir_t_minus_one_shares_are_consistent_with_any_secret():
-    # Perfect hiding, checked on a 1-degree polynomial: one share fits every secret.
-    shares = shamir.split([123], 2, [7, 9])
-    x, y = 7, shares[7][0]
-    for candidate in (0, 1, 123, FIELD_PRIME - 5):
-        slope = (y - candidate) * pow(x, -1, FIELD_PRIME) % FIELD_PRIME
-        assert (candidate + slope * x) % FIELD_PRIME == y
+def _holders(g, count):
+    """``count`` distinct nonzero 63-bit evaluation points (node ids)."""
+    out: list[int] = []
+    while len(out) < count:
+        h = int.from_bytes(g.bytes(8), "big") >> 1
+        if h and h not in out:
+            out.append(h)
+    return out
+
+
+def _poly_through(points):
+    """Coefficients (constant first) of the unique polynomial of degree < len(points)
+    through ``points`` over GF(p): Lagrange's basis, expanded (a slow, independent oracle)."""
+    coeffs = [0] * len(points)
+    for j, (xj, yj) in enumerate(points):
+        basis, den = [1], 1  # prod_{m != j} (X - x_m), lowest degree first
+        for m, (xm, _) in enumerate(points):
+            if m != j:
+                basis = [
+                    ((basis[i - 1] if i else 0) - xm * (basis[i] if i < len(basis) else 0)) % P
+                    for i in range(len(basis) + 1)
+                ]
+                den = den * (xj - xm) % P
+        scale = yj * pow(den, -1, P) % P
+        coeffs = [(c + scale * b) % P for c, b in zip(coeffs, basis, strict=True)]
+    return coeffs
+
+
+def _at(coeffs, x):
+    return sum(c * pow(x, i, P) for i, c in enumerate(coeffs)) % P
+
+
+@pytest.mark.parametrize("t", [2, 3, 4, 5])
+def test_shamir_t_minus_one_shares_fit_every_secret_and_do_not_reveal_it(t):
+    """Perfect hiding: t-1 shares lie on exactly one degree-(t-1) polynomial for EVERY
+    candidate secret, and interpolating them alone (as if t-1 were enough) does not give
+    the secret. A degree-(t-2) polynomial (t-1 shares reconstruct) fails the second check."""
+    g = rng(0, "test-shamir-secrecy", t)
+    for _ in range(200):
+        secret, other = new_field_secret(g.bytes), new_field_secret(g.bytes)
+        holders = _holders(g, t + 2)
+        shares = {h: v[0] for h, v in shamir.split([secret], t, holders, g.bytes).items()}
+        seen = {h: shares[h] for h in holders[: t - 1]}
+        rest = holders[t - 1 :]
+        assert shamir.reconstruct(seen, t - 1) != secret  # equal with probability 1/p
+        fits = {}
+        for candidate in (secret, other):
+            coeffs = _poly_through([(0, candidate), *seen.items()])
+            assert len(coeffs) == t and coeffs[0] == candidate
+            assert all(_at(coeffs, h) == y for h, y in seen.items())
+            fits[candidate] = all(_at(coeffs, h) == shares[h] for h in rest)
+        # only a t-th share tells the two apart: the true secret's polynomial is the one
+        # the other holders' shares lie on, the other candidate's is not
+        assert fits == {secret: True, other: False}
+
+
+@pytest.mark.parametrize("t", [2, 3, 4, 5])
+def test_shamir_t_minus_one_shares_are_distributed_alike_for_any_secret(t):
+    """Chi-square (alpha 1e-6 each): for fixed holders, each of t-1 shares and their
+    Lagrange value at 0 fall in 8 equal slices of the field uniformly, for secret 0 and
+    for secret p-1 alike. A degree-(t-2) polynomial puts the Lagrange value on the secret."""
+    from scipy.stats import chi2, chisquare
+
+    g = rng(0, "test-shamir-distribution", t)
+    holders = _holders(g, t)
+    seen = holders[: t - 1]
+    trials, bins = 400, 8
+    critical = chi2.ppf(1 - 1e-6, bins - 1)
+    counts = {}
+    for secret in (0, FIELD_PRIME - 1):
+        hist = np.zeros((t, bins), np.int64)  # rows: each share, then the value at 0
+        for _ in range(trials):
+            shares = shamir.split([secret], t, holders, g.bytes)
+            values = [shares[h][0] for h in seen]
+            values.append(shamir.reconstruct(dict(zip(seen, values, strict=True)), t - 1))
+            for row, v in enumerate(values):
+                hist[row, v * bins // FIELD_PRIME] += 1
+        for row in hist:
+            assert chisquare(row).statistic < critical, (secret, hist)
+        counts[secret] = hist
+    # and the two secrets' histograms are alike (two-sample chi-square, 2 x 8 table)
+    for a, b in zip(counts[0], counts[FIELD_PRIME - 1], strict=True):
+        expected = (a + b) / 2
+        stat = float((((a - expected) ** 2 + (b - expected) ** 2) / expected).sum())
+        assert stat < critical, (a, b)
 
 
 def test_shamir_refuses_bad_holders_and_thresholds():
