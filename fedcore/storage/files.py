@@ -50,8 +50,8 @@ def atomic_write(
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # owns fd from here: closed on any error below
+            os.fchmod(f.fileno(), mode)
             if midway is not None:
                 half = len(data) // 2
                 f.write(data[:half])
@@ -102,5 +102,3 @@ def arrays_from_safetensors(data: bytes) -> ArrayRecord:
 def write_json(path: Path, obj: Any) -> None:
     """Pretty JSON, atomically."""
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
