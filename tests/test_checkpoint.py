@@ -48,14 +48,31 @@ def test_missing(tmp_path):
         load_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("keep", [0, 5, 100, -10])
-def test_truncated(tmp_path, keep):
+def test_truncated_anywhere_is_refused_saying_where(tmp_path):
+    """Cut inside the 8-byte length, inside the JSON header (every 61st byte and its
+    last ones), inside the tensor data (every byte): each region is refused with its
+    own message naming the file."""
+    import struct
+
     save_checkpoint(tmp_path, _state())
     p = tmp_path / CHECKPOINT_FILE
     data = p.read_bytes()
-    p.write_bytes(data[:keep] if keep >= 0 else data[:keep])
-    with pytest.raises(CheckpointError, match="truncated|corrupt"):
-        load_checkpoint(tmp_path)
+    header_end = 8 + struct.unpack("<Q", data[:8])[0]
+    assert 8 < header_end < len(data)  # all three regions exist
+    cuts = {*range(10), *range(header_end - 2, len(data)), *range(8, header_end, 61)}
+    for keep in sorted(cuts):
+        if keep < 8:
+            expected = rf"is truncated \({keep} bytes\)"
+        elif keep < header_end:
+            expected = rf"is truncated or corrupt \(header of {header_end - 8} bytes\)"
+        else:
+            expected = r"is corrupt: .*not fully covered"
+        p.write_bytes(data[:keep])
+        with pytest.raises(CheckpointError, match=expected) as exc:
+            load_checkpoint(tmp_path)
+        assert str(exc.value).startswith(str(p)), keep
+    p.write_bytes(data)
+    assert load_checkpoint(tmp_path).round == 3
 
 
 def test_flipped_model_byte_is_detected(tmp_path):
