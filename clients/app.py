@@ -6,6 +6,12 @@ Each client reads only its own data: its partition in simulation
 server sends ``train.secagg``/``evaluate.secagg`` messages instead of
 ``train``/``evaluate``: the same training and evaluation run inside the SecAgg+
 exchange and only a masked vector leaves the client.
+
+The client decides what runs (:mod:`fedcore.clientside.policy`): its model, loops and
+data settings come from its own config, never the server's run config, and a plain
+``train``/``evaluate`` message is refused unless this client allows plain rounds
+(the Flower ``Mod`` :func:`~fedcore.clientside.policy.plain_round_mod`:
+``secagg.enabled = false`` in its config, or ``fedcore client --allow-plain``).
 """
 
 from __future__ import annotations
@@ -14,14 +20,15 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedcore.clientside.handlers import handle_evaluate, handle_train
+from fedcore.clientside.policy import plain_round_mod
 from fedcore.secagg.handler import handle_secagg
 
 app = ClientApp()
 
 
-@app.train()
+@app.train(mods=[plain_round_mod])
 def train(msg: Message, context: Context) -> Message:
-    """Train the global model on local data."""
+    """Train the global model on local data (a plain round: only if this client allows it)."""
     return handle_train(msg, context)
 
 
@@ -31,9 +38,9 @@ def train_secagg(msg: Message, context: Context) -> Message:
     return handle_secagg(msg, context, train=handle_train)
 
 
-@app.evaluate()
+@app.evaluate(mods=[plain_round_mod])
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on local validation data."""
+    """Evaluate the global model on local validation data (plain: only if allowed)."""
     return handle_evaluate(msg, context)
 
 

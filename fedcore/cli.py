@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedcore.core.config import Config, to_flat
+from fedcore.core.config import Config, to_flat, to_toml
 from fedcore.core.errors import CheckpointError, ConfigError, DataError, FedcoreError
 from fedcore.runtime.configfile import default_config_path, importable
 from fedcore.storage.configfile import load_config
@@ -96,7 +96,7 @@ def centralized_baseline(cfg: Config) -> dict[str, float]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     """``fedcore simulate``."""
     from fedcore.engines.embedded import run_embedded
-    from fedcore.storage.files import write_json
+    from fedcore.storage.files import atomic_write, write_json
 
     t0 = time.perf_counter()
     resume_dir = Path(args.resume) if args.resume else None
@@ -137,10 +137,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     from server.app import app as server_app
 
+    # The clients' own config is this resolved one (overrides included): the ServerApp
+    # writes the same bytes to the same file when it starts.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    client_config = run_dir / "config.toml"
+    atomic_write(client_config, to_toml(cfg).encode())
     run_embedded(
         server_app,
         client_app="clients.app:app",
         run_config=to_flat(cfg),
+        client_config=client_config,
         num_clients=cfg.run.clients,
         workers=cfg.engine.workers,
         server_node_config={

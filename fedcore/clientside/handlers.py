@@ -6,9 +6,13 @@ A client reads only its own data:
 - simulation: partition ``node_config["partition-id"]`` of
   ``node_config["num-partitions"]`` (Flower's simulation keys).
 
-The run config (``context.run_config``) carries the fedcore config in flat form;
-per-round training settings arrive in the message's ``"config"`` record and
-override it.
+Everything the client builds (model, loops, data settings, ``[train]``, its seeds)
+comes from its *own* config, :func:`~fedcore.clientside.policy.local_config`, never
+from the server's run config on a deployment node. Per-round ``lr``, ``local-epochs``
+and ``batch-size`` in the message's ``"config"`` record override the client's own
+values only within its ``[train]`` bounds
+(:func:`~fedcore.clientside.policy.checked_hyperparameters`); ``attempt`` (a retried
+round) is mixed into the training seed.
 
 What strategies add to a training message, and what the client does with it:
 
@@ -40,6 +44,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from fedcore.clientside.data import ClientData, client_data, load_file, split_local
 from fedcore.clientside.models import build_model
+from fedcore.clientside.policy import checked_hyperparameters, local_config, run_config
 from fedcore.clientside.state import ClientState
 from fedcore.clientside.training import (
     TrainSettings,
@@ -50,10 +55,18 @@ from fedcore.clientside.training import (
     step_size_sum,
 )
 from fedcore.core.aggregation import array_view, numpy_to_array
-from fedcore.core.config import Config, config_from_flat
+from fedcore.core.config import Config
 from fedcore.core.errors import ConfigError, DataError, ModelError
 from fedcore.core.faults import crash_point
-from fedcore.core.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, load_arrays, model_to_arrays
+from fedcore.core.records import (
+    ARRAYS,
+    ATTEMPT,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    load_arrays,
+    model_to_arrays,
+)
 from fedcore.core.seeds import derive_seed
 
 __all__ = [
@@ -63,10 +76,13 @@ __all__ = [
     "SCAFFOLD_OPTION",
     "SCAFFOLD_WEIGHT",
     "ScaffoldClient",
+    "attempt",
     "handle_evaluate",
     "handle_train",
     "local_data",
+    "prepare",
     "proximal_mu",
+    "run_config",
     "scaffold_option",
     "scaffold_weight",
 ]
@@ -87,16 +103,6 @@ SCAFFOLD_OPTION = "scaffold-option"
 SCAFFOLD_WEIGHT = "scaffold-correction-weight"
 #: Client-state item holding SCAFFOLD's ``c_i``.
 SCAFFOLD_STATE = "scaffold"
-
-
-@functools.lru_cache(maxsize=8)
-def _config(items: frozenset[tuple[str, Any]]) -> Config:
-    return config_from_flat(dict(items))
-
-
-def run_config(context: Context) -> Config:
-    """The validated fedcore config carried by Flower's run config (cached)."""
-    return _config(frozenset(context.run_config.items()))
 
 
 @functools.lru_cache(maxsize=64)
@@ -332,14 +338,52 @@ def _same_layout(
             )
 
 
+def attempt(conf: Mapping[str, Any]) -> int:
+    """Which attempt at the round a training message is (0 when absent), checked.
+
+    >>> attempt({"attempt": 2}), attempt({})
+    (2, 0)
+    """
+    value = conf.get(ATTEMPT, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            ATTEMPT,
+            value,
+            "must be an integer >= 0 (the attempt at this round, sent in the training "
+            "message's config; absent means 0)",
+        )
+    return value
+
+
+def train_seed(
+    cfg: Config, server_round: int, client_key: int | str, conf: Mapping[str, Any]
+) -> int:
+    """The seed of one local training: (run seed, "train", round, client[, attempt]).
+
+    Attempt 0 (or none) gives the seed of a first attempt; a retried round
+    (``attempt`` > 0) shuffles and drops out anew.
+    """
+    n = attempt(conf)
+    parts: tuple[int | str, ...] = ("train", server_round, client_key, *((n,) if n else ()))
+    return derive_seed(cfg.run.seed, *parts)
+
+
 def _settings(cfg: Config, conf: Mapping[str, Any], seed: int) -> TrainSettings:
     settings = TrainSettings.from_config(cfg.train, seed=seed)
-    return dataclasses.replace(
-        settings,
-        epochs=int(conf.get("local-epochs", settings.epochs)),
-        batch_size=int(conf.get("batch-size", settings.batch_size)),
-        lr=float(conf.get("lr", settings.lr)),
-    )
+    lr, epochs, batch_size = checked_hyperparameters(cfg, conf)
+    return dataclasses.replace(settings, epochs=epochs, batch_size=batch_size, lr=lr)
+
+
+def prepare(context: Context) -> None:
+    """Load this client's data and build its model now (both cached), or raise why not.
+
+    ``fedcore client`` calls it before joining, so a data file that does not fit the
+    client's config fails at start, not in the first round.
+    """
+    cfg = local_config(context)
+    data = local_data(cfg, context.node_config)
+    _model(cfg, data.train.input_shape, data.train.num_classes)
+    resolve_loops(cfg.model)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -348,16 +392,16 @@ def handle_train(msg: Message, context: Context) -> Message:
     With the strategy's extras (see the module docstring): FedProx's proximal term,
     SCAFFOLD's correction and its ``"scaffold.delta-c"`` reply record.
     """
-    cfg = run_config(context)
+    cfg = local_config(context)
+    conf = msg.content.config_records.get(CONFIG, ConfigRecord())
+    server_round = int(conf.get("server-round", 0))
+    seed = train_seed(cfg, server_round, _client_key(context), conf)
+    settings = _settings(cfg, conf, seed)  # refused before any work if out of bounds
     data = local_data(cfg, context.node_config)
     model = _model(cfg, data.train.input_shape, data.train.num_classes)
     arrays = msg.content.array_records[ARRAYS]
     load_arrays(model, arrays)
-    conf = msg.content.config_records.get(CONFIG, ConfigRecord())
-    server_round = int(conf.get("server-round", 0))
     crash_point("client-train", server_round=server_round)
-    seed = derive_seed(cfg.run.seed, "train", server_round, _client_key(context))
-    settings = _settings(cfg, conf, seed)
     mu = proximal_mu(conf)
     control = msg.content.array_records.get(CONTROL)
     scaffold = state = None
@@ -402,7 +446,7 @@ def handle_train(msg: Message, context: Context) -> Message:
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on local validation data."""
-    cfg = run_config(context)
+    cfg = local_config(context)
     data = local_data(cfg, context.node_config)
     model = _model(cfg, data.val.input_shape, data.val.num_classes)
     arrays: ArrayRecord = msg.content.array_records[ARRAYS]

@@ -14,7 +14,7 @@ client-side read of the fedcore config goes through :func:`local_config`:
 - otherwise (a deployment node): the library defaults, ``Config()``, never the run
   config (logged once, with how to pass ``--config``).
 
-On top of that config, :func:`plain_round_guard` refuses plain ``train``/``evaluate``
+On top of that config, :func:`plain_round_mod` refuses plain ``train``/``evaluate``
 messages unless this client allows them (:func:`allows_plain`), and
 :func:`checked_hyperparameters` refuses server-sent ``lr``/``local-epochs``/
 ``batch-size`` outside the client's own ``[train]`` bounds.
@@ -43,7 +43,7 @@ __all__ = [
     "allows_plain",
     "checked_hyperparameters",
     "local_config",
-    "plain_round_guard",
+    "plain_round_mod",
     "run_config",
 ]
 
@@ -107,7 +107,7 @@ def local_config(context: Context) -> Config:
         return run_config(context)
     if not _defaults_logged:
         _defaults_logged = True
-        log.info(
+        log.warning(
             "this client has no config of its own: using fedcore's built-in defaults "
             "(never the server's run config); pass one with fedcore client --config "
             "client.toml (node config '%s')",
@@ -154,22 +154,24 @@ class PlainRoundRefused(ConfigError):
 Handler = Callable[[Message, Context], Message]
 
 
-def plain_round_guard(handler: Handler, *, evaluate: bool = False) -> Handler:
-    """Wrap a plain ``train``/``evaluate`` handler: refuse unless :func:`allows_plain`.
+def plain_round_mod(msg: Message, context: Context, call_next: Handler) -> Message:
+    """A Flower ``Mod`` for the plain handlers: refuse unless :func:`allows_plain`.
 
-    The refusal is raised (Flower and fedcore's engines turn it into the reply's
-    error, so the server sees it) and logged here, on the client.
+    Register it on the plain ``train``/``evaluate`` functions only (never on
+    ``train.secagg``)::
+
+        @app.train(mods=[plain_round_mod])
+        def train(msg, context): ...
+
+    The refusal is raised (Flower's ClientApp runtime and fedcore's engines turn it
+    into the reply's error, so the server sees why) and logged here, on the client.
     """
-
-    @functools.wraps(handler)
-    def guarded(msg: Message, context: Context) -> Message:
-        if not allows_plain(context, evaluate=evaluate):
-            exc = PlainRoundRefused(msg.metadata.message_type)
-            log.error("refused a plain round: %s", exc)
-            raise exc
-        return handler(msg, context)
-
-    return guarded
+    message_type = msg.metadata.message_type
+    if not allows_plain(context, evaluate=message_type.startswith("evaluate")):
+        exc = PlainRoundRefused(message_type)
+        log.error("refused a plain round: %s", exc)
+        raise exc
+    return call_next(msg, context)
 
 
 def _bounded(

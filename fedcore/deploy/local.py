@@ -9,7 +9,8 @@
 2. carves the config's dataset the way ``fedcore simulate`` partitions it and
    writes one ``.npz`` per client (the server keeps the held-out test split);
 3. starts ``fedcore server`` and N ``fedcore client`` processes on loopback, over
-   TLS with node authentication;
+   TLS with node authentication; each client reads the same config as its own
+   (``fedcore client --config``: one user owns every party here);
 4. trains into the run directory (the same files as ``fedcore simulate``);
 5. stops every process it started, whatever happens (end of run, a failed
    process, Ctrl-C, SIGTERM), and removes the temporary federation (kept, with
@@ -160,6 +161,8 @@ def deploy_local(
                             address,
                             "--data",
                             str(path),
+                            "--config",
+                            str(config_path),
                             "--once",
                             "--connect-timeout",
                             str(client_timeout),

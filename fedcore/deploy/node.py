@@ -22,8 +22,14 @@ Flower's object transfer for messages. Where it differs from
   The server cannot make a client run anything else;
 - **no local port**: no Runtime API is opened on the client host.
 
-The node config the ClientApp sees holds ``data-path`` (``--data``) and
-``identity-key`` (the kit's key file, for secure aggregation to sign with).
+The node config the ClientApp sees holds ``data-path`` (``--data``),
+``identity-key`` (the kit's key file, for secure aggregation to sign with),
+``client-config`` (``--config``: the client's own fedcore TOML; its model, loops,
+data settings, ``[train]`` bounds and ``[secagg]`` minimums; without it the
+library defaults, never the server's run config), ``allow-plain`` (``--allow-plain``:
+answer plain, unmasked rounds) and ``state-dir`` (``--state``, default
+``<kit>/state``: the client's persistent state). The config and the data file are
+checked against each other (data loaded, model built) before the node connects.
 A refusal by the server (wrong CA, identity not admitted or revoked, plaintext
 against TLS) ends the process with a message saying which.
 """
@@ -41,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from fedcore import flower_adapter as flower
+from fedcore.clientside.policy import ALLOW_PLAIN, CLIENT_CONFIG, client_config_file
+from fedcore.clientside.state import STATE_DIR
 from fedcore.core.errors import ConfigError, DeploymentError
 from fedcore.core.registry import import_object
 from fedcore.deploy.files import check_kit_dir
@@ -64,6 +72,11 @@ INSECURE_WARNING = (
     "\n"
     "  WARNING: --insecure: no TLS. The model and its updates cross the network in\n"
     "  plaintext and the server is not authenticated. Debugging on a trusted network only.\n"
+)
+DEFAULT_APP = "clients.app:app"
+ALLOW_PLAIN_WARNING = (
+    "WARNING: --allow-plain: this client answers plain (not securely aggregated) rounds, "
+    "which reveal its model update to the server"
 )
 
 
@@ -494,15 +507,29 @@ def cmd_client(args: argparse.Namespace) -> int:
     if not data.is_file():
         raise DeploymentError(f"--data {data} is not a file (a .npz with arrays x, y, or a .csv)")
     node_config: dict[str, Any] = {"data-path": str(data)}
+    if args.config:
+        node_config[CLIENT_CONFIG] = str(_client_config(args.config))
+    if args.allow_plain:
+        node_config[ALLOW_PLAIN] = True
+        print(ALLOW_PLAIN_WARNING, file=sys.stderr, flush=True)
+    kit = None
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
-        session = FleetSession(args.server, ca_pem=None, key_path=None, insecure=True)
-        name = "insecure"
     else:
         if not args.kit:
             raise DeploymentError("--kit is required (a client kit from `fedcore provision`)")
         kit = load_client_kit(args.kit)
         node_config[IDENTITY_KEY] = str(kit.key_path.resolve())
+    state_dir = Path(args.state) if args.state else (kit.path / "state" if kit else None)
+    if state_dir is not None:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        node_config[STATE_DIR] = str(state_dir.resolve())
+    if args.app == DEFAULT_APP:  # (another ClientApp reads its data its own way)
+        check_local_setup(node_config)
+    if kit is None:
+        session = FleetSession(args.server, ca_pem=None, key_path=None, insecure=True)
+        name = "insecure"
+    else:
         session = FleetSession(args.server, ca_pem=kit.ca_pem, key_path=kit.key_path)
         name = kit.name
     app = load_app(args.app)
@@ -520,6 +547,31 @@ def cmd_client(args: argparse.Namespace) -> int:
     except Refused as exc:
         print(f"fedcore client {name}: refused: {exc}", file=sys.stderr, flush=True)
         return 3
+
+
+def _client_config(path: str) -> Path:
+    """``--config``'s file, absolute, validated (ConfigError otherwise: exit 2)."""
+    from fedcore.runtime.configfile import importable
+
+    p = Path(path).expanduser().resolve()
+    if not p.is_file():
+        raise ConfigError("--config", path, "is not a file: pass this client's fedcore TOML")
+    importable(p)  # a model factory or loop beside the config file is found
+    client_config_file(p)
+    return p
+
+
+def check_local_setup(node_config: Mapping[str, Any]) -> None:
+    """Load the client's data with its own config and build its model, or raise why not."""
+    from flwr.app import Context, RecordDict
+
+    from fedcore.clientside.handlers import prepare
+
+    prepare(
+        Context(
+            run_id=0, node_id=0, node_config=dict(node_config), state=RecordDict(), run_config={}
+        )
+    )
 
 
 def register(subparsers: Any) -> None:
@@ -546,7 +598,24 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--poll-min", type=float, default=0.02, help="seconds between polls while busy")
     p.add_argument("--poll-max", type=float, default=0.25, help="seconds between polls when idle")
-    p.add_argument("--app", default="clients.app:app", help="ClientApp import path")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="this client's own fedcore TOML (model, loops, data settings, [train] bounds, "
+        "[secagg] minimums); default: the built-in defaults, never the server's config",
+    )
+    p.add_argument(
+        "--allow-plain",
+        action="store_true",
+        help="answer plain (not securely aggregated) rounds: they reveal this client's update "
+        "to the server (default: only if the client's config sets secagg.enabled = false)",
+    )
+    p.add_argument(
+        "--state",
+        metavar="DIR",
+        help="this client's persistent state directory (default: <kit>/state, mode 0700)",
+    )
+    p.add_argument("--app", default=DEFAULT_APP, help="ClientApp import path")
     p.add_argument("--verbose", action="store_true", help="log each message's timings")
     p.add_argument(
         "--insecure",

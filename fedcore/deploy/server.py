@@ -385,7 +385,10 @@ def _follow(
     sync_interval: float,
     out: Callable[[str], None],
 ) -> str:
-    """Wait for the run to finish, printing rounds and syncing admissions; its sub-status."""
+    """Wait for the run to finish, printing rounds and syncing admissions; its sub-status.
+
+    ``"completed"``, else the sub-status with Flower's details (the ServerApp's error).
+    """
     printer = _RoundPrinter(run_dir, cfg.run.rounds, out)
     last_sync = time.monotonic()
     while True:
@@ -405,9 +408,8 @@ def _follow(
         status, sub_status, details = flower.run_status(control, run_id)
         if status == "finished":
             printer.poll()
-            if sub_status != "completed":
-                out(f"run {run_id} {sub_status}: {details}")
-            return sub_status
+            # e.g. "failed: ServerApp failed with exception: no round trained: ..."
+            return sub_status if sub_status == "completed" else f"{sub_status}: {details}"
         time.sleep(0.3)
 
 

@@ -9,6 +9,15 @@ always lives on executor ``i % workers``, which keeps its own ``Context`` (node
 config ``partition-id``/``num-partitions``, persistent ``state``) and loads only
 its clients' partitions. No Ray, no SuperLink, no sockets.
 
+Each client's own config: a client takes its model, loops and data settings from
+its *local* config (:func:`fedcore.clientside.policy.local_config`), never from the
+server's run config. In a simulation one user owns both sides and one TOML file
+describes both, so the engine hands that file to every virtual client as its local
+config: ``client_config`` (``fedcore simulate`` passes the resolved config it wrote
+to ``<run-dir>/config.toml``, CLI overrides included) becomes node config
+``client-config``. Without one (a config built in code, Flower's Ray engine) a
+client falls back to the run config, which in simulation is the same user's.
+
 Clients on executor 0 share the server's process: an exception is an error
 reply as everywhere, but a client that ends its process (``os._exit``, a
 segfault) ends the run; a crashed worker process is reported and replaced.
@@ -40,6 +49,7 @@ from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
 
+from fedcore.clientside.policy import CLIENT_CONFIG
 from fedcore.core.registry import import_object
 from fedcore.flower_adapter import (
     SUPERLINK_NODE_ID,
@@ -73,6 +83,7 @@ def _worker_main(
     run_id: int,
     torch_threads: int,
     state_root: str = "",
+    client_config: str = "",
     in_process: bool = False,
 ) -> None:
     """Worker loop: receive a message, run the ClientApp for its node, send the reply.
@@ -81,6 +92,8 @@ def _worker_main(
     process-wide settings (torch threads, ``TaskIdentity``) the grid owns.
     ``state_root``: each client's persistent state goes to ``<state_root>/<partition-id>``
     (node config ``state-dir``); empty: it stays in the node's ``Context.state``.
+    ``client_config``: the TOML file every client reads as its own config (node
+    config ``client-config``); empty: the clients use the run config.
     """
     if not in_process:
         try:
@@ -99,6 +112,7 @@ def _worker_main(
                 "partition-id": p,
                 "num-partitions": num_partitions,
                 **({"state-dir": str(Path(state_root) / str(p))} if state_root else {}),
+                **({CLIENT_CONFIG: client_config} if client_config else {}),
             },
             state=RecordDict(),
             run_config=dict(run_config),
@@ -226,6 +240,9 @@ class EmbeddedGrid(GridBase):
     client_state_dir : path, optional
         Where clients keep persistent state (SCAFFOLD's control variates...), one
         folder per partition; default: in memory, in each node's ``Context.state``.
+    client_config : path, optional
+        A fedcore TOML file every client reads as its own config (node config
+        ``client-config``); default: the clients use the run config.
 
     """
 
@@ -238,8 +255,10 @@ class EmbeddedGrid(GridBase):
         workers: int = 0,
         run_id: int = 1,
         client_state_dir: str | Path | None = None,
+        client_config: str | Path | None = None,
     ) -> None:
         self._run = empty_run(run_id)
+        own_config = str(Path(client_config).resolve()) if client_config is not None else ""
         n_workers = workers or (os.cpu_count() or 1)
         n_workers = max(1, min(n_workers, num_clients))
         self._ctx = mp.get_context("spawn")
@@ -252,6 +271,7 @@ class EmbeddedGrid(GridBase):
             run_id,
             1,
             str(client_state_dir or ""),
+            own_config,
         )
         # One torch thread in this process too while clients run in it (restored on close).
         import torch
@@ -420,8 +440,13 @@ def run_embedded(
     server_node_config: Mapping[str, Any] | None = None,
     run_id: int = 1,
     client_state_dir: str | Path | None = None,
+    client_config: str | Path | None = None,
 ) -> None:
-    """Run ``server_app`` (a ``ServerApp``) against ``num_clients`` virtual clients."""
+    """Run ``server_app`` (a ``ServerApp``) against ``num_clients`` virtual clients.
+
+    ``client_config``: the TOML file each client reads as its own config (see the
+    module docstring); default: the clients use ``run_config``.
+    """
     set_task_identity(run_id=run_id, node_id=SUPERLINK_NODE_ID, task_id=1)
     with EmbeddedGrid(
         client_app=client_app,
@@ -430,6 +455,7 @@ def run_embedded(
         workers=workers,
         run_id=run_id,
         client_state_dir=client_state_dir,
+        client_config=client_config,
     ) as grid:
         context = Context(
             run_id=run_id,

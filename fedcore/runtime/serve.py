@@ -31,15 +31,15 @@ from fedcore.clientside.models import build_model
 from fedcore.clientside.training import evaluate, make_loader
 from fedcore.core.aggregation import spec_of
 from fedcore.core.config import Config, config_from_flat, to_toml
-from fedcore.core.errors import ConfigError
-from fedcore.core.records import load_arrays, model_to_arrays
+from fedcore.core.errors import ConfigError, RoundFailedError
+from fedcore.core.records import Rejection, load_arrays, model_to_arrays
 from fedcore.core.seeds import derive_seed
 from fedcore.serverside.checkpoint import (
     load_checkpoint,
     remove_stale_temporaries,
 )
 from fedcore.serverside.exchange import Exchange, PlainExchange
-from fedcore.serverside.rounds import Observer, RoundPolicy, run_federation
+from fedcore.serverside.rounds import Observer, RoundPolicy, RoundRecord, run_federation
 from fedcore.serverside.rundir import Observers, RunObserver, default_run_dir, write_plot
 from fedcore.serverside.strategies import STRATEGIES, Sampling, Strategy, strategy_class
 from fedcore.storage.files import arrays_to_safetensors, atomic_write, write_json
@@ -211,6 +211,11 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
     With ``node_config["resume"]`` (or ``deploy.resume``) set, continue the run in
     the run directory from its checkpoint (refused if the checkpoint is corrupt or
     from another config or model).
+
+    A run in which no round trained (every client refused or failed, e.g. clients
+    that require secure aggregation asked for plain rounds) writes its run directory
+    and then raises :class:`~fedcore.core.errors.RoundFailedError` saying why, so
+    ``fedcore simulate`` and ``fedcore server`` exit non-zero.
     """
     t0 = time.perf_counter()
     cfg = config_from_flat(context.run_config)
@@ -250,6 +255,7 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
         return evaluate(model, test_loader)
 
     observer = RunObserver(run_dir, cfg, strategy, progress=progress, history=history)
+    tally = _TrainedRounds()
     train_config = ConfigRecord(
         {
             "lr": cfg.train.lr,
@@ -274,7 +280,7 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
         exchange=train_exchange,
         evaluate_exchange=evaluate_exchange,
         central_evaluate=central_evaluate,
-        observer=Observers(observer, *observers),
+        observer=Observers(observer, tally, *observers),
         start_round=start,
     )
     atomic_write(
@@ -301,4 +307,34 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
             "final_test_loss": summary.final_loss,
         },
     )
+    if tally.rounds and not tally.trained:
+        raise RoundFailedError(
+            f"no round trained: every client refused or failed in all {tally.rounds} "
+            f"round(s) ({tally.why()}); the model did not change (run directory {run_dir})"
+        )
     return summary
+
+
+class _TrainedRounds(Observer):
+    """Counts the rounds that trained, and keeps the first reasons replies were refused."""
+
+    def __init__(self) -> None:
+        self.rounds = 0
+        self.trained = 0
+        self.reasons: dict[str, int] = {}
+
+    def round_finished(
+        self, record: RoundRecord, arrays: ArrayRecord, rejected: Sequence[Rejection]
+    ) -> None:
+        self.rounds += 1
+        self.trained += record.clients > 0
+        for r in rejected:
+            line = r.reason.strip().splitlines()[0] if r.reason.strip() else "no reason given"
+            self.reasons[line] = self.reasons.get(line, 0) + 1
+
+    def why(self) -> str:
+        if not self.reasons:
+            return "no replies"
+        shown = [f"{n} x {line}" for line, n in list(self.reasons.items())[:3]]
+        more = len(self.reasons) - len(shown)
+        return "; ".join(shown) + (f"; and {more} other reason(s)" if more > 0 else "")
