@@ -20,6 +20,7 @@ from fedcore.core.records import model_to_arrays
 from fedcore.engines.embedded import EmbeddedGrid, node_id_for
 from fedcore.secagg.exchange import SecAggSettings, SecureExchange
 from fedcore.secagg.protocol.machine import (
+    STAGE_CONFIRM,
     STAGE_KEYS,
     STAGE_MASKED,
     STAGE_SHARES,
@@ -105,8 +106,11 @@ def grid(setup):
     return setup[0]
 
 
-def _train_config(cfg):
-    return ConfigRecord({"lr": cfg.train.lr, "local-epochs": 1, "batch-size": cfg.train.batch_size})
+def _train_config(cfg, attempt=None):
+    conf = {"lr": cfg.train.lr, "local-epochs": 1, "batch-size": cfg.train.batch_size}
+    if attempt is not None:
+        conf["attempt"] = attempt
+    return ConfigRecord(conf)
 
 
 def _secure(grid, arrays, cfg, rnd, settings=SETTINGS, nodes=NODES, timeout=60.0, stage=None):
@@ -136,14 +140,14 @@ class _WithQuantizer:
         return getattr(self.result, name)
 
 
-def _plain(grid, arrays, cfg, rnd, nodes):
+def _plain(grid, arrays, cfg, rnd, nodes, attempt=None):
     return train_step(
         PlainExchange(accumulation_block=1),
         grid,
         FedAvg(seed=cfg.run.seed),
         server_round=rnd,
         arrays=arrays,
-        config=_train_config(cfg),
+        config=_train_config(cfg, attempt),
         node_ids=nodes,
         timeout=60.0,
         observer=Observer(),
@@ -156,9 +160,9 @@ def _max_diff(a: ArrayRecord, b: ArrayRecord) -> float:
     )
 
 
-def _assert_equals_plain(grid, arrays, cfg, rnd, secure, counted):
+def _assert_equals_plain(grid, arrays, cfg, rnd, secure, counted, attempt=None):
     """The secure mean equals plain weighted FedAvg over ``counted`` within the bound."""
-    plain = _plain(grid, arrays, cfg, rnd, counted)
+    plain = _plain(grid, arrays, cfg, rnd, counted, attempt)
     assert secure.num_clients == plain.num_clients == len(counted)
     assert secure.num_examples == plain.num_examples  # the total weight, recovered exactly
     bound = len(counted) * secure.quantizer.step / secure.num_examples
@@ -182,23 +186,41 @@ def test_second_round_switches_to_the_32_bit_ring_and_stays_exact(setup, grid):
     second = _secure(grid, arrays, cfg, 9, stage=stage)
     assert second.quantizer.ring_bits == 32 and second.quantizer.bits == first.quantizer.bits
     _assert_equals_plain(grid, arrays, cfg, 9, second, NODES)
-    # a fresh stage (a resumed run) uses the 64-bit ring for the same round: same model
+    # a fresh stage (a resumed run) uses the 64-bit ring for the same round, and the same
+    # clients train it with fresh randomness (their replay guard counts the attempt): two
+    # sums of one round over different sets cannot be differenced into one client's update
     again = _secure(grid, arrays, cfg, 9)
     assert again.quantizer.ring_bits == 64
-    assert all(
+    assert not all(
         np.array_equal(array_view(again.arrays[k]), array_view(second.arrays[k])) for k in arrays
     )
+    _assert_equals_plain(grid, arrays, cfg, 9, again, NODES, attempt=1)
 
 
-@pytest.mark.parametrize("stage", [STAGE_KEYS, STAGE_SHARES, STAGE_MASKED, STAGE_UNMASK])
-def test_client_vanishing_at_each_stage(setup, grid, stage):
+@pytest.mark.parametrize(
+    ("stage", "rnd"),
+    [(STAGE_KEYS, 31), (STAGE_SHARES, 32), (STAGE_MASKED, 33), (STAGE_UNMASK, 34)],
+)
+def test_client_vanishing_at_each_stage(setup, grid, stage, rnd):
     _, arrays, cfg = setup
     gone = node_id_for(2)
     grid.faults[(stage, gone)] = "silent"
-    secure = _secure(grid, arrays, cfg, 2)
+    secure = _secure(grid, arrays, cfg, rnd)
     assert [(r.node_id, r.stage) for r in secure.rejected] == [(gone, stage)]
     counted = NODES if stage == STAGE_UNMASK else [n for n in NODES if n != gone]
-    _assert_equals_plain(grid, arrays, cfg, 2, secure, counted)
+    _assert_equals_plain(grid, arrays, cfg, rnd, secure, counted)
+
+
+def test_client_vanishing_before_it_confirms_fails_the_round_before_any_share(setup, grid):
+    """Its neighbours cannot reveal without its signature: the server stops at once."""
+    _, arrays, cfg = setup
+    gone = node_id_for(2)
+    grid.faults[(STAGE_CONFIRM, gone)] = "silent"
+    unmask_sent = []
+    grid.tamper_out = lambda m, rec: unmask_sent.append(m) if rec["stage"] == STAGE_UNMASK else None
+    secure = _secure(grid, arrays, cfg, 35)
+    assert secure.arrays is None and unmask_sent == []
+    assert (gone, STAGE_CONFIRM) in [(r.node_id, r.stage) for r in secure.rejected]
 
 
 def test_client_failing_and_stalling_past_the_deadline(setup, grid):
@@ -257,7 +279,7 @@ def test_bad_advert_signature_removes_that_client(setup, grid):
             adv = Advert.from_bytes(rec["advert"])
             sig = bytes([adv.signature[0] ^ 1]) + adv.signature[1:]
             rec["advert"] = Advert(
-                adv.node_id, adv.c_pk, adv.s_pk, adv.b_commit, adv.credential, sig
+                adv.node_id, adv.c_pk, adv.s_pk, adv.b_commit, adv.max_weight, adv.credential, sig
             ).to_bytes()
         return reply
 
@@ -282,7 +304,13 @@ def test_clients_refuse_a_server_that_swaps_a_key(setup, grid):
             a = fake(raw)
             if a.node_id == victim:
                 a = Advert(
-                    a.node_id, a.c_pk, bytes(32 * [9]), a.b_commit, a.credential, a.signature
+                    a.node_id,
+                    a.c_pk,
+                    bytes(32 * [9]),
+                    a.b_commit,
+                    a.max_weight,
+                    a.credential,
+                    a.signature,
                 )
             adverts.append(a.to_bytes())
         rec["adverts"] = adverts
@@ -293,7 +321,8 @@ def test_clients_refuse_a_server_that_swaps_a_key(setup, grid):
     assert secure.arrays is None
     reasons = {r.node_id: r.reason for r in secure.rejected if r.stage == STAGE_SHARES}
     assert set(reasons) == set(NODES)
-    assert all("signature" in reasons[n] for n in NODES if n != victim)
+    # the listing names each advert by its digest: a swapped key is not the advert listed
+    assert all("not the one listed" in reasons[n] for n in NODES if n != victim)
 
 
 def test_too_few_survivors_fails_cleanly_and_keeps_the_model(setup, grid, caplog):
@@ -348,39 +377,74 @@ def test_secure_evaluation_equals_plain_evaluation_and_hides_per_client_counts(s
 
 
 def test_masked_vector_on_the_wire_is_uniform(setup, grid):
-    """(c) on real traffic: every byte position of a client's masked words is uniform."""
+    """(c) on real traffic: every byte position of a client's masked words is uniform.
+
+    The same check on the client's encoded (unmasked) vector fails: it can tell.
+    """
     from scipy.stats import chisquare
 
+    from fedcore.secagg.protocol.quantize import encode
     from fedcore.secagg.protocol.wire import MASKED
 
     _, arrays, cfg = setup
     seen = []
     grid.tamper_in = lambda r: seen.append(r) or r
-    _secure(grid, arrays, cfg, 11)
+    result = _secure(grid, arrays, cfg, 11)
     ys = [
         array_view(r.content.array_records[MASKED]["y"])
         for r in seen
         if MASKED in r.content.array_records
     ]
     assert len(ys) == CLIENTS
-    words = ys[0].view(np.uint8).reshape(len(ys[0]), -1)
-    for b in range(words.shape[1]):
-        assert chisquare(np.bincount(words[:, b], minlength=256)).pvalue > 1e-6, b
+
+    def worst_p(words: np.ndarray) -> float:
+        as_bytes = words.view(np.uint8).reshape(len(words), -1)
+        return min(
+            chisquare(np.bincount(as_bytes[:, b], minlength=256)).pvalue
+            for b in range(as_bytes.shape[1])
+        )
+
+    assert worst_p(ys[0]) > 1e-6
+    # control: an update of the same size, encoded but not masked, is far from uniform
+    delta = np.random.default_rng(0).normal(0, 0.01, ys[0].size - 3).astype(np.float32)
+    plain = encode(delta, 100, [0.5], result.quantizer, b"k" * 32)
+    assert worst_p(plain) < 1e-6
 
 
-def test_unmask_lists_only_name_each_clients_neighbours(setup, grid):
+def test_unmask_requests_carry_only_each_clients_neighbours(setup, grid):
+    """On a graph that is not complete (k = 4 of 5 peers): each client is sent the
+    confirmations of its own counted neighbours, never a non-neighbour's."""
+    from fedcore.secagg.protocol.crypto import RoundBinding
+    from fedcore.secagg.protocol.graph import graph_seed, harary_graph, round_degree
+
     _, arrays, cfg = setup
-    seen = {}
+    seen, listing = {}, {}
 
     def spy(m: Message, rec: ConfigRecord):
+        if rec["stage"] == STAGE_SHARES:
+            listing["ids"] = unpack_ids(rec["listing-ids"])
+            listing["digests"] = list(rec["listing-digests"])
+            listing["session"] = bytes(rec["session"])
         if rec["stage"] == STAGE_UNMASK:
-            seen[m.metadata.dst_node_id] = unpack_ids(rec["counted"]) + unpack_ids(rec["dropped"])
+            seen[m.metadata.dst_node_id] = unpack_ids(rec["signers"])
 
     grid.tamper_out = spy
     grid.faults[(STAGE_MASKED, node_id_for(0))] = "silent"
-    secure = _secure(grid, arrays, cfg, 8)
+    settings = SecAggSettings(stage_timeout=20.0, neighbours=4)
+    secure = _secure(grid, arrays, cfg, 12, settings=settings)
     assert secure.arrays is not None and set(seen) == set(NODES) - {node_id_for(0)}
-    assert all(node not in peers for node, peers in seen.items())
+    binding = RoundBinding(int(grid.run.run_id), 12, listing["session"]).encode()
+    pairs = list(zip(listing["ids"], listing["digests"], strict=True))
+    graph = harary_graph(
+        listing["ids"],
+        round_degree(4, len(pairs)),
+        seed=graph_seed(binding, pairs),
+        server_round=12,
+    )
+    assert all(len(v) == 4 for v in graph.values())  # not complete: each misses one peer
+    survivors = set(NODES) - {node_id_for(0)}
+    for node, signers in seen.items():
+        assert set(signers) == set(graph[node]) & survivors
 
 
 def test_scaffold_control_variates_travel_and_are_summed_securely(setup, grid):

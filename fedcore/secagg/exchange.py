@@ -5,7 +5,7 @@ Bell et al., CCS 2020 (SecAgg+); Bonawitz et al., CCS 2017.
 :class:`SecureExchange` is an :class:`~fedcore.serverside.exchange.Exchange`, like
 :class:`~fedcore.serverside.exchange.PlainExchange`: the strategy still decides who
 takes part and what each client gets (``configure_train`` / ``configure_evaluate``);
-the exchange then runs the four stages of :mod:`fedcore.secagg.protocol.machine`
+the exchange then runs the five stages of :mod:`fedcore.secagg.protocol.machine`
 with ``train.secagg`` / ``evaluate.secagg`` messages through
 ``grid.send_and_receive`` only (the Message API), so it runs unchanged on the
 embedded engine, Flower's simulation engine (tested with Ray) and Flower's
@@ -39,8 +39,9 @@ from fedcore.core.errors import AggregationError, ConfigError, SecureAggregation
 from fedcore.core.records import Rejection
 from fedcore.core.seeds import derive_seed
 from fedcore.secagg.protocol.crypto import RandBytes, RoundBinding
-from fedcore.secagg.protocol.graph import harary_graph, resolve
+from fedcore.secagg.protocol.graph import resolve
 from fedcore.secagg.protocol.machine import (
+    STAGE_CONFIRM,
     STAGE_KEYS,
     STAGE_MASKED,
     STAGE_SHARES,
@@ -59,7 +60,7 @@ from fedcore.secagg.protocol.quantize import (
     extra_coordinates,
 )
 from fedcore.secagg.protocol.rosters import PinnedRoster, RegisteredKeyRoster, Roster
-from fedcore.secagg.protocol.wire import MASKED, SECAGG, pack_ids, unpack_ids
+from fedcore.secagg.protocol.wire import MASKED, SECAGG, content_digest, pack_ids, unpack_ids
 from fedcore.serverside.exchange import Aggregate, EvaluateResult, Progress
 
 __all__ = [
@@ -146,6 +147,10 @@ class _SecureSum:
         ``grid -> {node_id: identity public key}``: the keys the SuperLink
         authenticated each node with (deployment). When it returns any, adverts
         are verified against them (:class:`RegisteredKeyRoster`) instead of ``roster``.
+    admitted : callable, optional
+        ``() -> bytes``: the federation's current CA-signed admitted list, relayed to
+        every client in the keys stage (a newer list than a client's replaces it, so
+        revocations reach clients; an unsigned or older one is ignored by them).
     message_type, purpose : str
         Flower message type and rounding-stream purpose (``"train.secagg"`` /
         ``"train"``, or ``"evaluate.secagg"`` / ``"evaluate"``).
@@ -160,6 +165,7 @@ class _SecureSum:
         roster: Roster | None = None,
         randbytes: RandBytes = os.urandom,
         node_keys: Callable[[Grid], Mapping[int, Any]] | None = None,
+        admitted: Callable[[], bytes | None] | None = None,
         message_type: str = MESSAGE_TYPE,
         purpose: str = "train",
     ) -> None:
@@ -172,6 +178,10 @@ class _SecureSum:
         self.roster: Roster = roster if roster is not None else PinnedRoster({})
         self.randbytes = randbytes
         self.node_keys = node_keys
+        #: The federation's current signed admitted list, relayed to clients (deployment).
+        self.admitted = admitted
+        #: Attempts started per round: a retried round is a new attempt (fresh session).
+        self._attempts: dict[int, int] = {}
         #: Total weight of the last exchange that unmasked (public: the server learns it).
         self.last_weight: int | None = None
 
@@ -273,7 +283,7 @@ class _SecureSum:
         *,
         summed: tuple[str, ...] = (),
     ) -> tuple[Decoded, int]:
-        """Run the four exchanges over ``records`` (what each node gets in the masked stage).
+        """Run the five exchanges over ``records`` (what each node gets in the masked stage).
 
         Returns the decoded sums and the number of counted clients; raises
         ``SecureAggregationError``/``_Failed`` when the round cannot complete.
@@ -286,13 +296,16 @@ class _SecureSum:
                 "(raise the strategy's fraction / minimum of clients, or connect more clients)"
             )
         k, t = resolve(len(nodes), s.neighbours, s.threshold)
-        graph = harary_graph(nodes, k, seed=self.seed, server_round=server_round)
+        attempt = self._attempts.get(server_round, 0)
+        self._attempts[server_round] = attempt + 1
         params = RoundParams(
             binding=RoundBinding(int(grid.run.run_id), server_round, self.randbytes(16)),
             threshold=t,
             quantizer=s.quantizer(len(nodes), self.last_weight),
             metric_keys=metric_keys,
             rounding_seed=derive_seed(self.seed, "secagg-rounding", self.purpose),
+            neighbours=k,
+            attempt=attempt,
         )
         roster = self.roster
         registered = self.node_keys(grid) if self.node_keys is not None else {}
@@ -300,24 +313,20 @@ class _SecureSum:
             roster = RegisteredKeyRoster(registered)
         server = ServerRound(
             params,
-            graph,
+            nodes,
             d + extra_coordinates(len(metric_keys)),
             roster,
             threads=min(4, os.cpu_count() or 1),
         )
         common = params.to_dict()
+        admitted = self.admitted() if self.admitted is not None else None
+        if admitted:
+            common["admitted"] = admitted
 
         # 1 keys
         replies = self._exchange(
             grid,
-            [
-                self._message(
-                    u,
-                    server_round,
-                    {**common, "stage": STAGE_KEYS, "neighbours": pack_ids(graph[u])},
-                )
-                for u in nodes
-            ],
+            [self._message(u, server_round, {**common, "stage": STAGE_KEYS}) for u in nodes],
             STAGE_KEYS,
             s.stage_timeout,
             server_round,
@@ -328,20 +337,28 @@ class _SecureSum:
             replies, STAGE_KEYS, lambda r, _: Advert.from_bytes(r["advert"]), rejected
         )
         try:
-            bundles = server.collect_adverts(adverts)  # type: ignore[arg-type]
+            listing, bundles = server.collect_adverts(adverts)  # type: ignore[arg-type]
         finally:
             rejected += server.rejected
             server.rejected.clear()
 
-        # 2 shares
+        # 2 shares (the graph is fixed by the listing of the adverts just collected)
         ident = {"server-round": server_round, "session": params.binding.session}
+        listing_ids = pack_ids(v for v, _ in listing)
+        listing_digests = [dg for _, dg in listing]
         replies = self._exchange(
             grid,
             [
                 self._message(
                     u,
                     server_round,
-                    {**ident, "stage": STAGE_SHARES, "adverts": [a.to_bytes() for a in bundle]},
+                    {
+                        **ident,
+                        "stage": STAGE_SHARES,
+                        "listing-ids": listing_ids,
+                        "listing-digests": listing_digests,
+                        "adverts": [a.to_bytes() for a in bundle],
+                    },
                 )
                 for u, bundle in bundles.items()
             ],
@@ -367,6 +384,8 @@ class _SecureSum:
 
         # 3 masked input (the clients train here)
         stage3 = []
+        contents: dict[int, bytes] = {}
+        digest_cache: dict[int, bytes] = {}
         for u, inbox in relay.items():
             fields = {
                 **ident,
@@ -377,6 +396,7 @@ class _SecureSum:
             if summed:
                 fields["summed"] = list(summed)
             stage3.append(self._message(u, server_round, fields, **records[u]))
+            contents[u] = content_digest(records[u], cache=digest_cache)
         shares_refused = 0
 
         def fold(u: int, msg: Message) -> None:
@@ -411,9 +431,34 @@ class _SecureSum:
         for v in sorted(server.dropped):
             if not any(r.node_id == v and r.stage == STAGE_MASKED for r in rejected):
                 rejected.append(Rejection(v, STAGE_MASKED, "masked vector not counted"))
-        requests = server.unmask_requests()
+        survivors = server.survivor_set()
 
-        # 4 unmask
+        # 4 confirm: one survivor set, signed by every survivor
+        s_ids = pack_ids(survivors)
+        replies = self._exchange(
+            grid,
+            [
+                self._message(
+                    u, server_round, {**ident, "stage": STAGE_CONFIRM, "survivors": s_ids}
+                )
+                for u in survivors
+            ],
+            STAGE_CONFIRM,
+            s.stage_timeout,
+            server_round,
+            observer,
+            rejected,
+        )
+        signatures = self._parse(
+            replies, STAGE_CONFIRM, lambda r, _: bytes(r["signature"]), rejected
+        )
+        try:
+            requests = server.collect_confirmations(signatures, contents)  # type: ignore[arg-type]
+        finally:
+            rejected += server.rejected
+            server.rejected.clear()
+
+        # 5 unmask
         replies = self._exchange(
             grid,
             [
@@ -423,11 +468,11 @@ class _SecureSum:
                     {
                         **ident,
                         "stage": STAGE_UNMASK,
-                        "counted": pack_ids(alive),
-                        "dropped": pack_ids(gone),
+                        "signers": pack_ids(sigs),
+                        "signatures": list(sigs.values()),
                     },
                 )
-                for u, (alive, gone) in requests.items()
+                for u, sigs in requests.items()
             ],
             STAGE_UNMASK,
             s.stage_timeout,
@@ -447,8 +492,21 @@ class _SecureSum:
 
         unmask = self._parse(replies, STAGE_UNMASK, parse_unmask, rejected)
         counted = len(server.u3)
-        total = server.finish(unmask)  # type: ignore[arg-type]
-        self.last_weight = int(total[d])  # exact: clients' weight caps keep it below 2^R
+        try:
+            total = server.finish(unmask)  # type: ignore[arg-type]
+        finally:
+            rejected += server.rejected
+            server.rejected.clear()
+        weight = int(total[d])
+        cap = server.max_total_weight()
+        if not counted <= weight <= cap:
+            self.last_weight = None
+            raise SecureAggregationError(
+                f"the decoded total weight {weight} is outside [{counted}, {cap}] (the counted "
+                "clients' number and the sum of their signed weight caps): a client declared "
+                "a weight it may not; the round is discarded"
+            )
+        self.last_weight = weight  # exact: clients' weight caps keep it below 2^R
         decoded = decode(total, params.quantizer, len(metric_keys), counted)
         if decoded.clipped:
             log.warning(
@@ -491,9 +549,12 @@ class SecureExchange:
         roster: Roster | None = None,
         randbytes: RandBytes = os.urandom,
         node_keys: Callable[[Grid], Mapping[int, Any]] | None = None,
+        admitted: Callable[[], bytes | None] | None = None,
     ) -> None:
         self.settings = settings
-        common: dict[str, Any] = dict(seed=seed, roster=roster, randbytes=randbytes)
+        common: dict[str, Any] = dict(
+            seed=seed, roster=roster, randbytes=randbytes, admitted=admitted
+        )
         self._train = _SecureSum(settings, node_keys=node_keys, **common)
         self._evaluate = _SecureSum(
             settings,

@@ -2,7 +2,7 @@
 
 Bell et al., CCS 2020 (SecAgg+); Bonawitz et al., CCS 2017.
 
-The server drives four exchanges, all ``message_type = "train.secagg"``, the
+The server drives five exchanges, all ``message_type = "train.secagg"``, the
 stage named in the ``"secagg"`` ConfigRecord (see
 :mod:`fedcore.secagg.protocol.machine`). Between exchanges the client keeps its round
 secrets in its own ``Context.state`` (record ``"fedcore.secagg"``), which
@@ -11,6 +11,17 @@ reply. In the masked-input exchange the handler runs the ordinary training
 handler, turns ``trained - global`` and ``num-examples`` into the ring vector
 of :mod:`fedcore.secagg.protocol.quantize` and masks it; the reply carries no plaintext
 weight, update or per-client metric.
+
+What the client decides, never the server: its limits (``secagg.min-neighbours``,
+``secagg.min-threshold``, ``secagg.max-weight`` from its own config,
+:func:`fedcore.clientside.policy.local_config`), which peers it accepts (its
+roster), and how often it masks: one attempt per session (a repeated keys message
+is refused), and a replay guard in its persistent state counts its attempts at each
+round, so a retried or resumed round trains with fresh randomness (the attempt
+number goes to the training handler as ``config["attempt"]``; attempt 0 is the
+plain run's randomness, so a first attempt matches it) and a second secure
+evaluation of one round is refused (its metrics would not change, so two sums over
+different sets would reveal them).
 
 Identity: a provisioned node (node config ``identity-key``: the kit's key, which
 ``fedcore client`` passes; optionally ``identity-cert`` + ``ca-cert`` for a
@@ -38,15 +49,19 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from fedcore.clientside.policy import local_config
+from fedcore.clientside.state import ClientState
 from fedcore.core.aggregation import array_view, numpy_to_array
 from fedcore.core.errors import SecureAggregationError
-from fedcore.core.records import ARRAYS, METRICS, NUM_EXAMPLES
+from fedcore.core.records import ARRAYS, ATTEMPT, CONFIG, METRICS, NUM_EXAMPLES
 from fedcore.secagg.protocol.machine import (
+    STAGE_CONFIRM,
     STAGE_KEYS,
     STAGE_MASKED,
     STAGE_SHARES,
     STAGE_UNMASK,
     Advert,
+    ClientLimits,
     ClientRound,
     RoundParams,
 )
@@ -62,7 +77,7 @@ from fedcore.secagg.protocol.rosters import (
     Roster,
     check_key_file,
 )
-from fedcore.secagg.protocol.wire import MASKED, SECAGG, pack_ids, unpack_ids
+from fedcore.secagg.protocol.wire import MASKED, SECAGG, content_digest, pack_ids, unpack_ids
 from fedcore.storage.keys import (
     ADMITTED_KEYS,
     CA_CERT,
@@ -240,6 +255,52 @@ def _weight_and_metrics(
     return n, values
 
 
+def _limits(context: Context) -> ClientLimits:
+    sa = local_config(context).secagg
+    return ClientLimits(sa.min_neighbours, sa.min_threshold, sa.max_weight)
+
+
+#: Client-state item of the replay guard: how often this client masked at each round.
+GUARD = "secagg-guard-{}"
+
+
+def _attempts(state: ClientState, category: str) -> dict[int, int]:
+    """``{round: attempts}`` this client has masked for (its own persistent record)."""
+    name = GUARD.format(category)
+    versions = state.versions(name)
+    if not versions:
+        return {}
+    arrays = state.load(name, max(versions) + 1) or {}
+    rounds, counts = arrays.get("rounds"), arrays.get("counts")
+    if rounds is None or counts is None:
+        return {}
+    return {int(r): int(c) for r, c in zip(rounds.tolist(), counts.tolist(), strict=True)}
+
+
+def _record_attempt(
+    state: ClientState, category: str, attempts: dict[int, int], server_round: int
+) -> None:
+    done = dict(attempts)
+    done[server_round] = done.get(server_round, 0) + 1
+    rounds = sorted(done)
+    state.save(
+        GUARD.format(category),
+        max(rounds[-1], max(state.versions(GUARD.format(category)), default=0)),
+        {
+            "rounds": np.asarray(rounds, dtype=np.int64),
+            "counts": np.asarray([done[r] for r in rounds], dtype=np.int64),
+        },
+    )
+
+
+def _with_attempt(content: RecordDict, attempt: int) -> RecordDict:
+    """The records as the training handler sees them: ``config["attempt"]`` is this client's."""
+    conf = content.config_records.get(CONFIG)
+    items = dict(conf.items()) if conf is not None else {}
+    items[ATTEMPT] = attempt
+    return RecordDict({**dict(content.items()), CONFIG: ConfigRecord(items)})
+
+
 def handle_secagg(
     msg: Message,
     context: Context,
@@ -271,17 +332,29 @@ def handle_secagg(
                 f"keys stage for run {params.binding.run_id}, but this node is in run "
                 f"{context.run_id}"
             )
-        cr, advert = ClientRound.start(
-            node, params, unpack_ids(fields["neighbours"]), identity_for(context)
-        )
+        rec = _record(context)
+        sessions = set(json.loads(str(rec.get("sessions", "[]"))))
+        if params.binding.session.hex() in sessions:
+            raise SecureAggregationError(
+                f"round {params.binding.server_round}: a second keys message for the same "
+                "attempt (session): refusing to restart it (replay)"
+            )
+        cr, advert = ClientRound.start(node, params, identity_for(context), limits=_limits(context))
+        rec["sessions"] = json.dumps(sorted(sessions | {params.binding.session.hex()})[-64:])
+        rec[f"{slot}-advert"] = advert.to_bytes()
         _save_round(context, cr, slot)
         return _reply(msg, {"advert": advert.to_bytes()})
 
     cr = _load_round(context, fields, slot)
     if stage == STAGE_SHARES:
         roster, pins = roster_for(context)
+        ids = unpack_ids(fields.get("listing-ids", b""))
+        digests = [bytes(d) for d in fields.get("listing-digests", [])]
+        if len(ids) != len(digests):
+            raise SecureAggregationError("the advert listing's ids and digests do not line up")
         adverts = [Advert.from_bytes(b) for b in fields.get("adverts", [])]
-        boxes = cr.share(adverts, roster)
+        own = Advert.from_bytes(bytes(_record(context)[f"{slot}-advert"]))  # type: ignore[arg-type]
+        boxes = cr.share(list(zip(ids, digests, strict=True)), adverts, own, roster)
         if pins is not None:
             _record(context)["pins"] = json.dumps({str(k): v.hex() for k, v in pins.items()})
         _save_round(context, cr, slot)
@@ -293,15 +366,33 @@ def handle_secagg(
         if len(sources) != len(boxes):
             raise SecureAggregationError("relayed share boxes and their senders do not line up")
         rejected = cr.receive_shares(dict(zip(sources, boxes, strict=True)))
-        result = handler(msg, context)
+        state = ClientState.of(context)
+        server_round = cr.params.binding.server_round
+        attempts = _attempts(state, category)
+        attempt = attempts.get(server_round, 0)
+        if category == "evaluate" and attempt > 0:
+            raise SecureAggregationError(
+                f"round {server_round}: this client already answered a secure evaluation of "
+                "this round; a second one over another set would reveal its metrics (replay)"
+            )
+        _record_attempt(state, category, attempts, server_round)  # before anything leaves
+        original = msg.content
+        digest = content_digest(dict(original.items()))
+        if category == "train":
+            msg.content = _with_attempt(original, attempt)
+        try:
+            result = handler(msg, context)
+        finally:
+            msg.content = original
         n, values = _weight_and_metrics(result, cr.params.metric_keys, category)
+        cr.check_weight(n)
         update: Any = np.zeros(0)
         if category == "train":
             update = _update_pairs(
                 msg.content.array_records[ARRAYS], result.content.array_records[ARRAYS]
             ) + _summed_pairs(result, list(fields.get("summed", [])))
         encoded = encode(update, n, values, cr.params.quantizer, cr.params.rounding_key(node))
-        masked = cr.mask(encoded)
+        masked = cr.mask(encoded, digest)
         _save_round(context, cr, slot)
         return _reply(
             msg,
@@ -309,10 +400,18 @@ def handle_secagg(
             **{MASKED: ArrayRecord({"y": numpy_to_array(masked)})},
         )
 
+    if stage == STAGE_CONFIRM:
+        signature = cr.confirm(unpack_ids(fields.get("survivors", b"")), identity_for(context))
+        _save_round(context, cr, slot)
+        return _reply(msg, {"signature": signature})
+
     if stage == STAGE_UNMASK:
-        reply = cr.unmask(
-            unpack_ids(fields.get("counted", b"")), unpack_ids(fields.get("dropped", b""))
-        )
+        signers = unpack_ids(fields.get("signers", b""))
+        signatures = [bytes(v) for v in fields.get("signatures", [])]
+        if len(signers) != len(signatures):
+            raise SecureAggregationError("confirmations and their signers do not line up")
+        roster, _ = roster_for(context)
+        reply = cr.unmask(dict(zip(signers, signatures, strict=True)), roster)
         _save_round(context, cr, slot)
         return _reply(
             msg,

@@ -7,19 +7,33 @@ only ``k = O(log n)`` neighbours on a random graph; the Harary graph
 use. It is ``k``-regular and ``k``-connected: removing fewer than ``k``
 vertices never disconnects it.
 
-The permutation is seeded from (run seed, round): the graph is public and
-reproducible, never secret.
+The permutation is seeded from a hash of the round's signed adverts
+(:func:`graph_seed`), fixed only once every client has committed to its fresh keys:
+the graph is public and every client recomputes its own neighbours from the listing
+the server relays, but no one (the server included) can choose it in advance, so a
+server cannot grind run seeds to surround a victim with colluders.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 
 from fedcore.core.errors import SecureAggregationError
 from fedcore.core.seeds import rng
 
-__all__ = ["auto_neighbours", "auto_threshold", "harary_graph", "is_connected", "resolve"]
+__all__ = [
+    "auto_neighbours",
+    "auto_threshold",
+    "graph_seed",
+    "harary_graph",
+    "is_connected",
+    "neighbours_of",
+    "resolve",
+    "round_degree",
+]
 
 
 def auto_neighbours(n: int) -> int:
@@ -77,7 +91,7 @@ def harary_graph(
         raise SecureAggregationError("graph nodes must be distinct")
     if not 1 <= k <= n - 1 or (n * k) % 2:
         raise SecureAggregationError(f"no {k}-regular graph on {n} nodes")
-    order = [nodes[i] for i in rng(seed, server_round, "secagg-graph").permutation(n)]
+    order = _order(nodes, seed, server_round)
     adj: dict[int, set[int]] = {v: set() for v in nodes}
     half = k // 2
     for i, v in enumerate(order):
@@ -107,3 +121,56 @@ def is_connected(members: Iterable[int], graph: Mapping[int, Sequence[int]]) -> 
                 seen.add(w)
                 stack.append(w)
     return seen == members
+
+
+def round_degree(k: int, n: int) -> int:
+    """The degree actually used on ``n`` clients for a requested ``k``.
+
+    ``min(k, n - 1)``, lowered by one when ``n * k`` is odd (no ``k``-regular graph
+    exists then). Lowering never breaks ``2t > k``; the caller checks ``t <= k``.
+    """
+    d = min(k, n - 1)
+    if (n * d) % 2:
+        d -= 1
+    return d
+
+
+def graph_seed(binding: bytes, listing: Sequence[tuple[int, bytes]]) -> int:
+    """A 63-bit graph seed from the round binding and ``(node, advert digest)`` pairs.
+
+    The listing is every advert the server accepted in stage 1, sorted by node id;
+    each client receives it and recomputes the same seed, so the graph is fixed only
+    after the adverts (with their fresh keys) are in.
+    """
+    h = hashlib.sha256(b"fedcore/secagg/graph\x00" + binding)
+    for node, digest in listing:
+        h.update(struct.pack(">QH", node & (2**64 - 1), len(digest)) + digest)
+    return int.from_bytes(h.digest()[:8], "big") >> 1
+
+
+def _order(nodes: Sequence[int], seed: int, server_round: int) -> list[int]:
+    return [nodes[i] for i in rng(seed, server_round, "secagg-graph").permutation(len(nodes))]
+
+
+def neighbours_of(
+    nodes: Sequence[int], k: int, node: int, *, seed: int, server_round: int
+) -> tuple[int, ...]:
+    """``node``'s neighbours in :func:`harary_graph` (without building the whole graph).
+
+    >>> g = harary_graph(list(range(8)), 4, seed=3, server_round=2)
+    >>> all(neighbours_of(list(range(8)), 4, v, seed=3, server_round=2) == g[v] for v in g)
+    True
+
+    """
+    n = len(nodes)
+    if len(set(nodes)) != n:
+        raise SecureAggregationError("graph nodes must be distinct")
+    if not 1 <= k <= n - 1 or (n * k) % 2:
+        raise SecureAggregationError(f"no {k}-regular graph on {n} nodes")
+    order = _order(nodes, seed, server_round)
+    i = order.index(node)
+    out = {order[(i + j) % n] for j in range(1, k // 2 + 1)}
+    out |= {order[(i - j) % n] for j in range(1, k // 2 + 1)}
+    if k % 2:
+        out.add(order[(i + n // 2) % n])
+    return tuple(sorted(out))

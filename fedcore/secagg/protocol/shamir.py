@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from fedcore.core.errors import SecureAggregationError
 from fedcore.secagg.protocol.crypto import FIELD_PRIME, RandBytes, new_field_secret
 
-__all__ = ["reconstruct", "split"]
+__all__ = ["evaluate", "reconstruct", "split"]
 
 P = FIELD_PRIME
 
@@ -120,3 +120,31 @@ def reconstruct(shares: Mapping[int, int], threshold: int) -> int:
         inv = inv * dens[j] % P
         secret = (secret + points[j][1] * nums[j] % P * inv_j) % P
     return secret
+
+
+def evaluate(points: Mapping[int, int], x: int) -> int:
+    """The value at ``x`` of the polynomial of degree ``len(points) - 1`` through ``points``.
+
+    Lagrange interpolation over GF(p): with ``t`` shares that reconstruct the secret,
+    it gives the share every other holder should have sent (so a bad one is identified).
+
+    >>> shares = split([7], 3, [1, 2, 3, 4])
+    >>> evaluate({h: shares[h][0] for h in (1, 2, 3)}, 4) == shares[4][0]
+    True
+    >>> evaluate({h: shares[h][0] for h in (1, 2, 3)}, 0)
+    7
+
+    """
+    pts = [(h % P, y % P) for h, y in points.items()]
+    x %= P
+    total = 0
+    for j, (xj, yj) in enumerate(pts):
+        num = den = 1
+        for m, (xm, _) in enumerate(pts):
+            if m != j:
+                num = num * (x - xm) % P
+                den = den * (xj - xm) % P
+        if den == 0:
+            raise SecureAggregationError("duplicate share holder")
+        total = (total + yj * num * pow(den, -1, P)) % P
+    return total

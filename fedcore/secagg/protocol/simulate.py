@@ -22,13 +22,15 @@ import numpy as np
 from fedcore.core.errors import SecureAggregationError
 from fedcore.core.records import Rejection
 from fedcore.secagg.protocol.crypto import RandBytes, RoundBinding
-from fedcore.secagg.protocol.graph import harary_graph, resolve
+from fedcore.secagg.protocol.graph import resolve
 from fedcore.secagg.protocol.machine import (
+    STAGE_CONFIRM,
     STAGE_KEYS,
     STAGE_MASKED,
     STAGE_SHARES,
     STAGE_UNMASK,
     Advert,
+    ClientLimits,
     ClientRound,
     RoundParams,
     ServerRound,
@@ -40,7 +42,7 @@ from fedcore.secagg.protocol.rosters import EphemeralIdentity, PinnedRoster
 
 __all__ = ["ClientInput", "SimulatedRound", "reference_mean", "rounding_key", "simulate_round"]
 
-STAGES = (STAGE_KEYS, STAGE_SHARES, STAGE_MASKED, STAGE_UNMASK)
+STAGES = (STAGE_KEYS, STAGE_SHARES, STAGE_MASKED, STAGE_CONFIRM, STAGE_UNMASK)
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,6 @@ def simulate_round(
     silent: set[int] = set()
     nodes = sorted(inputs)
     k, t = resolve(len(nodes), neighbours, threshold)
-    graph = harary_graph(nodes, k, seed=seed, server_round=server_round)
     num_metrics = len(next(iter(inputs.values())).metrics)
     dim = next(iter(inputs.values())).delta.size + extra_coordinates(num_metrics)
     params = RoundParams(
@@ -136,9 +137,12 @@ def simulate_round(
         quantizer=quantizer,
         metric_keys=tuple(f"m{i}" for i in range(num_metrics)),
         rounding_seed=seed,
+        neighbours=k,
     )
+    limits = ClientLimits(max_weight=max(x.weight for x in inputs.values()))
     identities = {u: EphemeralIdentity.generate() for u in nodes}
-    server = ServerRound(params, graph, dim, roster=PinnedRoster({}))
+    server = ServerRound(params, nodes, dim, roster=PinnedRoster({}))
+    content = hashlib.sha256(b"the model and config of this round").digest()
 
     def active(stage: str) -> list[int]:
         silent.update(drop.get(stage, ()))
@@ -146,26 +150,29 @@ def simulate_round(
 
     clients: dict[int, ClientRound] = {}
     adverts: dict[int, Advert] = {}
+    own: dict[int, Advert] = {}
     for u in active(STAGE_KEYS):
-        clients[u], adv = ClientRound.start(u, params, graph[u], identities[u], randbytes)
+        clients[u], adv = ClientRound.start(u, params, identities[u], randbytes, limits=limits)
+        own[u] = adv
         if u in bad_signature:
             adv = Advert(
                 adv.node_id,
                 adv.c_pk,
                 adv.s_pk,
                 adv.b_commit,
+                adv.max_weight,
                 adv.credential,
                 bytes([adv.signature[0] ^ 1]) + adv.signature[1:],
             )
         adverts[u] = adv
-    bundles = server.collect_adverts(adverts)
+    listing, bundles = server.collect_adverts(adverts)
 
+    rosters = {u: PinnedRoster({}) for u in nodes}
     boxes: dict[int, dict[int, bytes]] = {}
     for u in active(STAGE_SHARES):
         if u in bundles:
-            rosters = PinnedRoster({})
             try:
-                boxes[u] = clients[u].share(bundles[u], rosters, randbytes)
+                boxes[u] = clients[u].share(listing, bundles[u], own[u], rosters[u], randbytes)
             except SecureAggregationError:
                 continue
     relay = server.collect_shares(boxes)
@@ -181,17 +188,23 @@ def simulate_round(
         rejected_shares += [(v, u) for v in clients[u].receive_shares(sealed)]
         x = inputs[u]
         enc = encode(x.delta, x.weight, x.metrics, quantizer, params.rounding_key(u))
-        y = clients[u].mask(enc)
+        y = clients[u].mask(enc, content)
         server.add_masked(u, y)
         if keep_received:
             received[u] = y
-    requests = server.unmask_requests()
+    survivors = server.survivor_set()
+
+    signatures = {
+        u: clients[u].confirm(survivors, identities[u])
+        for u in active(STAGE_CONFIRM)
+        if u in server.u3
+    }
+    requests = server.collect_confirmations(signatures, {u: content for u in survivors})
 
     replies: dict[int, UnmaskReply] = {}
     for u in active(STAGE_UNMASK):
         if u in requests:
-            alive, gone = requests[u]
-            replies[u] = clients[u].unmask(alive, gone)
+            replies[u] = clients[u].unmask(requests[u], rosters[u])
     counted = tuple(sorted(server.u3))
     total = server.finish(replies)
     decoded = decode(total, quantizer, num_metrics, len(counted))
