@@ -1,7 +1,9 @@
-"""`fedcore provision`: key modes, certificate SANs, no overwrite without --force, add/revoke."""
+"""`fedcore provision`: key modes, certificate SANs and validity, no overwrite without --force,
+add/revoke, and the CA-signed admitted list every kit carries."""
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import json
 import os
@@ -16,8 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedcore.cli import main
 from fedcore.core.errors import DeploymentError
-from fedcore.deploy.provision import FederationPaths, add_client, provision, revoke
+from fedcore.deploy.provision import FederationPaths, add_client, provision, renew_server, revoke
 from fedcore.secagg.protocol.rosters import fingerprint, fingerprint_text
+from fedcore.storage.admitted import SignedAdmitted
 from fedcore.storage.keys import (
     load_admitted_keys,
     load_identity_key,
@@ -56,7 +59,15 @@ def test_private_keys_are_0600_public_files_0644(fed: FederationPaths) -> None:
     ]
     for k in keys:
         assert _mode(k) == 0o600, k
-    for pub in ("ca/ca.pem", "server/server.pem", "server/admitted.json", "federation.json"):
+    for pub in (
+        "ca/ca.pem",
+        "server/server.pem",
+        "server/admitted.json",
+        "server/admitted.json.sig",
+        "clients/client-1/admitted.json",
+        "clients/client-1/admitted.json.sig",
+        "federation.json",
+    ):
         assert _mode(fed.root / pub) == 0o644, pub
     assert _mode(fed.ca_dir) == 0o700 and _mode(fed.client_kit("client-1")) == 0o700
 
@@ -122,6 +133,11 @@ def test_add_client_touches_no_other_kit(fed: FederationPaths) -> None:
     admitted = load_admitted_keys(fed.server_kit)
     assert set(admitted) == {"client-1", "client-2", "client-3", "dave"}
     assert fingerprint(admitted["dave"]) == fingerprint(load_identity_key(kit).public_key())
+    # the new kit carries the new list (which names it); the server's is the same
+    ca = (fed.ca_dir / "ca.pem").read_bytes()
+    own = SignedAdmitted.load(kit / "admitted.json")
+    assert own == SignedAdmitted.load(fed.admitted) and own.version == 2
+    assert set(own.verify(ca).values()) == {"client-1", "client-2", "client-3", "dave"}
 
 
 def test_kit_fingerprint_is_the_one_ssh_keygen_prints(fed: FederationPaths) -> None:
@@ -155,6 +171,35 @@ def test_revoke_removes_the_key_and_records_it(fed: FederationPaths) -> None:
     assert meta["clients"]["client-2"]["status"] == "revoked"
     with pytest.raises(DeploymentError, match="not admitted"):
         revoke(fed.root, "client-2")
+    signed = SignedAdmitted.load(fed.admitted)
+    assert signed.version == 2  # a new version, signed again
+    assert set(signed.verify((fed.ca_dir / "ca.pem").read_bytes()).values()) == {
+        "client-1",
+        "client-3",
+    }
+
+
+def test_every_kit_carries_the_signed_list_made_with_it(fed: FederationPaths) -> None:
+    ca = (fed.ca_dir / "ca.pem").read_bytes()
+    server = SignedAdmitted.load(fed.admitted)
+    doc = json.loads(server.document)
+    assert doc["version"] == 1 and doc["federation"] == json.loads(fed.metadata.read_text())["id"]
+    assert dt.datetime.fromisoformat(doc["issued"]) <= dt.datetime.now(dt.UTC)
+    accepted = server.verify(ca)
+    for i in (1, 2, 3):
+        kit = fed.client_kit(f"client-{i}")
+        assert SignedAdmitted.load(kit / "admitted.json") == server  # same bytes, same signature
+        assert accepted[fingerprint(load_identity_key(kit).public_key())] == f"client-{i}"
+
+
+def test_changing_the_list_needs_the_ca_key_and_leaves_it_whole(fed: FederationPaths) -> None:
+    (fed.ca_dir / "ca.key").rename(fed.root / "offline.key")
+    before = _all_files(fed.root)
+    with pytest.raises(DeploymentError, match="ca.key not found: signing the admitted list"):
+        revoke(fed.root, "client-2")
+    with pytest.raises(DeploymentError, match="ca.key not found: signing the admitted list"):
+        add_client(fed.root, "dave")
+    assert _all_files(fed.root) == before  # no kit made, no list changed
 
 
 def test_bad_names_and_addresses_are_refused(tmp_path: Path) -> None:
@@ -210,9 +255,22 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert set(load_admitted_keys(Path(out) / "server")) == {"client-2", "eve"}
 
 
-def test_renew_server_keeps_client_kits_valid(fed: FederationPaths) -> None:
-    from fedcore.deploy.provision import renew_server
+def _validity(path: Path) -> dt.timedelta:
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return cert.not_valid_after_utc - cert.not_valid_before_utc
 
+
+def test_days_sets_the_server_certificate_validity(tmp_path: Path) -> None:
+    f = provision(tmp_path / "fed", clients=1, days=30)
+    assert abs(_validity(f.server_kit / "server.pem") - dt.timedelta(days=30)) <= dt.timedelta(
+        minutes=1
+    )
+    assert abs(_validity(f.ca_dir / "ca.pem") - dt.timedelta(days=3650)) <= dt.timedelta(minutes=1)
+    cert = x509.load_pem_x509_certificate((f.server_kit / "server.pem").read_bytes())
+    assert cert.not_valid_before_utc <= dt.datetime.now(dt.UTC) < cert.not_valid_after_utc
+
+
+def test_renew_server_keeps_client_kits_valid(fed: FederationPaths) -> None:
     clients = {n: _all_files(fed.client_kit(n)) for n in ("client-1", "client-2", "client-3")}
     old = (fed.server_kit / "server.key").read_bytes()
     renew_server(fed.root, server_names=["new.example.org"], days=30)
@@ -225,3 +283,7 @@ def test_renew_server_keeps_client_kits_valid(fed: FederationPaths) -> None:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "new.example.org" in san.get_values_for_type(x509.DNSName)
     assert {n: _all_files(fed.client_kit(n)) for n in clients} == clients
+    # the days asked for, not the 825 default the federation was made with
+    assert abs(_validity(fed.server_kit / "server.pem") - dt.timedelta(days=30)) <= dt.timedelta(
+        minutes=1
+    )

@@ -5,14 +5,18 @@ Layout of a provisioned federation (``--out DIR``)::
     DIR/
       federation.json           public metadata: id, server names/IPs, clients and status
       ca/ca.pem                 the federation CA certificate
-      ca/ca.key        (0600)   the CA key: keep it offline, it is needed only to
-                                re-issue the server certificate
+      ca/ca.key        (0600)   the CA key: keep it offline; it signs the admitted list
+                                (--add-client, --revoke) and the server certificate
       server/                   the server kit: copy it to the server host
         ca.pem server.pem
         server.key     (0600)   TLS key; SANs = --server-name/--server-ip + loopback
-        admitted.json           the admitted client identity keys (name -> public key)
+        admitted.json           the admitted client identity keys (name -> public key),
+                                with a version raised by each change
+        admitted.json.sig       the CA's signature of admitted.json (ECDSA, SHA-384)
       clients/<name>/           one kit per client: copy it to that client's host
-        ca.pem                  verifies the server
+        ca.pem                  verifies the server and the admitted list
+        admitted.json(.sig)     the signed admitted list current when the kit was made
+                                (the server relays newer ones; clients check the CA)
         identity.key   (0600)   the node identity (EC P-384, OpenSSH format): signs
                                 every Fleet API request and the client's
                                 secure-aggregation keys
@@ -23,8 +27,10 @@ Every private key is created with mode 0600 (``O_EXCL``, or a 0600 temporary fil
 renamed into place with ``--force``); nothing that exists is overwritten without
 ``--force``. ``--add-client NAME`` adds (or, with ``--force``, rotates) one client
 without touching the others; ``--revoke NAME`` removes it from ``admitted.json``;
+both sign the new list with the CA key (:mod:`fedcore.storage.admitted`).
 ``--renew-server`` issues a new server key and certificate from the CA.
-A running ``fedcore server`` re-reads ``admitted.json`` every few seconds.
+A running ``fedcore server`` re-reads ``admitted.json`` every few seconds and relays
+the signed list to clients in every secure round.
 
 All keys come from the operating system's CSPRNG through ``cryptography``.
 """
@@ -49,7 +55,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedcore.core.errors import DeploymentError
 from fedcore.deploy.files import PRIVATE, PUBLIC, make_dir, write_new
-from fedcore.secagg.protocol.rosters import fingerprint_text
+from fedcore.storage.admitted import ADMITTED_FORMAT, sign_document, signature_path
+from fedcore.storage.keys import fingerprint_text
 
 __all__ = [
     "FederationPaths",
@@ -61,7 +68,6 @@ __all__ = [
 ]
 
 FEDERATION_FORMAT = "fedcore-federation/1"
-ADMITTED_FORMAT = "fedcore-admitted/1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _DNS = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
@@ -70,6 +76,9 @@ _DNS = re.compile(
 #: SuperExec reach its Runtime API over TLS on loopback.
 LOOPBACK_NAMES = ("localhost",)
 LOOPBACK_IPS = ("127.0.0.1", "::1")
+#: Certificates start this much before "now" (clocks of other hosts run behind), and
+#: stay valid for exactly the ``days`` asked for from then.
+_SKEW = dt.timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -138,8 +147,8 @@ def _make_ca(federation_id: str, days: int) -> tuple[ec.EllipticCurvePrivateKey,
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(now - _SKEW)
+        .not_valid_after(now - _SKEW + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -187,8 +196,8 @@ def _make_server_cert(
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(now - _SKEW)
+        .not_valid_after(now - _SKEW + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -230,10 +239,62 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
 def _write_json(path: Path, obj: Any, *, force: bool) -> None:
-    write_new(
-        path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode=PUBLIC, force=force
-    )
+    write_new(path, _json_bytes(obj), mode=PUBLIC, force=force)
+
+
+def _load_ca_key(paths: FederationPaths, why: str) -> ec.EllipticCurvePrivateKey:
+    """The federation CA key (``ca/ca.key``), needed to ``why``."""
+    path = paths.ca_dir / "ca.key"
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), None)
+    except FileNotFoundError:
+        raise DeploymentError(
+            f"{path} not found: {why} needs the federation CA key (bring it back from offline "
+            "storage for this command)"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise DeploymentError(f"{path} is not the federation's EC CA key")
+    return key
+
+
+def _write_admitted(
+    paths: FederationPaths,
+    doc: dict[str, Any],
+    ca_key: ec.EllipticCurvePrivateKey,
+    *,
+    kits: Sequence[str] = (),
+    force: bool,
+) -> None:
+    """Write the signed admitted list to the server kit and to each kit in ``kits``.
+
+    The list is written before its signature: a reader in between sees a list whose
+    signature does not verify, which clients ignore (and the next read is whole).
+    """
+    document = _json_bytes(doc)
+    signature = sign_document(document, ca_key)
+    for target in (paths.admitted, *(paths.client_kit(n) / "admitted.json" for n in kits)):
+        write_new(target, document, mode=PUBLIC, force=force)
+        write_new(signature_path(target), signature, mode=PUBLIC, force=force)
+
+
+def _next_list(admitted: dict[str, Any]) -> dict[str, Any]:
+    """``admitted`` as the next version of the list (format, version + 1, issued now)."""
+    version = admitted.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise DeploymentError(
+            f"admitted.json has version {version!r}; restore it from a backup or re-provision"
+        )
+    return {
+        **admitted,
+        "format": ADMITTED_FORMAT,
+        "version": version + 1,
+        "issued": _now().isoformat(),
+    }
 
 
 def _write_client_kit(
@@ -352,9 +413,11 @@ def provision(
         line, fp = _write_client_kit(paths, name, federation_id, ca_pem, force=force)
         admitted[name] = {"public-key": line, "fingerprint": fp}
         roster[name] = {"fingerprint": fp, "status": "admitted", "added": now}
-    _write_json(
-        paths.admitted,
-        {"format": ADMITTED_FORMAT, "federation": federation_id, "clients": admitted},
+    _write_admitted(
+        paths,
+        _next_list({"federation": federation_id, "clients": admitted}),
+        ca_key,
+        kits=names,
         force=force,
     )
     _write_json(
@@ -397,17 +460,22 @@ def add_client(out: str | Path, name: str, *, force: bool = False) -> Path:
             f"client {name!r} already exists in {paths.root}; pass --force to rotate its "
             "identity (its old key stops working) or choose another name"
         )
+    ca_key = _load_ca_key(paths, "signing the admitted list")
     ca_pem = (paths.ca_dir / "ca.pem").read_bytes()
     line, fp = _write_client_kit(paths, name, str(meta["id"]), ca_pem, force=force)
     admitted.setdefault("clients", {})[name] = {"public-key": line, "fingerprint": fp}
     roster[name] = {"fingerprint": fp, "status": "admitted", "added": _now().isoformat()}
-    _write_json(paths.admitted, admitted, force=True)
+    _write_admitted(paths, _next_list(admitted), ca_key, kits=[name], force=True)
     _write_json(paths.metadata, meta, force=True)
     return paths.client_kit(name)
 
 
 def revoke(out: str | Path, name: str) -> None:
-    """Remove client ``name`` from the admitted keys (its kit can no longer connect)."""
+    """Remove client ``name`` from the admitted keys (its kit can no longer connect).
+
+    The new list (next version, signed by the CA) reaches clients through the
+    server, which relays it in every secure round: their rosters then refuse the key.
+    """
     paths = FederationPaths(Path(out))
     meta = _read_json(paths.metadata)
     admitted = _read_json(paths.admitted)
@@ -416,10 +484,11 @@ def revoke(out: str | Path, name: str) -> None:
         raise DeploymentError(
             f"client {name!r} is not admitted in {paths.root} (admitted: {known})"
         )
+    ca_key = _load_ca_key(paths, "signing the admitted list")
     del admitted["clients"][name]
     entry = meta.setdefault("clients", {}).setdefault(name, {})
     entry.update(status="revoked", revoked=_now().isoformat())
-    _write_json(paths.admitted, admitted, force=True)
+    _write_admitted(paths, _next_list(admitted), ca_key, force=True)
     _write_json(paths.metadata, meta, force=True)
 
 
@@ -439,14 +508,7 @@ def renew_server(
     meta = _read_json(paths.metadata)
     names = list(server_names if server_names is not None else meta["server"]["names"])
     ips = list(server_ips if server_ips is not None else meta["server"]["ips"])
-    try:
-        ca_key = serialization.load_pem_private_key((paths.ca_dir / "ca.key").read_bytes(), None)
-    except FileNotFoundError:
-        raise DeploymentError(
-            f"{paths.ca_dir / 'ca.key'} not found: renewing the server certificate needs the CA key"
-        ) from None
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise DeploymentError(f"{paths.ca_dir / 'ca.key'} is not the federation's EC CA key")
+    ca_key = _load_ca_key(paths, "renewing the server certificate")
     ca_cert = x509.load_pem_x509_certificate((paths.ca_dir / "ca.pem").read_bytes())
     key, cert = _make_server_cert(ca_key, ca_cert, names, ips, days)
     write_new(paths.server_kit / "server.key", _pem_key(key), mode=PRIVATE, force=True)
@@ -479,15 +541,15 @@ def cmd_provision(args: argparse.Namespace) -> int:
         for name in args.add_client:
             kit = add_client(out, name, force=args.force)
             print(f"client {name}: kit {kit} (copy it to the client host; identity.key is secret)")
-        print(f"admitted keys updated: {FederationPaths(out).admitted}")
+        print(f"admitted keys updated and signed: {FederationPaths(out).admitted}")
         return 0
     if args.revoke:
         for name in args.revoke:
             revoke(out, name)
             print(f"client {name}: revoked")
         print(
-            f"admitted keys updated: {FederationPaths(out).admitted} "
-            "(a running server picks it up within seconds if it reads this file)"
+            f"admitted keys updated and signed: {FederationPaths(out).admitted} (+ .sig; a "
+            "running server picks both up within seconds and relays them to its clients)"
         )
         return 0
     paths = provision(

@@ -13,14 +13,22 @@ the keys a client advertises, so the server cannot swap them::
 Inside the apps under deployment:
 
 - a ClientApp started by ``fedcore client`` finds its key through
-  :func:`context_identity_key` (node config ``identity-key``, a path);
+  :func:`context_identity_key` (node config ``identity-key``, a path), and the
+  federation's signed admitted list through node config ``admitted-list`` (checked
+  against node config ``federation-ca``, see :mod:`fedcore.storage.admitted`);
 - the ServerApp gets each connected node's registered identity key from
   :func:`node_identity_keys` (``grid.get_nodes()``: the keys the SuperLink
-  authenticated the node with), without any file.
+  authenticated the node with), without any file, and the path of the server kit's
+  signed admitted list as its node config ``admitted-list`` (``fedcore server``).
+
+A key's :func:`fingerprint` (SHA-256 of its OpenSSH wire form, what ``ssh-keygen -l``
+prints) names it everywhere: in ``admitted.json``, in rosters, in error messages.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,14 +38,20 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedcore.core.errors import DeploymentError
+from fedcore.core.errors import DeploymentError, SecureAggregationError
 
 __all__ = [
     "ADMITTED_KEYS",
+    "ADMITTED_LIST",
     "CA_CERT",
+    "FEDERATION_CA",
     "IDENTITY_CERT",
     "IDENTITY_KEY",
+    "TRUST_ON_FIRST_USE",
     "context_identity_key",
+    "fingerprint",
+    "fingerprint_digest_text",
+    "fingerprint_text",
     "load_admitted_keys",
     "load_identity_key",
     "load_public_key",
@@ -53,9 +67,45 @@ IDENTITY_KEY = "identity-key"
 IDENTITY_CERT = "identity-cert"
 #: The CA that issued the peers' identity certificates.
 CA_CERT = "ca-cert"
-#: The federation's ``admitted.json``, to accept only admitted peers.
+#: An unsigned copy of the federation's ``admitted.json`` (superseded by ``admitted-list``).
 ADMITTED_KEYS = "admitted-keys"
+#: The federation's signed admitted list (``admitted.json``, ``admitted.json.sig`` beside it):
+#: on a client, its kit's copy (``fedcore client`` passes it); on the server (the
+#: ServerApp's node config), the server kit's, which the server relays to clients.
+ADMITTED_LIST = "admitted-list"
+#: The federation CA certificate that signs the admitted list (a kit's ``ca.pem``).
+FEDERATION_CA = "federation-ca"
+#: ``true``: a provisioned node without an admitted list pins peers on first use
+#: (``fedcore client --trust-on-first-use``); otherwise it refuses to aggregate.
+TRUST_ON_FIRST_USE = "trust-on-first-use"
 _HASH = hashes.SHA384()
+
+
+def fingerprint(public_key: Any) -> bytes:
+    """SHA-256 of the key's OpenSSH wire encoding: a stable id of a public key.
+
+    The same digest ``ssh-keygen -l`` prints (:func:`fingerprint_text`), so an
+    operator can check a kit's ``identity.pub`` against ``admitted.json``.
+    """
+    try:
+        line = public_key.public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    except (ValueError, TypeError, AttributeError) as exc:  # a curve OpenSSH has no name for
+        raise SecureAggregationError(
+            f"unsupported identity key ({exc}): use Ed25519 or EC P-256, P-384 or P-521"
+        ) from None
+    return hashlib.sha256(base64.b64decode(line.split()[1])).digest()
+
+
+def fingerprint_text(public_key: Any) -> str:
+    """``SHA256:...``: :func:`fingerprint` as ``ssh-keygen -l`` prints it."""
+    return fingerprint_digest_text(fingerprint(public_key))
+
+
+def fingerprint_digest_text(digest: bytes) -> str:
+    """``SHA256:...`` for a :func:`fingerprint` digest."""
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
 def load_identity_key(path: str | Path) -> ec.EllipticCurvePrivateKey:

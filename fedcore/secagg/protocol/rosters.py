@@ -11,28 +11,34 @@ Two kinds, behind two small interfaces:
 - :class:`Roster` (a verifier): ``verify(node_id, credential, message, signature)``
   returns the verified public key fingerprint or raises ``SecureAggregationError``.
 
+Every roster a client uses binds identities to node ids (:class:`BoundRoster`,
+:class:`CaRoster`): once a key has signed for node ``i`` in a run, node ``i`` shows
+no other key and the key signs for no other node, so a relaying server can neither
+swap a node's key nor present one identity as several neighbours.
+
 Simulation (no provisioning): :class:`EphemeralIdentity` is an Ed25519 key
 generated from the CSPRNG inside the client process (kept in that client's
 ``Context.state``, never sent anywhere); its credential is the raw public key,
-and :class:`PinnedRoster` accepts the first key it sees for a node and pins it
-for the rest of the run (trust on first use).
+and ``BoundRoster(None, pins)`` accepts the first key it sees for a node and pins
+it for the rest of the run (trust on first use; :class:`PinnedRoster` is the
+older one-direction form).
 
 Deployment (kits from ``fedcore provision``): :class:`KeyIdentity` signs with
 the kit's EC P-384 ``identity.key`` (node config ``identity-key``, which
 ``fedcore client`` sets). The server checks each advert against the key the
 SuperLink authenticated that node with (:class:`RegisteredKeyRoster`, from
-``grid.get_nodes()``); clients check signatures and pin peers' keys, or, given
-the federation's ``admitted.json`` (node config ``admitted-keys``), accept only
-admitted keys (:class:`AdmittedRoster`). A certificate scheme is plugged in the
-same way: :class:`CertificateIdentity` (``identity-key`` + ``identity-cert``)
-and :class:`CaRoster` (``ca-cert``). Implement the two protocols for any other
-scheme; docs/security.md states the trust assumptions of each.
+``grid.get_nodes()``); clients check each peer against the federation's
+CA-signed admitted list, ``BoundRoster(accepted, pins)``, so a key the server
+made up, or one that was revoked, is refused without trusting the server (where
+the list comes from and how a newer one replaces it: :mod:`fedcore.secagg.identities`).
+A certificate scheme is plugged in the same way: :class:`CertificateIdentity`
+(``identity-key`` + ``identity-cert``) and :class:`CaRoster` (``ca-cert``).
+Implement the two protocols for any other scheme; docs/security.md states the
+trust assumptions of each.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import stat
 from collections.abc import Iterable, Mapping, MutableMapping
@@ -45,9 +51,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from fedcore.core.errors import SecureAggregationError
+from fedcore.storage.keys import fingerprint, fingerprint_digest_text, fingerprint_text
 
 __all__ = [
     "AdmittedRoster",
+    "BoundRoster",
     "CaRoster",
     "CertificateIdentity",
     "EphemeralIdentity",
@@ -64,28 +72,6 @@ __all__ = [
 
 SigningKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 VerifyingKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
-
-
-def fingerprint(public_key: VerifyingKey) -> bytes:
-    """SHA-256 of the key's OpenSSH wire encoding: a stable id of a public key.
-
-    The same digest ``ssh-keygen -l`` prints (:func:`fingerprint_text`), so an
-    operator can check a kit's ``identity.pub`` against ``admitted.json``.
-    """
-    try:
-        line = public_key.public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-    except (ValueError, TypeError) as exc:  # a curve OpenSSH has no name for
-        raise SecureAggregationError(
-            f"unsupported identity key ({exc}): use Ed25519 or EC P-256, P-384 or P-521"
-        ) from None
-    return hashlib.sha256(base64.b64decode(line.split()[1])).digest()
-
-
-def fingerprint_text(public_key: VerifyingKey) -> str:
-    """``SHA256:...``: :func:`fingerprint` as ``ssh-keygen -l`` prints it."""
-    return "SHA256:" + base64.b64encode(fingerprint(public_key)).decode().rstrip("=")
 
 
 def _ec_hash(curve: ec.EllipticCurve) -> hashes.HashAlgorithm:
@@ -258,6 +244,109 @@ class PinnedRoster:
         return fingerprint(key)
 
 
+class _Binding:
+    """Node id <-> key fingerprint, one to one, for as long as ``pins`` lives.
+
+    ``pins`` is ``{node_id: fingerprint}``, owned by the caller (a client keeps it
+    for the run); the reverse index is built once from it and kept in step.
+    """
+
+    def __init__(self, pins: MutableMapping[int, bytes]) -> None:
+        self.pins = pins
+        self.owners: dict[bytes, int] = {}
+        for node, fp in pins.items():
+            other = self.owners.setdefault(bytes(fp), int(node))
+            if other != int(node):
+                raise SecureAggregationError(
+                    f"the saved pins bind key {fingerprint_digest_text(fp)} to nodes {other} "
+                    f"and {node}; they are corrupt (start a new run)"
+                )
+
+    def bind(self, node_id: int, fp: bytes, names: Mapping[bytes, str] | None = None) -> None:
+        """Pin ``node_id`` to ``fp`` the first time; refuse any other pairing after that."""
+        pinned = self.pins.get(node_id)
+        owner = self.owners.get(fp)
+
+        def who(digest: bytes) -> str:
+            name = names.get(digest) if names is not None else None
+            return fingerprint_digest_text(digest) + (f" ({name})" if name else "")
+
+        if pinned is not None and pinned != fp:
+            raise SecureAggregationError(
+                f"node {node_id} signed with key {who(fp)}, but node {node_id} showed key "
+                f"{who(pinned)} earlier in this run: a node id cannot change its identity "
+                "key within a run (a server substituting keys, or a key rotated mid-run: "
+                "start a new run)"
+            )
+        if owner is not None and owner != node_id:
+            raise SecureAggregationError(
+                f"key {who(fp)} signed for node {node_id}, but it already signed for node "
+                f"{owner} in this run: one identity cannot be two nodes (a server inventing "
+                "neighbours, or one kit started twice)"
+            )
+        if pinned is None:
+            self.pins[node_id] = fp
+            self.owners[fp] = node_id
+
+
+class BoundRoster:
+    """Accepts a signature only from the key bound to the node id, within the admitted list.
+
+    Parameters
+    ----------
+    accepted : Mapping[bytes, str] or None
+        ``{key fingerprint: client name}``: the federation's admitted list (a
+        deployment; :meth:`fedcore.storage.admitted.SignedAdmitted.verify` makes
+        it). A key outside it is refused. ``None``: any key, pinned on first use
+        (simulation).
+    pins : MutableMapping[int, bytes]
+        ``{node_id: key fingerprint}`` seen so far; the caller keeps it for the
+        run. A node id that shows another key, or a key that already signed for
+        another node id, is refused.
+
+    Examples
+    --------
+    >>> a, b = EphemeralIdentity.generate(), EphemeralIdentity.generate()
+    >>> roster = BoundRoster(None, {})
+    >>> fp = roster.verify(1, a.credential, b"m", a.sign(b"m"))
+    >>> try:
+    ...     roster.verify(2, a.credential, b"m", a.sign(b"m"))  # one key, two nodes
+    ... except SecureAggregationError as exc:
+    ...     print("refused")
+    refused
+    >>> try:
+    ...     roster.verify(1, b.credential, b"m", b.sign(b"m"))  # node 1 switching keys
+    ... except SecureAggregationError as exc:
+    ...     print("refused")
+    refused
+
+    """
+
+    def __init__(
+        self, accepted: Mapping[bytes, str] | None, pins: MutableMapping[int, bytes]
+    ) -> None:
+        self.accepted = dict(accepted) if accepted is not None else None
+        self._binding = _Binding(pins)
+
+    @property
+    def pins(self) -> MutableMapping[int, bytes]:
+        """``{node_id: fingerprint}`` bound so far (the mapping passed in)."""
+        return self._binding.pins
+
+    def verify(self, node_id: int, credential: bytes, message: bytes, signature: bytes) -> bytes:
+        """Check the signature, the admitted list and the node id's binding; the fingerprint."""
+        key = public_key_of(credential)
+        _verify(key, signature, message)
+        fp = fingerprint(key)
+        if self.accepted is not None and fp not in self.accepted:
+            raise SecureAggregationError(
+                f"node {node_id}: key {fingerprint_digest_text(fp)} is not in the federation's "
+                "admitted list (revoked or never provisioned)"
+            )
+        self._binding.bind(int(node_id), fp, self.accepted)
+        return fp
+
+
 class RegisteredKeyRoster:
     """Accepts node ``i`` only with the identity key registered for ``i``.
 
@@ -380,6 +469,9 @@ class CaRoster:
     now : datetime, optional
         If given, also require the certificate to be valid at this time (the
         caller reads the clock; this module does not).
+    pins : MutableMapping[int, bytes], optional
+        If given, bind node ids to key fingerprints as :class:`BoundRoster`
+        does (a certified key signs for one node id, a node id keeps one key).
 
     """
 
@@ -389,12 +481,14 @@ class CaRoster:
         *,
         admitted: Iterable[bytes] | None = None,
         now: object | None = None,
+        pins: MutableMapping[int, bytes] | None = None,
     ) -> None:
         self.cas = list(cas)
         if not self.cas:
             raise SecureAggregationError("a CaRoster needs at least one CA certificate")
         self.admitted = set(admitted) if admitted is not None else None
         self.now = now
+        self._binding = _Binding(pins) if pins is not None else None
 
     @classmethod
     def from_file(cls, ca_path: str | os.PathLike[str], **kwargs: object) -> CaRoster:
@@ -428,4 +522,6 @@ class CaRoster:
         if self.admitted is not None and fp not in self.admitted:
             raise SecureAggregationError(f"node {node_id}: identity key is not an admitted key")
         _verify(key, signature, message)
+        if self._binding is not None:
+            self._binding.bind(int(node_id), fp)
         return fp
