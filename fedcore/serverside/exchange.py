@@ -23,6 +23,7 @@ variates) reaches them through every exchange.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -177,8 +178,16 @@ def num_examples_of(
         )
     for key, value in metrics.items():
         values = value if isinstance(value, list) else [value]
-        if any(isinstance(v, float) and v != v for v in values):
-            raise ReplyError(node, stage, f"metric '{key}' is NaN")
+        for i, v in enumerate(values):
+            if isinstance(v, float) and not math.isfinite(v):
+                where = f" (element {i} of {len(values)})" if isinstance(value, list) else ""
+                raise ReplyError(
+                    node,
+                    stage,
+                    f"metric '{key}' is {v!r}{where}: metrics must be finite numbers (one "
+                    "NaN or Inf would poison the round's weighted mean); the client's "
+                    f"{stage} diverged or reports a broken value",
+                )
     return metrics, n
 
 
@@ -344,7 +353,7 @@ class PlainExchange:
                         node,
                         "train",
                         f"arrays of {size} bytes exceed the {limit}-byte limit "
-                        "(strategy.max-reply-mb)",
+                        "(strategy.max-reply-mb; raise it if replies this large are expected)",
                     )
                 try:
                     for name, extra in extra_acc.items():
