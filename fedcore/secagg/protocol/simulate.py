@@ -91,6 +91,7 @@ def simulate_round(
     tamper: Callable[[int, int, bytes], bytes] | None = None,
     bad_signature: Collection[int] = (),
     keep_received: bool = False,
+    record: dict[str, object] | None = None,
 ) -> SimulatedRound:
     """Run one secure round over ``inputs`` (``{node_id: ClientInput}``).
 
@@ -116,6 +117,8 @@ def simulate_round(
         Nodes whose advert signature is corrupted in transit.
     keep_received : bool
         Keep each masked vector the server received (for statistical tests).
+    record : dict, optional
+        Filled as the round goes: ``"graph"`` (fixed after stage 1, from the adverts).
 
     Raises
     ------
@@ -166,6 +169,8 @@ def simulate_round(
             )
         adverts[u] = adv
     listing, bundles = server.collect_adverts(adverts)
+    if record is not None:
+        record["graph"] = dict(server.graph)
 
     rosters = {u: PinnedRoster({}) for u in nodes}
     boxes: dict[int, dict[int, bytes]] = {}
