@@ -27,9 +27,13 @@ The node config the ClientApp sees holds ``data-path`` (``--data``),
 ``client-config`` (``--config``: the client's own fedcore TOML; its model, loops,
 data settings, ``[train]`` bounds and ``[secagg]`` minimums; without it the
 library defaults, never the server's run config), ``allow-plain`` (``--allow-plain``:
-answer plain, unmasked rounds) and ``state-dir`` (``--state``, default
-``<kit>/state``: the client's persistent state). The config and the data file are
-checked against each other (data loaded, model built) before the node connects.
+answer plain, unmasked rounds), ``state-dir`` (``--state``, default
+``<kit>/state``: the client's persistent state), ``federation-ca`` and
+``admitted-list`` (the kit's ``ca.pem`` and CA-signed ``admitted.json``: whose
+secure-aggregation keys to accept) and, with ``--trust-on-first-use``,
+``trust-on-first-use`` (a kit without an admitted list pins peers on first use).
+The config and the data file are checked against each other (data loaded, model
+built) before the node connects.
 A refusal by the server (wrong CA, identity not admitted or revoked, plaintext
 against TLS) ends the process with a message saying which.
 """
@@ -53,7 +57,13 @@ from fedcore.core.errors import ConfigError, DeploymentError
 from fedcore.core.registry import import_object
 from fedcore.deploy.files import check_kit_dir
 from fedcore.engines.processes import install_signal_handlers
-from fedcore.storage.keys import IDENTITY_KEY, load_identity_key
+from fedcore.storage.keys import (
+    ADMITTED_LIST,
+    FEDERATION_CA,
+    IDENTITY_KEY,
+    TRUST_ON_FIRST_USE,
+    load_identity_key,
+)
 
 __all__ = [
     "ClientKit",
@@ -74,6 +84,15 @@ INSECURE_WARNING = (
     "  plaintext and the server is not authenticated. Debugging on a trusted network only.\n"
 )
 DEFAULT_APP = "clients.app:app"
+TOFU_WARNING = (
+    "WARNING: --trust-on-first-use: without the kit's admitted list, peers' keys are pinned "
+    "when first seen; an active server can introduce keys of its own"
+)
+NO_LIST_WARNING = (
+    "WARNING: {kit} has no admitted.json (provisioned by an older fedcore): this client "
+    "refuses secure rounds until the server relays a list its CA signed. Re-provision, or "
+    "pass --trust-on-first-use"
+)
 ALLOW_PLAIN_WARNING = (
     "WARNING: --allow-plain: this client answers plain (not securely aggregated) rounds, "
     "which reveal its model update to the server"
@@ -520,6 +539,14 @@ def cmd_client(args: argparse.Namespace) -> int:
             raise DeploymentError("--kit is required (a client kit from `fedcore provision`)")
         kit = load_client_kit(args.kit)
         node_config[IDENTITY_KEY] = str(kit.key_path.resolve())
+        node_config[FEDERATION_CA] = str((kit.path / "ca.pem").resolve())
+        if (kit.path / "admitted.json").is_file():
+            node_config[ADMITTED_LIST] = str((kit.path / "admitted.json").resolve())
+        if args.trust_on_first_use:
+            node_config[TRUST_ON_FIRST_USE] = True
+            print(TOFU_WARNING, file=sys.stderr, flush=True)
+        elif ADMITTED_LIST not in node_config:
+            print(NO_LIST_WARNING.format(kit=kit.path), file=sys.stderr, flush=True)
     state_dir = Path(args.state) if args.state else (kit.path / "state" if kit else None)
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -614,6 +641,12 @@ def register(subparsers: Any) -> None:
         "--state",
         metavar="DIR",
         help="this client's persistent state directory (default: <kit>/state, mode 0700)",
+    )
+    p.add_argument(
+        "--trust-on-first-use",
+        action="store_true",
+        help="a kit without admitted.json: accept secure-aggregation peers' keys on first "
+        "sight (otherwise such a client refuses secure rounds until a signed list arrives)",
     )
     p.add_argument("--app", default=DEFAULT_APP, help="ClientApp import path")
     p.add_argument("--verbose", action="store_true", help="log each message's timings")
