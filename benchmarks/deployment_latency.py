@@ -115,6 +115,8 @@ def fedcore_arm(base: Path, rounds: int, fed: object, data: list[Path]) -> list[
                         f"127.0.0.1:{port}",
                         "--data",
                         str(path),
+                        "--config",
+                        str(cfg_path),
                         "--once",
                     ],
                     stdout=f,

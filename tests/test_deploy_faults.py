@@ -70,15 +70,36 @@ def test_killed_client_and_killed_server_recover(tmp_path: Path) -> None:
     def server(*extra: str) -> Any:
         return start(
             "server",
-            [*CLI, "server", "--kit", str(fed.server_kit), "--address", f"127.0.0.1:{port}",
-             "--local-port", str(local_port), *extra],
+            [
+                *CLI,
+                "server",
+                "--kit",
+                str(fed.server_kit),
+                "--address",
+                f"127.0.0.1:{port}",
+                "--local-port",
+                str(local_port),
+                *extra,
+            ],
         )
 
     def client(i: int, env: dict[str, str] | None = None) -> Any:
         return start(
             f"client-{i}",
-            [*CLI, "client", "--kit", str(fed.client_kit(f"client-{i}")), "--server",
-             f"127.0.0.1:{port}", "--data", str(data[i - 1]), "--connect-timeout", "120"],
+            [
+                *CLI,
+                "client",
+                "--kit",
+                str(fed.client_kit(f"client-{i}")),
+                "--server",
+                f"127.0.0.1:{port}",
+                "--data",
+                str(data[i - 1]),
+                "--config",
+                str(cfg_path),
+                "--connect-timeout",
+                "120",
+            ],
             env,
         )
 
@@ -116,7 +137,9 @@ def test_killed_client_and_killed_server_recover(tmp_path: Path) -> None:
         assert 5 <= done < ROUNDS
         server("--resume", str(run_dir))
         _wait_for(
-            lambda: procs["server"].poll() is not None, 400, "the resumed run to end",
+            lambda: procs["server"].poll() is not None,
+            400,
+            "the resumed run to end",
             [p for n, p in procs.items() if n != "server"],
         )
         assert procs["server"].returncode == 0, (logs / "server.log").read_text()[-3000:]
