@@ -484,6 +484,28 @@ def superlink_app(argv: Sequence[str]) -> tuple[Any, Any]:
     return create_app(config, cli.SuperLinkLifespan), config
 
 
+def set_serverapp_node_config(node_config: Mapping[str, str]) -> None:
+    """Give the ServerApp of every run this SuperLink process starts ``node_config``.
+
+    Flower 1.42 builds a run's ServerApp context with an empty node config
+    (``LinkState._refresh_run_series_context``); this adds ``node_config`` to it
+    right after, in this process only (call it before the app serves).
+    """
+    from flwr.server.superlink.linkstate.linkstate import LinkState
+
+    values = dict(node_config)
+    refresh = LinkState._refresh_run_series_context  # noqa: SLF001 - pinned Flower
+
+    def refresh_with_node_config(self: Any, run_id: int, series_id: int) -> None:
+        refresh(self, run_id=run_id, series_id=series_id)
+        context = self.get_run_series_context(series_id)
+        if context is not None:
+            context.node_config = {**context.node_config, **values}
+            self.set_run_series_context(series_id=series_id, context=context)
+
+    LinkState._refresh_run_series_context = refresh_with_node_config  # type: ignore[method-assign]  # noqa: SLF001
+
+
 def uvicorn_log_config() -> dict[str, Any]:
     """The uvicorn log config ``flower-superlink`` uses (Flower's console log level)."""
     from flwr.supercore.http_logging import get_uvicorn_log_config

@@ -1,14 +1,28 @@
-"""The SuperLink listener guard (by peer and listener address) and the fast-polling grid."""
+"""The SuperLink listener guard (by peer and listener address, opening token, body size)
+and the fast-polling grid."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fedcore.deploy.guard import ListenerGuard, fleet_routes, is_loopback
+from fedcore.deploy.guard import (
+    OPEN_PATH,
+    OPEN_TOKEN_HEADER,
+    ListenerGuard,
+    fleet_routes,
+    is_loopback,
+)
 from fedcore.engines.polling import PollingGrid
 
 LOCAL = 9093
@@ -23,6 +37,7 @@ def _call(
     path: str,
     method: str = "POST",
     kind: str = "http",
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> tuple[int, list[str]]:
     reached: list[str] = []
     sent: list[dict[str, Any]] = []
@@ -39,7 +54,14 @@ def _call(
         sent.append(msg)
 
     guard.app = app
-    scope = {"type": kind, "method": method, "path": path, "server": server, "client": client}
+    scope = {
+        "type": kind,
+        "method": method,
+        "path": path,
+        "server": server,
+        "client": client,
+        "headers": headers or [],
+    }
     asyncio.run(guard(scope, receive, send))
     status = sent[0].get("status", sent[0].get("code")) if sent else None
     return status, reached
@@ -170,17 +192,163 @@ def test_serve_wraps_only_foreign_grids() -> None:
     assert fast_polling(wrapped, 0.05) is wrapped
 
 
-def test_public_listener_opens_only_when_told_from_loopback() -> None:
-    from fedcore.deploy.guard import OPEN_PATH
-
-    g = ListenerGuard(None, local_port=LOCAL, public_paths=fleet_routes(), start_open=False)  # type: ignore[arg-type]
+def test_public_listener_opens_only_when_told_from_loopback_with_the_token() -> None:
+    token = secrets.token_bytes(32)
+    g = ListenerGuard(
+        None,  # type: ignore[arg-type]
+        local_port=LOCAL,
+        public_paths=fleet_routes(),
+        start_open=False,
+        open_token=token,
+    )
+    good = [(OPEN_TOKEN_HEADER.encode(), token.hex().encode())]
     fleet = "/v1/fleet/activate-node"
+    local = ("127.0.0.1", LOCAL)
     assert _call(g, server=PUBLIC, client=("10.0.0.2", 1), path=fleet) == (503, [])
-    assert _call(g, server=PUBLIC, client=("10.0.0.2", 1), path=OPEN_PATH)[0] == 403
-    assert _call(g, server=("127.0.0.1", LOCAL), client=("10.0.0.2", 1), path=OPEN_PATH)[0] == 403
+    assert _call(g, server=PUBLIC, client=("10.0.0.2", 1), path=OPEN_PATH, headers=good)[0] == 403
+    assert _call(g, server=local, client=("10.0.0.2", 1), path=OPEN_PATH, headers=good)[0] == 403
+    # a local user without the token (or with another one) cannot open it
+    assert _call(g, server=local, client=("127.0.0.1", 1), path=OPEN_PATH)[0] == 403
+    wrong = [(OPEN_TOKEN_HEADER.encode(), secrets.token_bytes(32).hex().encode())]
+    assert _call(g, server=local, client=("127.0.0.1", 1), path=OPEN_PATH, headers=wrong)[0] == 403
+    assert (
+        _call(g, server=local, client=("127.0.0.1", 1), path=OPEN_PATH, headers=good[:0])[0] == 403
+    )
     assert _call(g, server=PUBLIC, client=("10.0.0.2", 1), path=fleet) == (503, [])
-    assert _call(g, server=("127.0.0.1", LOCAL), client=("127.0.0.1", 1), path=OPEN_PATH) == (
+    assert _call(g, server=local, client=("127.0.0.1", 1), path=OPEN_PATH, headers=good) == (
         200,
         [],
     )
     assert _call(g, server=PUBLIC, client=("10.0.0.2", 1), path=fleet) == (200, [fleet])
+    # without a token configured, nobody opens anything
+    g2 = ListenerGuard(None, local_port=LOCAL, public_paths=fleet_routes(), start_open=False)  # type: ignore[arg-type]
+    assert _call(g2, server=local, client=("127.0.0.1", 1), path=OPEN_PATH, headers=good)[0] == 403
+
+
+# -- the guard in a real uvicorn server on loopback -----------------------------------
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Served:
+    """A ListenerGuard in front of a small app, served by uvicorn on two loopback sockets."""
+
+    def __init__(self, **guard_kwargs: Any) -> None:
+        import uvicorn
+
+        self.public, self.local = _port(), _port()
+        self.reached: list[tuple[str, int]] = []  # requests the app answered (path, bytes)
+        self.cut: list[tuple[str, int]] = []  # bodies cut off by the guard (Starlette raises)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan":
+                while (await receive())["type"] != "lifespan.shutdown":
+                    pass
+                return
+            size = 0
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    self.cut.append((scope["path"], size))
+                    return
+                size += len(msg.get("body", b""))
+                if not msg.get("more_body"):
+                    break
+            self.reached.append((scope["path"], size))
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"served"})
+
+        self.guard = ListenerGuard(
+            app, local_port=self.local, public_paths=fleet_routes(), **guard_kwargs
+        )
+        sockets = []
+        for port in (self.public, self.local):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sockets.append(sock)
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.guard, log_level="warning", proxy_headers=False, lifespan="off")
+        )
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": sockets})
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.01)
+
+    def post(self, port: int, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.post(f"http://127.0.0.1:{port}{path}", timeout=10, **kwargs)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def served_token() -> Iterator[tuple[_Served, bytes]]:
+    token = secrets.token_bytes(32)
+    served = _Served(start_open=False, open_token=token, max_request_bytes=1024 * 1024)
+    try:
+        yield served, token
+    finally:
+        served.stop()
+
+
+def test_open_endpoint_over_loopback_needs_the_servers_token(served_token) -> None:
+    served, token = served_token
+    fleet = "/v1/fleet/pull-messages"
+    assert served.post(served.public, fleet, content=b"x").status_code == 503
+    # any local caller without the token: 403, before the opening ...
+    for headers in (
+        {},
+        {OPEN_TOKEN_HEADER: secrets.token_bytes(32).hex()},
+        {OPEN_TOKEN_HEADER: "zz"},
+    ):
+        r = served.post(served.local, OPEN_PATH, headers=headers)
+        assert r.status_code == 403 and "token" in r.text, headers
+    assert (
+        served.post(served.public, OPEN_PATH, headers={OPEN_TOKEN_HEADER: token.hex()}).status_code
+        == 403
+    )
+    assert served.post(served.public, fleet, content=b"x").status_code == 503  # still closed
+    # ... fedcore server's own request opens it ...
+    r = served.post(served.local, OPEN_PATH, headers={OPEN_TOKEN_HEADER: token.hex()})
+    assert r.status_code == 200
+    assert served.post(served.public, fleet, content=b"x").status_code == 200
+    # ... and after it, still 403 without the token
+    assert served.post(served.local, OPEN_PATH).status_code == 403
+    assert served.reached == [(fleet, 1)]
+
+
+def test_oversized_requests_get_413_and_are_logged(served_token, caplog) -> None:
+    served, token = served_token
+    served.post(served.local, OPEN_PATH, headers={OPEN_TOKEN_HEADER: token.hex()})
+    fleet = "/v1/fleet/push-object"
+    limit = 1024 * 1024
+    with caplog.at_level(logging.WARNING, logger="fedcore.guard"):
+        r = served.post(served.public, fleet, content=b"\0" * (limit + 1))  # content-length
+        assert r.status_code == 413 and "larger than 1048576 bytes" in r.text
+
+        def chunks() -> Iterator[bytes]:  # no content-length: counted as it arrives
+            for _ in range(4):
+                yield b"\1" * (limit // 2)
+
+        r = served.post(served.public, fleet, content=chunks())
+        assert r.status_code == 413
+        assert (
+            served.post(
+                served.local, "/v1/control/start-run", content=b"\0" * (limit + 1)
+            ).status_code
+            == 413
+        )
+    assert served.reached == []  # the app answered no oversized request ...
+    assert [path for path, _ in served.cut] == [fleet]  # ... the chunked one was cut off
+    assert served.cut[0][1] <= limit  # before more than the limit reached the app
+    assert sum("413" in rec.getMessage() for rec in caplog.records) == 3
+    assert served.post(served.public, fleet, content=b"\0" * limit).status_code == 200
+    assert served.reached == [(fleet, limit)]

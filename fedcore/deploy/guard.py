@@ -17,7 +17,16 @@ sockets and wraps it in :class:`ListenerGuard`:
 
 The public listener starts closed (503, which SuperNodes retry) and opens when
 ``fedcore server`` has registered the admitted keys (``POST /fedcore/open``
-on the local listener), so no client is turned away for arriving early.
+on the local listener), so no client is turned away for arriving early. Opening
+needs the secret ``fedcore server`` drew from the CSPRNG for this SuperLink
+(header ``x-fedcore-open-token``; handed to the SuperLink process in its
+environment, which it removes at start so that no child inherits it): any other
+local caller gets 403, before or after the opening.
+
+Every request body is capped (``max_request_bytes``, default 64 MiB; Flower sends
+arrays in 5 MiB chunks, one object per request, so a real SuperNode stays far
+below it): a larger one is answered 413 and logged, before the app reads it, or
+as soon as a chunked body passes the cap.
 
 The decision uses the addresses of the accepted TCP connection (the ASGI
 ``server`` and ``client`` of the scope, filled in by uvicorn from the socket,
@@ -26,6 +35,7 @@ with proxy headers off), not anything the peer sends.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import logging
@@ -34,10 +44,24 @@ from typing import Any
 
 from fedcore.flower_adapter import fleet_routes
 
-__all__ = ["OPEN_PATH", "ListenerGuard", "fleet_routes", "is_loopback"]
+__all__ = [
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "OPEN_PATH",
+    "OPEN_TOKEN_ENV",
+    "OPEN_TOKEN_HEADER",
+    "ListenerGuard",
+    "fleet_routes",
+    "is_loopback",
+]
 
 #: Local-listener path that opens the public listener.
 OPEN_PATH = "/fedcore/open"
+#: Header carrying the opening secret (hex), and the variable that hands it to the
+#: SuperLink process (``fedcore server`` sets it for that child only).
+OPEN_TOKEN_HEADER = "x-fedcore-open-token"
+OPEN_TOKEN_ENV = "FEDCORE_OPEN_TOKEN"
+#: Default cap on one request's body.
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 log = logging.getLogger("fedcore.guard")
 
@@ -73,7 +97,13 @@ class ListenerGuard:
         Exact paths the public listener serves (``POST`` only): the Fleet API.
     start_open : bool (default: True)
         Whether the public listener serves from the start; if not, it answers
-        503 until ``POST /fedcore/open`` arrives on the local listener.
+        503 until ``POST /fedcore/open`` with ``open_token`` arrives on the local
+        listener.
+    open_token : bytes, optional
+        The secret that opens the public listener (``secrets.token_bytes``);
+        without one the open endpoint refuses everyone.
+    max_request_bytes : int (default: 64 MiB)
+        Largest request body served; larger ones get 413.
 
     """
 
@@ -84,11 +114,31 @@ class ListenerGuard:
         local_port: int,
         public_paths: Iterable[str],
         start_open: bool = True,
+        open_token: bytes | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
+        if open_token is not None and len(open_token) < 16:
+            raise ValueError("open_token must be at least 16 random bytes")
+        if max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
         self.app = app
         self.local_port = local_port
         self.public_paths = frozenset(public_paths)
         self.open = start_open
+        self.open_token = open_token
+        self.max_request_bytes = max_request_bytes
+
+    def _token_ok(self, scope: Scope) -> bool:
+        if self.open_token is None:
+            return False
+        for name, value in scope.get("headers") or ():
+            if bytes(name).lower() == OPEN_TOKEN_HEADER.encode():
+                try:
+                    given = bytes.fromhex(bytes(value).decode("ascii"))
+                except (UnicodeDecodeError, ValueError):
+                    return False
+                return hmac.compare_digest(given, self.open_token)
+        return False
 
     def allows(self, scope: Scope) -> tuple[bool, str]:
         """Whether the request in ``scope`` may reach the app, and why not."""
@@ -116,11 +166,16 @@ class ListenerGuard:
         server = scope.get("server") or (None, None)
         on_local = server[1] == self.local_port
         if ok and on_local and scope.get("path") == OPEN_PATH:
-            self.open = True
-            await _respond(send, 200, {"detail": "public listener open"})
-            return
+            if scope.get("method") == "POST" and self._token_ok(scope):
+                self.open = True
+                await _respond(send, 200, {"detail": "public listener open"})
+                return
+            ok, reason = False, "opening the public listener needs fedcore server's token"
         if ok and not on_local and not self.open:
             await _respond(send, 503, {"detail": "starting: admitted keys not registered yet"})
+            return
+        if ok and scope["type"] == "http":
+            await self._limited(scope, receive, send)
             return
         if ok:
             await self.app(scope, receive, send)
@@ -138,6 +193,70 @@ class ListenerGuard:
             await send({"type": "websocket.close", "code": 1008})
             return
         await _respond(send, 403, {"detail": f"forbidden: {reason}"})
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve ``scope`` with its body capped at :attr:`max_request_bytes` (else 413)."""
+        limit = self.max_request_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            self._log_too_large(scope, f"announces {declared} bytes")
+            await _respond(send, 413, _too_large(limit))
+            return
+        received = 0
+        refused = False
+        started = False
+
+        async def capped_receive() -> MutableMapping[str, Any]:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message.get("type") == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    refused = True
+                    self._log_too_large(scope, f"sent more than {limit} bytes")
+                    if not started:
+                        await _respond(send, 413, _too_large(limit))
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 went out; the app's late answer is dropped
+            if message.get("type") == "http.response.start":
+                started = True
+            await send(message)
+
+        await self.app(scope, capped_receive, guarded_send)
+
+    def _log_too_large(self, scope: Scope, what: str) -> None:
+        client = scope.get("client") or ("?", "?")
+        log.warning(
+            "refused %s %s from %s:%s with 413: the body %s; the limit is %d bytes "
+            "(fedcore server --max-request-mb)",
+            scope.get("method"),
+            scope.get("path"),
+            client[0],
+            client[1],
+            what,
+            self.max_request_bytes,
+        )
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers") or ():
+        if bytes(name).lower() == b"content-length":
+            try:
+                return int(bytes(value))
+            except ValueError:
+                return None
+    return None
+
+
+def _too_large(limit: int) -> dict[str, str]:
+    return {"detail": f"request body larger than {limit} bytes (fedcore server --max-request-mb)"}
 
 
 async def _respond(send: Send, status: int, obj: object) -> None:

@@ -7,10 +7,14 @@
 1. starts the SuperLink (:mod:`fedcore.deploy.superlink`): TLS with the kit's
    certificate, node authentication on, runtime dependency installation off,
    the Fleet API on ``--address``, Control and Runtime APIs only on
-   ``127.0.0.1:--local-port`` (see :mod:`fedcore.deploy.guard`);
+   ``127.0.0.1:--local-port`` (see :mod:`fedcore.deploy.guard`), request bodies
+   capped at ``--max-request-mb``;
 2. registers the kit's admitted client keys through the local Control API, and
    keeps them in step with ``admitted.json`` while it runs (``fedcore provision
-   --add-client/--revoke`` take effect within seconds);
+   --add-client/--revoke`` take effect within seconds), then opens the public
+   listener with a secret drawn here for this SuperLink only; the ServerApp finds
+   the kit's signed ``admitted.json`` in its node config ``admitted-list`` and
+   relays it to clients;
 3. starts the run: a FAB holding the fedcore ServerApp/ClientApp entry points
    and the resolved config, the run directory in ``deploy.run-dir``;
 4. prints each finished round, and when the run ends stops every process it
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import secrets
 import shutil
 import sys
 import tempfile
@@ -36,11 +41,13 @@ from fedcore import flower_adapter as flower
 from fedcore.core.config import Config, to_dict
 from fedcore.core.errors import DeploymentError
 from fedcore.deploy.files import check_kit_dir
+from fedcore.deploy.guard import DEFAULT_MAX_REQUEST_BYTES, OPEN_TOKEN_ENV
 from fedcore.engines.processes import ProcessTree, install_signal_handlers
 
 __all__ = ["Admission", "build_fab", "check_kit", "register", "run_server"]
 
 DEFAULT_ADDRESS = "0.0.0.0:9092"
+DEFAULT_MAX_REQUEST_MB = DEFAULT_MAX_REQUEST_BYTES / (1024 * 1024)
 INSECURE_WARNING = (
     "\n"
     "  WARNING: --insecure: no TLS and no node authentication. Everything on the\n"
@@ -207,15 +214,18 @@ def _wait_healthy(proc: Any, local_port: int, ca_path: Path | None, log_path: Pa
     raise DeploymentError("the SuperLink did not become healthy within 120 s:\n" + _tail(log_path))
 
 
-def _open_public_listener(local_port: int, ca_path: Path | None) -> None:
+def _open_public_listener(local_port: int, ca_path: Path | None, token: bytes) -> None:
     import httpx
 
-    from fedcore.deploy.guard import OPEN_PATH
+    from fedcore.deploy.guard import OPEN_PATH, OPEN_TOKEN_HEADER
 
     scheme = "http" if ca_path is None else "https"
     verify: Any = False if ca_path is None else str(ca_path)
     httpx.post(
-        f"{scheme}://127.0.0.1:{local_port}{OPEN_PATH}", verify=verify, timeout=10
+        f"{scheme}://127.0.0.1:{local_port}{OPEN_PATH}",
+        headers={OPEN_TOKEN_HEADER: token.hex()},
+        verify=verify,
+        timeout=10,
     ).raise_for_status()
 
 
@@ -261,12 +271,17 @@ def run_server(
     insecure: bool = False,
     state_dir: Path | None = None,
     sync_interval: float = 2.0,
+    max_request_mb: float = DEFAULT_MAX_REQUEST_MB,
     out: Callable[[str], None] = print,
 ) -> int:
     """Serve one fedcore run; return 0 if it completed (see the module docstring)."""
     parsed = flower.parse_address(address)
     if not parsed:
         raise DeploymentError(f"--address {address!r} is not HOST:PORT (e.g. 0.0.0.0:9092)")
+    if not max_request_mb > 0:
+        raise DeploymentError(
+            f"--max-request-mb {max_request_mb} must be > 0 (default {DEFAULT_MAX_REQUEST_MB:g})"
+        )
     port = int(parsed[1])
     local_port = local_port or (port + 1)
     if insecure:
@@ -310,8 +325,13 @@ def run_server(
         address,
         "--local-port",
         str(local_port),
+        "--max-request-bytes",
+        str(int(max_request_mb * 1024 * 1024)),
     ]
     argv += ["--insecure"] if insecure else ["--kit", str(kit)]
+    # Opens the public listener; the SuperLink child alone gets it (its environment,
+    # never argv or a log) and removes it from its environment before starting any child.
+    open_token = secrets.token_bytes(32)
     env = {
         "FLWR_HOME": str(state / "flwr-home"),
         "FLWR_TELEMETRY_ENABLED": "0",
@@ -320,6 +340,7 @@ def run_server(
         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
         "FLWR_INTERNAL_GRPC_CONTROL_API": "0",
         "FLWR_INTERNAL_GRPC_FLEET_API": "0",
+        OPEN_TOKEN_ENV: open_token.hex(),
     }
     control = None
     status = "unknown"
@@ -338,7 +359,7 @@ def run_server(
                 admission = Admission(control, kit / "admitted.json")  # type: ignore[operator]
                 for change in admission.sync_if_changed():
                     out(f"  {change}")
-            _open_public_listener(local_port, None if insecure else kit / "ca.pem")  # type: ignore[operator]
+            _open_public_listener(local_port, None if insecure else kit / "ca.pem", open_token)  # type: ignore[operator]
             run_id = flower.start_run(control, build_fab(cfg))
             out(
                 f"run {run_id}: {cfg.run.rounds} rounds, waiting for "
@@ -449,6 +470,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         local_port=args.local_port,
         insecure=args.insecure,
         state_dir=Path(args.state_dir) if args.state_dir else None,
+        max_request_mb=args.max_request_mb,
         out=lambda line: print(line, flush=True),
     )
 
@@ -483,6 +505,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--min-clients", type=int, help="override round.min-available-clients")
     p.add_argument(
         "--state-dir", help="keep the SuperLink's state and log here (default: a temp dir)"
+    )
+    p.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=DEFAULT_MAX_REQUEST_MB,
+        help="refuse request bodies larger than this with 413 (default "
+        f"{DEFAULT_MAX_REQUEST_MB:g}; Flower sends arrays in 5 MiB chunks)",
     )
     p.add_argument(
         "--insecure",

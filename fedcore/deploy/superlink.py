@@ -3,15 +3,21 @@
 ``python -m fedcore.deploy.superlink --public HOST:PORT --local-port N --kit DIR``
 does what ``flower-superlink`` does (same FastAPI app, same lifespan: Control,
 Fleet and Runtime APIs, node authentication, a SuperExec that starts the
-ServerApp) with three differences:
+ServerApp) with these differences:
 
 1. the app is served on two sockets, the public one and ``127.0.0.1:N``, and
    wrapped in the guard (Fleet API only on the public socket; everything on the
    loopback one, for loopback peers only); the public socket answers 503 until
-   ``fedcore server`` opens it (after registering the admitted keys);
-2. the SuperLink's own Runtime API address (what SuperExec and the ServerApp
+   ``fedcore server`` opens it (after registering the admitted keys) with the
+   secret it put in this process's environment (``FEDCORE_OPEN_TOKEN``, removed
+   from the environment first thing, so SuperExec and the ServerApp never see it);
+2. request bodies are capped (``--max-request-bytes``; 413 above it);
+3. the SuperLink's own Runtime API address (what SuperExec and the ServerApp
    connect to) is the loopback socket;
-3. uvicorn trusts no proxy headers, so the peer address is the socket's.
+4. uvicorn trusts no proxy headers, so the peer address is the socket's;
+5. the ServerApp's node config (empty under Flower's deployment engine) holds
+   ``admitted-list``: the server kit's signed ``admitted.json``, which the
+   ServerApp relays to clients.
 
 It relies on two private helpers of ``flwr.superlink.cli.flower_superlink``
 (``_parse_superlink_lifespan_config`` and ``SuperLinkLifespan``), reached through
@@ -22,6 +28,7 @@ It relies on two private helpers of ``flwr.superlink.cli.flower_superlink``
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -70,20 +77,47 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _open_token() -> bytes:
+    """The opening secret from this process's environment, removed from it (children)."""
+    from fedcore.deploy.guard import OPEN_TOKEN_ENV
+
+    raw = os.environ.pop(OPEN_TOKEN_ENV, "")
+    try:
+        token = bytes.fromhex(raw)
+    except ValueError:
+        token = b""
+    if len(token) < 16:
+        sys.exit(
+            f"{OPEN_TOKEN_ENV} is missing or too short: this process is started by "
+            "`fedcore server`, which draws it"
+        )
+    return token
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point (``python -m fedcore.deploy.superlink``)."""
+    token = _open_token()  # before anything can start a child
+    from fedcore.deploy.guard import DEFAULT_MAX_REQUEST_BYTES
+
     p = argparse.ArgumentParser(prog="python -m fedcore.deploy.superlink")
     p.add_argument("--public", required=True, help="HOST:PORT of the public (Fleet API) listener")
     p.add_argument("--local-port", type=int, required=True, help="port of the 127.0.0.1 listener")
     p.add_argument("--kit", type=Path, help="server kit (ca.pem, server.pem, server.key)")
     p.add_argument("--insecure", action="store_true")
     p.add_argument("--database", default=":flwr-in-memory:")
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest request body served (413 above it)",
+    )
     args = p.parse_args(argv)
 
     import uvicorn
 
     from fedcore import flower_adapter as flower
     from fedcore.deploy.guard import ListenerGuard, fleet_routes
+    from fedcore.storage.keys import ADMITTED_LIST
 
     parsed = flower.parse_address(args.public)
     if not parsed:
@@ -91,13 +125,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     host, port, _ = parsed
     if port == args.local_port:
         sys.exit("the public and local listeners need different ports")
+    if args.max_request_bytes < 1:
+        sys.exit(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     app, config = flower.superlink_app(
         superlink_argv(
             local_port=args.local_port, kit=args.kit, insecure=args.insecure, database=args.database
         )
     )
+    if args.kit is not None:
+        flower.set_serverapp_node_config(
+            {ADMITTED_LIST: str((args.kit / "admitted.json").resolve())}
+        )
     guarded = ListenerGuard(
-        app, local_port=args.local_port, public_paths=fleet_routes(), start_open=False
+        app,
+        local_port=args.local_port,
+        public_paths=fleet_routes(),
+        start_open=False,
+        open_token=token,
+        max_request_bytes=args.max_request_bytes,
     )
     sockets = [_listen(str(host), int(port)), _listen("127.0.0.1", args.local_port)]
     server = uvicorn.Server(
