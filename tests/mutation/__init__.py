@@ -1,0 +1,1 @@
+"""Mutation testing of the critical core: ``python tests/mutation/run.py`` (``make mutants``)."""
