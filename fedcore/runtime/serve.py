@@ -42,7 +42,9 @@ from fedcore.serverside.exchange import Exchange, PlainExchange
 from fedcore.serverside.rounds import Observer, RoundPolicy, RoundRecord, run_federation
 from fedcore.serverside.rundir import Observers, RunObserver, default_run_dir, write_plot
 from fedcore.serverside.strategies import STRATEGIES, Sampling, Strategy, strategy_class
+from fedcore.storage.admitted import read_admitted_blob
 from fedcore.storage.files import arrays_to_safetensors, atomic_write, write_json
+from fedcore.storage.keys import ADMITTED_LIST
 
 __all__ = [
     "RunSummary",
@@ -177,8 +179,13 @@ def build_exchanges(
     from fedcore.secagg.exchange import SecureExchange
 
     roster = roster if roster is not None else _secagg_roster(node_config)
+    listed = str((node_config or {}).get(ADMITTED_LIST, ""))
     secure = SecureExchange(
-        _secagg_settings(cfg), seed=cfg.run.seed, roster=roster, node_keys=registered_node_keys
+        _secagg_settings(cfg),
+        seed=cfg.run.seed,
+        roster=roster,
+        node_keys=registered_node_keys,
+        admitted=(lambda: read_admitted_blob(listed)) if listed else None,
     )
     return secure, (secure if cfg.secagg.evaluate else plain)
 

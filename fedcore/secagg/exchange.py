@@ -149,7 +149,7 @@ class _SecureSum:
         are verified against them (:class:`RegisteredKeyRoster`) instead of ``roster``.
     admitted : callable, optional
         ``() -> bytes``: the federation's current CA-signed admitted list, relayed to
-        every client in the keys stage (a newer list than a client's replaces it, so
+        every client in the shares stage (a newer list than a client's replaces it, so
         revocations reach clients; an unsigned or older one is ignored by them).
     message_type, purpose : str
         Flower message type and rounding-stream purpose (``"train.secagg"`` /
@@ -320,8 +320,6 @@ class _SecureSum:
         )
         common = params.to_dict()
         admitted = self.admitted() if self.admitted is not None else None
-        if admitted:
-            common["admitted"] = admitted
 
         # 1 keys
         replies = self._exchange(
@@ -358,6 +356,7 @@ class _SecureSum:
                         "listing-ids": listing_ids,
                         "listing-digests": listing_digests,
                         "adverts": [a.to_bytes() for a in bundle],
+                        **({"admitted": admitted} if admitted else {}),
                     },
                 )
                 for u, bundle in bundles.items()

@@ -23,12 +23,11 @@ plain run's randomness, so a first attempt matches it) and a second secure
 evaluation of one round is refused (its metrics would not change, so two sums over
 different sets would reveal them).
 
-Identity: a provisioned node (node config ``identity-key``: the kit's key, which
-``fedcore client`` passes; optionally ``identity-cert`` + ``ca-cert`` for a
-certificate scheme, or ``admitted-keys`` to check peers against the admitted
-list) signs with its provisioned key; otherwise (simulation) the client makes an
-Ed25519 key from the CSPRNG the first time, keeps it in its ``Context.state``,
-and peers are pinned on first use.
+Identity and peers: :mod:`fedcore.secagg.identities` (the kit's key and the
+federation's CA-signed admitted list in deployment, node ids pinned to keys both ways;
+a CSPRNG key and trust on first use in simulation). The server relays the current
+signed list in the shares stage; a newer one than the client's replaces it, so
+revocations reach clients.
 
 Register it on any ClientApp::
 
@@ -39,11 +38,8 @@ Register it on any ClientApp::
 
 from __future__ import annotations
 
-import datetime as dt
-import functools
 import json
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +50,7 @@ from fedcore.clientside.state import ClientState
 from fedcore.core.aggregation import array_view, numpy_to_array
 from fedcore.core.errors import SecureAggregationError
 from fedcore.core.records import ARRAYS, ATTEMPT, CONFIG, METRICS, NUM_EXAMPLES
+from fedcore.secagg.identities import STATE, identity_for, roster_for
 from fedcore.secagg.protocol.machine import (
     STAGE_CONFIRM,
     STAGE_KEYS,
@@ -66,32 +63,9 @@ from fedcore.secagg.protocol.machine import (
     RoundParams,
 )
 from fedcore.secagg.protocol.quantize import encode
-from fedcore.secagg.protocol.rosters import (
-    AdmittedRoster,
-    CaRoster,
-    CertificateIdentity,
-    EphemeralIdentity,
-    Identity,
-    KeyIdentity,
-    PinnedRoster,
-    Roster,
-    check_key_file,
-)
 from fedcore.secagg.protocol.wire import MASKED, SECAGG, content_digest, pack_ids, unpack_ids
-from fedcore.storage.keys import (
-    ADMITTED_KEYS,
-    CA_CERT,
-    IDENTITY_CERT,
-    IDENTITY_KEY,
-    load_admitted_keys,
-    load_identity_key,  # reads PEM or OpenSSH
-)
 
 __all__ = [
-    "ADMITTED_KEYS",
-    "CA_CERT",
-    "IDENTITY_CERT",
-    "IDENTITY_KEY",
     "MASKED",
     "SECAGG",
     "STATE",
@@ -101,11 +75,8 @@ __all__ = [
     "unpack_ids",
 ]
 
-#: Record in ``Context.state`` holding this client's secrets between stages.
-STATE = "fedcore.secagg"
-# The node-config keys of a provisioned kit (IDENTITY_KEY, ...) are defined, once, in
-# fedcore.storage.keys; they are re-exported here for the ClientApp's callers.
-
+#: Record in ``Context.state`` holding this client's secrets between stages (the same
+#: record :mod:`fedcore.secagg.identities` keeps its pins and admitted list in).
 TrainHandler = Callable[[Message, Context], Message]
 
 
@@ -115,54 +86,6 @@ def _record(context: Context) -> ConfigRecord:
         rec = ConfigRecord()
         context.state[STATE] = rec
     return rec
-
-
-@functools.lru_cache(maxsize=4)
-def _certificate_identity(key_path: str, cert_path: str) -> CertificateIdentity:
-    return CertificateIdentity.from_files(key_path, cert_path)
-
-
-@functools.lru_cache(maxsize=4)
-def _kit_identity(key_path: str) -> KeyIdentity:
-    check_key_file(Path(key_path))
-    return KeyIdentity(load_identity_key(key_path))
-
-
-def identity_for(context: Context) -> Identity:
-    """Return this node's identity: its provisioned key, or a CSPRNG key kept in its state.
-
-    Node config ``identity-key`` (the kit's key, as ``fedcore client`` passes it),
-    with ``identity-cert`` when the kit has a certificate; otherwise (simulation)
-    an Ed25519 key generated here the first time and kept in ``Context.state``.
-    """
-    nc = context.node_config
-    if IDENTITY_KEY in nc:
-        if IDENTITY_CERT in nc:
-            return _certificate_identity(str(nc[IDENTITY_KEY]), str(nc[IDENTITY_CERT]))
-        return _kit_identity(str(nc[IDENTITY_KEY]))
-    rec = _record(context)
-    raw = rec.get("identity")
-    if isinstance(raw, bytes):
-        return EphemeralIdentity.from_private_bytes(raw)
-    ident = EphemeralIdentity.generate()
-    rec["identity"] = ident.private_bytes()
-    return ident
-
-
-def roster_for(context: Context) -> tuple[Roster, dict[int, bytes] | None]:
-    """Return the roster this node verifies peers with (and the pins to save, if TOFU).
-
-    ``ca-cert`` (certificates issued by a CA), else ``admitted-keys`` (the
-    federation's admitted key list, ``admitted.json``), else trust on first use.
-    """
-    nc = context.node_config
-    if CA_CERT in nc:
-        return CaRoster.from_file(str(nc[CA_CERT]), now=dt.datetime.now(dt.UTC)), None
-    if ADMITTED_KEYS in nc:
-        return AdmittedRoster(load_admitted_keys(str(nc[ADMITTED_KEYS])).values()), None
-    raw = _record(context).get("pins")
-    pins = {int(k): bytes.fromhex(v) for k, v in json.loads(str(raw)).items()} if raw else {}
-    return PinnedRoster(pins), pins
 
 
 def _load_round(context: Context, fields: Mapping[str, Any], slot: str) -> ClientRound:
@@ -347,7 +270,10 @@ def handle_secagg(
 
     cr = _load_round(context, fields, slot)
     if stage == STAGE_SHARES:
-        roster, pins = roster_for(context)
+        admitted = fields.get("admitted")
+        roster, save = roster_for(
+            context, admitted_update=bytes(admitted) if isinstance(admitted, bytes) else None
+        )
         ids = unpack_ids(fields.get("listing-ids", b""))
         digests = [bytes(d) for d in fields.get("listing-digests", [])]
         if len(ids) != len(digests):
@@ -355,8 +281,7 @@ def handle_secagg(
         adverts = [Advert.from_bytes(b) for b in fields.get("adverts", [])]
         own = Advert.from_bytes(bytes(_record(context)[f"{slot}-advert"]))  # type: ignore[arg-type]
         boxes = cr.share(list(zip(ids, digests, strict=True)), adverts, own, roster)
-        if pins is not None:
-            _record(context)["pins"] = json.dumps({str(k): v.hex() for k, v in pins.items()})
+        save()  # the pins (node id <-> key) and a newer admitted list, once verified
         _save_round(context, cr, slot)
         return _reply(msg, {"dst": pack_ids(boxes), "boxes": list(boxes.values())})
 
