@@ -408,3 +408,77 @@ def test_two_sums_of_one_evaluation_are_refused(grid, fed):
     second = evaluate_step(ex, grid, FedAvg(seed=CFG.run.seed), **kwargs)
     assert second.num_clients == 0
     assert any("already answered a secure evaluation" in r.reason for r in second.rejected)
+
+
+def test_fabricated_neighbours_are_refused_by_provisioned_clients(tmp_path):
+    """Attack 5: the server invents clients (fresh keys of its own, correctly signed
+    adverts) to sit around a victim. Provisioned clients accept only keys in the
+    federation's CA-signed admitted list, so every client that gets a fabricated
+    neighbour refuses to share. Real handlers, real kits, no grid."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedcore.deploy.provision import provision
+    from fedcore.secagg.handler import handle_secagg
+    from fedcore.secagg.protocol.crypto import RoundBinding
+    from fedcore.secagg.protocol.machine import Advert, ClientRound, RoundParams
+    from fedcore.secagg.protocol.rosters import KeyIdentity
+    from fedcore.secagg.protocol.wire import SECAGG, pack_ids
+    from fedcore.storage.keys import ADMITTED_LIST, FEDERATION_CA, IDENTITY_KEY
+
+    fed = provision(tmp_path / "fed", clients=4)
+    real = {10 + i: fed.client_kit(f"client-{i + 1}") for i in range(4)}
+    contexts = {
+        node: Context(
+            run_id=1,
+            node_id=node,
+            node_config={
+                IDENTITY_KEY: str(kit / "identity.key"),
+                FEDERATION_CA: str(kit / "ca.pem"),
+                ADMITTED_LIST: str(kit / "admitted.json"),
+            },
+            state=RecordDict(),
+            run_config=to_flat(CFG),
+        )
+        for node, kit in real.items()
+    }
+    fake = list(range(90, 98))  # eight clients the server made up
+    nodes = sorted([*real, *fake])
+    params = RoundParams(RoundBinding(1, 1, b"f" * 16), 7, Q64, ("train_loss",), neighbours=11)
+
+    def call(node, fields):
+        msg = Message(
+            RecordDict({SECAGG: ConfigRecord(fields)}),
+            dst_node_id=node,
+            message_type="train.secagg",
+        )
+        return handle_secagg(msg, contexts[node], train=handle_train)
+
+    adverts = {
+        u: Advert.from_bytes(
+            call(u, {**params.to_dict(), "stage": STAGE_KEYS}).content.config_records[SECAGG][
+                "advert"
+            ]
+        )
+        for u in real
+    }
+    for u in fake:  # correctly signed, with keys the server holds
+        adverts[u] = ClientRound.start(
+            u, params, KeyIdentity(ec.generate_private_key(ec.SECP384R1()))
+        )[1]
+    listing = [(u, adverts[u].digest()) for u in nodes]
+    from fedcore.secagg.protocol.graph import graph_seed, harary_graph
+
+    graph = harary_graph(
+        nodes, 11, seed=graph_seed(params.binding.encode(), listing), server_round=1
+    )
+    for u in real:
+        fields = {
+            "server-round": 1,
+            "session": params.binding.session,
+            "stage": STAGE_SHARES,
+            "listing-ids": pack_ids(v for v, _ in listing),
+            "listing-digests": [d for _, d in listing],
+            "adverts": [adverts[v].to_bytes() for v in graph[u]],
+        }
+        with pytest.raises(Exception, match="not in the federation's admitted list"):
+            call(u, fields)

@@ -356,7 +356,7 @@ class _SecureSum:
                         "listing-ids": listing_ids,
                         "listing-digests": listing_digests,
                         "adverts": [a.to_bytes() for a in bundle],
-                        **({"admitted": admitted} if admitted else {}),
+                        **({"admitted-list": admitted} if admitted else {}),
                     },
                 )
                 for u, bundle in bundles.items()

@@ -270,7 +270,7 @@ def handle_secagg(
 
     cr = _load_round(context, fields, slot)
     if stage == STAGE_SHARES:
-        admitted = fields.get("admitted")
+        admitted = fields.get("admitted-list")
         roster, save = roster_for(
             context, admitted_update=bytes(admitted) if isinstance(admitted, bytes) else None
         )
