@@ -28,7 +28,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedcore.core.config import config_from_dict, to_flat
 from fedcore.secagg.exchange import SecAggSettings, SecureExchange
 from fedcore.secagg.protocol.machine import STAGE_KEYS, STAGE_SHARES
-from fedcore.secagg.protocol.rosters import CaRoster
+from fedcore.secagg.protocol.rosters import CaRoster, fingerprint
 from fedcore.serverside.strategies import FedAvg
 
 from .exchanges import train_step
@@ -212,9 +212,9 @@ def test_clients_refuse_a_peer_the_server_let_through(federation):
         _kit(tmp_path, "rogue", rogue_ca, ca_path, issuer="rogue-ca")
     )
 
-    class AcceptAll:
+    class AcceptAll:  # no CA check, no signature check: any certificate's key goes
         def verify(self, node_id, credential, message, signature):
-            return b""
+            return fingerprint(x509.load_der_x509_certificate(credential).public_key())
 
     result = _round(grid, arrays, AcceptAll(), rnd=3)
     assert result.arrays is None  # the honest three refused to share with the rogue peer
@@ -252,10 +252,12 @@ def kit_federation(tmp_path):
         contexts[node] = Context(
             run_id=1,
             node_id=node,
-            node_config={
+            node_config={  # what `fedcore client --kit` passes
                 "partition-id": p,
                 "num-partitions": CLIENTS,
-                "identity-key": str(kit / "identity.key"),  # what `fedcore client` passes
+                "identity-key": str(kit / "identity.key"),
+                "federation-ca": str(kit / "ca.pem"),
+                "admitted-list": str(kit / "admitted.json"),  # signed by the federation CA
             },
             state=RecordDict(),
             run_config=to_flat(cfg),
