@@ -35,6 +35,9 @@ def test_secagg_is_on_by_default_with_auto_graph():
     [
         ({"neighbours": 1}, "secagg.neighbours"),
         ({"neighbours": 4, "threshold": 5}, "secagg.threshold"),
+        ({"neighbours": 6, "threshold": 3}, "secagg.threshold"),  # not a majority
+        ({"min-threshold": 1}, "secagg.min-threshold"),
+        ({"max-weight": 0}, "secagg.max-weight"),
         ({"clip": 0.0}, "secagg.clip"),
         ({"ring-bits": 48}, "secagg.ring-bits"),
         ({"ring-bits": 32, "bits": 30}, "secagg.bits"),
