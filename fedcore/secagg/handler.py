@@ -256,14 +256,15 @@ def handle_secagg(
                 f"{context.run_id}"
             )
         rec = _record(context)
-        sessions = set(json.loads(str(rec.get("sessions", "[]"))))
+        sessions = list(json.loads(str(rec.get("sessions", "[]"))))
         if params.binding.session.hex() in sessions:
             raise SecureAggregationError(
                 f"round {params.binding.server_round}: a second keys message for the same "
                 "attempt (session): refusing to restart it (replay)"
             )
         cr, advert = ClientRound.start(node, params, identity_for(context), limits=_limits(context))
-        rec["sessions"] = json.dumps(sorted(sessions | {params.binding.session.hex()})[-64:])
+        # the sessions this node started (newest last; a session is 16 random bytes)
+        rec["sessions"] = json.dumps([*sessions, params.binding.session.hex()][-1024:])
         rec[f"{slot}-advert"] = advert.to_bytes()
         _save_round(context, cr, slot)
         return _reply(msg, {"advert": advert.to_bytes()})
