@@ -580,7 +580,7 @@ class SecureExchange:
         timeout: float,
         progress: Progress,
     ) -> Aggregate:
-        """Run the four exchanges; the weighted mean update of the counted clients."""
+        """Run the five exchanges; the weighted mean update of the counted clients."""
         if individual:
             raise ConfigError(
                 "secagg.enabled",
