@@ -443,20 +443,22 @@ def bench_throughput() -> dict:
     delta = np.random.default_rng(0).standard_normal(d).astype(np.float32) * 0.01
     for ring, bits in ((64, 24), (32, 19)):
         q = Quantizer(clip=4.0, bits=bits, ring_bits=ring)
-        params = RoundParams(RoundBinding(1, 1, b"b" * 16), k // 2 + 1, q)
+        params = RoundParams(RoundBinding(1, 1, b"b" * 16), k // 2 + 1, q, neighbours=k)
         nodes = list(range(1, k + 2))
         cs, ads = {}, {}
         for u in nodes:
-            cs[u], ads[u] = ClientRound.start(
-                u, params, [v for v in nodes if v != u], EphemeralIdentity.generate()
-            )
-        boxes = {u: cs[u].share([ads[v] for v in nodes if v != u], PinnedRoster({})) for u in nodes}
+            cs[u], ads[u] = ClientRound.start(u, params, EphemeralIdentity.generate())
+        listing = [(u, ads[u].digest()) for u in nodes]
+        boxes = {
+            u: cs[u].share(listing, [ads[v] for v in nodes if v != u], ads[u], PinnedRoster({}))
+            for u in nodes
+        }
         me = cs[1]
         me.receive_shares({v: boxes[v][1] for v in nodes if v != 1})
         state = me.to_json()
         enc = encode(delta, 100, (0.5,), q, params.rounding_key(1))
         t_enc = _best(lambda q=q, p=params: encode(delta, 100, (0.5,), q, p.rounding_key(1)))
-        t_mask = _best(lambda s=state, e=enc: ClientRound.from_json(s).mask(e))
+        t_mask = _best(lambda s=state, e=enc: ClientRound.from_json(s).mask(e, b"d" * 32))
         out[f"ring{ring}"] = {
             "mask_s": round(t_mask, 4),
             "mask_generation_MB_per_s": round((k + 1) * enc.nbytes / t_mask / 1e6, 1),
@@ -470,7 +472,7 @@ def bench_throughput() -> dict:
 
 def bench_scaling(ns: list[int], d: int) -> dict:
     from fedcore.secagg.protocol.crypto import RoundBinding
-    from fedcore.secagg.protocol.graph import harary_graph, resolve
+    from fedcore.secagg.protocol.graph import resolve
     from fedcore.secagg.protocol.machine import ClientRound, RoundParams, ServerRound
     from fedcore.secagg.protocol.quantize import Quantizer, decode, encode, extra_coordinates
     from fedcore.secagg.protocol.rosters import EphemeralIdentity, PinnedRoster
@@ -481,12 +483,12 @@ def bench_scaling(ns: list[int], d: int) -> dict:
     for n in ns:
         nodes = list(range(1000, 1000 + n))
         k, t = resolve(n, 0, 0)
-        graph = harary_graph(nodes, k, seed=0, server_round=1)
-        params = RoundParams(RoundBinding(1, 1, b"c" * 16), t, q, ("train_loss",))
+        params = RoundParams(RoundBinding(1, 1, b"c" * 16), t, q, ("train_loss",), neighbours=k)
         dim = d + extra_coordinates(1)
         drop = set(g.choice(nodes, max(1, n // 10), replace=False).tolist())
         client_s = dict.fromkeys(nodes, 0.0)
         server_s = 0.0
+        content = b"m" * 32  # the digest of the round's model and config
 
         def timed(u, fn, *a, acc=client_s):
             t0 = time.perf_counter()
@@ -495,16 +497,17 @@ def bench_scaling(ns: list[int], d: int) -> dict:
             return r
 
         t0 = time.perf_counter()
-        server = ServerRound(params, graph, dim, PinnedRoster({}))
+        server = ServerRound(params, nodes, dim, PinnedRoster({}))
         server_s += time.perf_counter() - t0
-        cs, ads = {}, {}
+        cs, ads, ids, rosters = {}, {}, {}, {}
         for u in nodes:
-            ident = EphemeralIdentity.generate()
-            cs[u], ads[u] = timed(u, ClientRound.start, u, params, graph[u], ident)
+            ids[u] = EphemeralIdentity.generate()
+            rosters[u] = PinnedRoster({})
+            cs[u], ads[u] = timed(u, ClientRound.start, u, params, ids[u])
         t0 = time.perf_counter()
-        bundles = server.collect_adverts(ads)
+        listing, bundles = server.collect_adverts(ads)
         server_s += time.perf_counter() - t0
-        boxes = {u: timed(u, cs[u].share, bundles[u], PinnedRoster({})) for u in bundles}
+        boxes = {u: timed(u, cs[u].share, listing, bundles[u], ads[u], rosters[u]) for u in bundles}
         t0 = time.perf_counter()
         relay = server.collect_shares(boxes)
         server_s += time.perf_counter() - t0
@@ -514,14 +517,18 @@ def bench_scaling(ns: list[int], d: int) -> dict:
                 continue
             timed(u, cs[u].receive_shares, relay[u])
             enc = timed(u, encode, x, 50, (1.0,), q, params.rounding_key(u))
-            y = timed(u, cs[u].mask, enc)
+            y = timed(u, cs[u].mask, enc, content)
             t0 = time.perf_counter()
             server.add_masked(u, y)
             server_s += time.perf_counter() - t0
         t0 = time.perf_counter()
-        requests = server.unmask_requests()
+        survivors = server.survivor_set()
         server_s += time.perf_counter() - t0
-        replies = {u: timed(u, cs[u].unmask, *requests[u]) for u in requests}
+        sigs = {u: timed(u, cs[u].confirm, survivors, ids[u]) for u in survivors}
+        t0 = time.perf_counter()
+        requests = server.collect_confirmations(sigs, dict.fromkeys(survivors, content))
+        server_s += time.perf_counter() - t0
+        replies = {u: timed(u, cs[u].unmask, requests[u], rosters[u]) for u in requests}
         t0 = time.perf_counter()
         total = server.finish(replies)
         res = decode(total, q, 1, len(server.u3))
