@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -352,3 +355,76 @@ def test_oversized_requests_get_413_and_are_logged(served_token, caplog) -> None
     assert sum("413" in rec.getMessage() for rec in caplog.records) == 3
     assert served.post(served.public, fleet, content=b"\0" * limit).status_code == 200
     assert served.reached == [(fleet, limit)]
+
+
+# -- the real SuperLink process -------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_the_superlink_opens_only_with_its_token_which_no_child_inherits(tmp_path) -> None:
+    """`python -m fedcore.deploy.superlink` as `fedcore server` starts it, over TLS on loopback."""
+    import psutil
+
+    from fedcore.deploy.guard import OPEN_TOKEN_ENV
+    from fedcore.deploy.provision import provision
+    from fedcore.engines.processes import free_port
+    from tests.procs import procs_mentioning, stop
+
+    fed = provision(tmp_path / "fed", clients=1)
+    public, local = free_port(), free_port()
+    token = secrets.token_bytes(32)
+    marker = f"fedcore-guard-test-{secrets.token_hex(4)}"
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_INTERNAL_GRPC_CONTROL_API": "0",
+        "FLWR_INTERNAL_GRPC_FLEET_API": "0",
+        "FEDCORE_TEST_MARKER": marker,
+        OPEN_TOKEN_ENV: token.hex(),
+    }
+    log_path = tmp_path / "superlink.log"
+    argv = [sys.executable, "-m", "fedcore.deploy.superlink", "--public", f"127.0.0.1:{public}"]
+    argv += ["--local-port", str(local), "--kit", str(fed.server_kit)]
+    argv += ["--max-request-bytes", str(1024 * 1024)]
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(  # noqa: S603
+            argv, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    ca = str(fed.server_kit / "ca.pem")
+
+    def post(port: int, path: str, **kwargs: Any) -> int:
+        url = f"https://127.0.0.1:{port}{path}"
+        return httpx.post(url, verify=ca, timeout=10, **kwargs).status_code
+
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(f"https://127.0.0.1:{local}/health", verify=ca, timeout=2).is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        fleet = "/v1/fleet/pull-messages"
+        assert post(local, OPEN_PATH) == 403
+        assert post(local, OPEN_PATH, headers={OPEN_TOKEN_HEADER: secrets.token_hex(32)}) == 403
+        assert post(public, fleet) == 503
+        assert post(local, OPEN_PATH, headers={OPEN_TOKEN_HEADER: token.hex()}) == 200
+        assert post(public, fleet, content=b"\0" * (1024 * 1024 + 1)) == 413
+        assert post(public, fleet, content=b"\0") not in (403, 413, 503)  # Flower answers it
+        # the secret: in no command line, in no child's environment, in no log line
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children  # SuperExec
+        for child in children:
+            assert OPEN_TOKEN_ENV not in child.environ(), child.cmdline()
+        assert procs_mentioning(token.hex(), pids=True) == [proc.pid]  # its own exec env only
+        assert token.hex() not in " ".join(psutil.Process(proc.pid).cmdline())
+    finally:
+        stop([proc], marker)
+    assert token.hex() not in log_path.read_text(errors="replace")
