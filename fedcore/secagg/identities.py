@@ -11,8 +11,10 @@ signs with, :func:`roster_for` what it checks its neighbours with:
   the CA signed it and its version is higher; the newest verified list is kept
   (in ``Context.state`` and, with a ``state-dir``, on disk) and wins afterwards,
   so a revocation, once seen, stays. An older or unsigned list is ignored, with a
-  log line. Without a list a provisioned node refuses to aggregate, unless node
-  config ``trust-on-first-use`` is true (``fedcore client --trust-on-first-use``);
+  log line. A kit without a list (an older fedcore) takes the first list its CA
+  signed that the server relays; until then a provisioned node refuses to
+  aggregate, unless node config ``trust-on-first-use`` is true (``fedcore client
+  --trust-on-first-use``);
 - **certificate scheme** (``ca-cert``): peers need a certificate from that CA;
 - **simulation** (no ``identity-key``): an Ed25519 key made here from the CSPRNG,
   kept in ``Context.state``; peers are pinned on first use.
@@ -24,8 +26,12 @@ keeps one key, a key signs for one node id. The pins live in ``Context.state``
 Use from a ClientApp handler::
 
     roster, save = roster_for(context, admitted_update=fields.get("admitted-list"))
-    boxes = client_round.share(adverts, roster)   # raises on a refused peer
-    save()                                        # pins and a newer list, kept
+    boxes = client_round.share(..., roster)   # raises on a refused peer
+    save()                                    # the pins and a newer list, kept
+
+(If the server relays the list in an earlier stage than the one that verifies the
+adverts, call ``roster_for(context, admitted_update=blob)`` and ``save()`` there: the
+later ``roster_for(context)`` finds the newer list kept.)
 """
 
 from __future__ import annotations
@@ -200,7 +206,10 @@ class _Lists:
         if isinstance(kept, bytes):
             self._offer(kept, "kept in this node's state", quiet=True)
         if self.file is not None and self.file.is_file():
-            self._offer(self.file.read_bytes(), f"kept in {self.file}", quiet=True)
+            try:
+                self._offer(self.file.read_bytes(), f"kept in {self.file}", quiet=True)
+            except OSError as exc:
+                log.warning("could not read the admitted list kept in %s: %s", self.file, exc)
         if update is not None:
             self._offer(bytes(update), "relayed by the server", quiet=False)
 
