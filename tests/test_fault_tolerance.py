@@ -26,8 +26,7 @@ from flwr.app import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedcore.core.config import config_from_dict, to_flat
-from fedcore.core.errors import ConfigError
+from fedcore.core.config import to_flat
 from fedcore.engines.embedded import node_id_for, run_embedded
 from fedcore.serverside.checkpoint import load_checkpoint
 from fedcore.serverside.exchange import PlainExchange
@@ -163,53 +162,6 @@ def test_fuzzed_replies_never_crash_and_never_change_the_model(data, n_bad, n_go
         assert np.allclose(new["w"].numpy(), expected)
     else:
         assert result.update is None and new is None
-
-
-_scalars = st.one_of(
-    st.integers(-10, 10**6),
-    st.floats(allow_nan=True),
-    st.text(max_size=8),
-    st.booleans(),
-    st.lists(st.integers(), max_size=2),
-    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
-)
-_keys = st.sampled_from(
-    [
-        "rounds",
-        "clients",
-        "seed",
-        "alpha",
-        "partition",
-        "source",
-        "factory",
-        "lr",
-        "bogus",
-        "fraction-train",
-        "round-timeout",
-        "min-train-replies",
-        "kwargs",
-        "workers",
-        "path",
-    ]
-)
-
-
-@pytest.mark.filterwarnings("ignore:config key .* is deprecated:DeprecationWarning")
-@settings(max_examples=300, deadline=None)
-@given(
-    st.dictionaries(
-        st.sampled_from(["run", "data", "model", "train", "strategy", "engine", "nope"]),
-        st.one_of(st.dictionaries(_keys, _scalars, max_size=4), _scalars),
-        max_size=4,
-    )
-)
-def test_fuzzed_configs_give_a_config_error_or_a_valid_config(raw):
-    try:
-        cfg = config_from_dict(raw)
-    except ConfigError as exc:
-        assert exc.key and str(exc)
-    else:
-        cfg.validate()
 
 
 # ------------------------------------------------------------------ SIGKILL + resume
