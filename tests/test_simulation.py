@@ -102,7 +102,10 @@ def test_a_stock_flower_clientapp_joins_a_fedcore_server(tmp_path):
     rows = _rows(tmp_path / "run")
     assert [int(r["clients"]) for r in rows] == [3, 3]
     assert all(int(r["failures"]) == 0 for r in rows)
-    assert float(rows[-1]["fed_accuracy"]) > 0.2
+    # it learns: 2 rounds reach 0.72 federated accuracy (0.46 after one; measured), a model
+    # that does not learn stays at 0.06 (lr 1e-6), chance is 0.1
+    fed = [float(r["fed_accuracy"]) for r in rows]
+    assert fed[1] > max(0.6, fed[0] + 0.1), fed
 
 
 @pytest.mark.slow
