@@ -75,10 +75,11 @@ no attack exists, "feasible" means these necessary conditions hold):
 Lemma 1. A revealer ``w`` gives sk-shares of at most ``d_w - t`` honest peers: at
 least ``t - c_w`` of its ``d_w - c_w`` honest neighbours are in its own group.
 
-Lemma 2. If ``t - c_x`` honest revealers give sk-shares of ``x``, they are outside
-``P(x)`` (a neighbour in ``x``'s statement signed it, so it reveals b-shares of
-``x``), so at most ``d_x - t`` honest neighbours share ``x``'s group, and ``x`` can
-be a revealer only if ``c_x >= 2t - d_x``.
+Lemma 2. If ``t - c_x`` honest revealers give sk-shares of ``x``, none of them is
+in a statement ``x`` reveals under (it would have signed it, hence be told the same
+set, which contains ``x`` since ``x`` is in its own: it would give ``x``'s b-share),
+so at most ``d_x - t`` of ``x``'s honest neighbours are in ``x``'s statement, and
+``x`` can be a revealer only if ``c_x >= 2t - d_x``.
 
 - Route B needs disjoint sets of ``dem_u`` revealers in ``N(u)`` inside and outside
   ``P(u)``: the same necessary condition as under "lists", i.e.
@@ -92,8 +93,9 @@ be a revealer only if ``c_x >= 2t - d_x``.
   and without those demand nodes as suppliers, must meet every demand.
 
 With no colluders and ``t > k/2`` (fedcore's ``t = floor(k/2) + 1``) both fail:
-``2t - k >= 1 > 0 = c_v``. In general nothing is exposed while every client has
-fewer than ``2t - k`` colluding neighbours: ``c < 2t - k`` (1 for even ``k``).
+``2t - k >= 1 > 0 = c_v``. On a ``k``-regular graph nothing is exposed while every
+client has fewer than ``2t - k`` colluding neighbours: ``c < 2t - k`` (2 for even
+``k``, so one colluder is harmless; 1 for odd ``k``, so none is allowed).
 
 Maximum flow: scipy's :func:`scipy.sparse.csgraph.maximum_flow` (Dinic's
 algorithm) on a CSR matrix of ``int32`` capacities.
