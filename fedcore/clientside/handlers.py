@@ -44,7 +44,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from fedcore.clientside.data import ClientData, client_data, load_file, split_local
 from fedcore.clientside.models import build_model
-from fedcore.clientside.policy import checked_hyperparameters, local_config, run_config
+from fedcore.clientside.policy import (
+    PARTITION_ID,
+    checked_hyperparameters,
+    local_config,
+    run_config,
+)
 from fedcore.clientside.state import ClientState
 from fedcore.clientside.training import (
     TrainSettings,
@@ -90,7 +95,6 @@ __all__ = [
 log = logging.getLogger("fedcore")
 
 DATA_PATH = "data-path"
-PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 #: Training-config key of FedProx's ``mu`` (the server's ``FedProx.train_config``).
 PROXIMAL_MU = "proximal-mu"

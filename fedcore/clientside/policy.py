@@ -42,6 +42,7 @@ __all__ = [
     "PlainRoundRefused",
     "allows_plain",
     "checked_hyperparameters",
+    "client_config_file",
     "local_config",
     "plain_round_mod",
     "run_config",
