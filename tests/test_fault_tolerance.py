@@ -201,6 +201,10 @@ batch-size = 16
 [engine]
 workers = 1
 """
+# Exact resume is a property of the checkpoints: the tests below run plain rounds. Under
+# secure aggregation a round the clients already masked is re-trained with fresh
+# randomness on resume (their replay guard), see the secure-aggregation test at the end.
+KILL_CONFIG_PLAIN = KILL_CONFIG + "[secagg]\nenabled = false\n"
 
 
 def _run_to_completion(cfg_path, run_dir, first_env=None, kill_after=None):
@@ -232,7 +236,7 @@ def _run_to_completion(cfg_path, run_dir, first_env=None, kill_after=None):
 @pytest.mark.slow
 def test_sigkill_at_ten_points_then_resume_gives_the_uninterrupted_model(tmp_path):
     cfg_path = tmp_path / "kill.toml"
-    cfg_path.write_text(KILL_CONFIG)
+    cfg_path.write_text(KILL_CONFIG_PLAIN)
     ref = tmp_path / "reference"
     t0 = time.monotonic()
     proc = _cli(str(cfg_path), "--out", str(ref))
@@ -298,7 +302,7 @@ def test_sigkill_and_resume_keep_strategy_state_exact(tmp_path, name, options):
     client's) survive SIGKILL: the resumed run ends with the uninterrupted model."""
     cfg_path = tmp_path / "kill.toml"
     table = f'[strategy]\nname = "{name}"\n' + (f"[strategy.options]\n{options}" if options else "")
-    cfg_path.write_text(KILL_CONFIG + table)
+    cfg_path.write_text(KILL_CONFIG_PLAIN + table)
     ref = tmp_path / "reference"
     proc = _cli(str(cfg_path), "--out", str(ref))
     _, err = proc.communicate(timeout=180)
@@ -317,3 +321,40 @@ def test_sigkill_and_resume_keep_strategy_state_exact(tmp_path, name, options):
         died = _run_to_completion(cfg_path, run_dir, first_env={"FEDCORE_CRASH_AT": point})
         assert died, point
         assert (run_dir / "model.safetensors").read_bytes() == reference, f"{name}: {point}"
+
+
+@pytest.mark.slow
+def test_sigkill_under_secure_aggregation_resumes_exactly_between_rounds_and_afresh_within(
+    tmp_path,
+):
+    """Secure aggregation on: a run killed after a checkpoint resumes to the uninterrupted
+    model; one killed after the clients masked round 3 but before the server checkpointed
+    it re-runs round 3 as a new attempt, which every client trains with fresh randomness
+    (so two sums of round 3 over different sets could not be differenced), and still
+    completes every round."""
+    from fedcore.clientside.state import ClientState
+
+    cfg_path = tmp_path / "kill.toml"
+    cfg_path.write_text(KILL_CONFIG)
+    ref = tmp_path / "reference"
+    proc = _cli(str(cfg_path), "--out", str(ref))
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    reference = (ref / "model.safetensors").read_bytes()
+
+    between = tmp_path / "between"
+    assert _run_to_completion(
+        cfg_path, between, first_env={"FEDCORE_CRASH_AT": "checkpoint-written:2"}
+    )
+    assert (between / "model.safetensors").read_bytes() == reference
+
+    within = tmp_path / "within"
+    assert _run_to_completion(
+        cfg_path, within, first_env={"FEDCORE_CRASH_AT": "before-checkpoint:3"}
+    )
+    assert load_checkpoint(within).round == 6
+    assert (within / "model.safetensors").read_bytes() != reference
+    for p in range(4):
+        guard = ClientState(within / "client-state" / str(p)).load("secagg-guard-train", 10**6)
+        attempts = dict(zip(guard["rounds"].tolist(), guard["counts"].tolist(), strict=True))
+        assert attempts[3] == 2 and all(attempts[r] == 1 for r in (1, 2, 4, 5, 6)), attempts
