@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 
 from fedcore.core.config import RoundConfig
 from fedcore.core.errors import RoundFailedError
-from fedcore.core.records import Rejection
+from fedcore.core.records import ATTEMPT, Rejection
 from fedcore.serverside.exchange import Aggregate, EvaluateResult, Exchange, PlainExchange
 from fedcore.serverside.strategies.base import Strategy
 
@@ -176,7 +176,7 @@ def _train_attempt(
         return None, [], [], str(exc)
     config = ConfigRecord(dict(train_config))
     if attempt:
-        config["attempt"] = attempt
+        config[ATTEMPT] = attempt
     agg = train_once(
         grid,
         strategy,
