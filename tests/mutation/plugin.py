@@ -6,6 +6,9 @@ from one mutant to the next, and neither a deadline nor a health check can fail 
 that the mutant merely slowed down.
 """
 
+import sys
+
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -16,3 +19,19 @@ settings.register_profile(
     suppress_health_check=list(HealthCheck),
 )
 settings.load_profile("fedcore-mutants")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fedcore_caches():
+    """Empty fedcore's memoizing caches before each test, as in a fresh process.
+
+    mutmut forks every mutant's test run from a process that has already run the tests
+    on the original code, so an ``lru_cache`` (the kernel's ``.npy`` header parser, say)
+    would answer from the original's results and hide the mutant.
+    """
+    for name, module in list(sys.modules.items()):
+        if name == "fedcore" or name.startswith("fedcore."):
+            for value in list(vars(module).values()):
+                clear = getattr(value, "cache_clear", None)
+                if callable(clear):
+                    clear()

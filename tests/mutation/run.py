@@ -94,9 +94,14 @@ AREAS: tuple[Area, ...] = (
         tests=(
             "tests/test_aggregation.py",
             "tests/test_aggregation_perf.py",
+            "tests/test_mutants_aggregation.py",
         ),
     ),
-    Area("partition", "fedcore/clientside/partition.py", tests=("tests/test_partition.py",)),
+    Area(
+        "partition",
+        "fedcore/clientside/partition.py",
+        tests=("tests/test_partition.py", "tests/test_mutants_partition.py"),
+    ),
     Area(
         "sampling",
         "fedcore/core/sampling.py",
@@ -145,14 +150,22 @@ AREAS: tuple[Area, ...] = (
 # ------------------------------------------------------------------ equivalent mutants
 
 
+#: Kinds of reviewed survivors. ``equivalent``: no input tells the mutant from the
+#: original. ``within-contract``: the outputs differ only where the docs leave them open
+#: (rounding inside the documented error bound, the wording of a refusal that is still
+#: the same error, speed or memory that no documented limit pins).
+KINDS = ("equivalent", "within-contract")
+
+
 @dataclass(frozen=True)
 class Equivalent:
-    """A reviewed survivor: mutating ``before`` into ``after`` in ``function`` changes nothing."""
+    """A reviewed survivor: mutating ``before`` into ``after`` in ``function`` (see KINDS)."""
 
     file: str
     function: str
     before: str
     after: str
+    kind: str
     reason: str
 
     def matches(self, file: str, function: str, before: str, after: str) -> bool:
@@ -169,11 +182,12 @@ def load_equivalents(path: Path = EQUIVALENT) -> list[Equivalent]:
     entries = tomllib.loads(path.read_text(encoding="utf-8")).get("mutant", [])
     out = []
     for i, e in enumerate(entries):
-        missing = [k for k in ("file", "function", "before", "after", "reason") if k not in e]
-        if missing or len(str(e.get("reason", "")).strip()) < 20:
+        missing = [k for k in Equivalent.__dataclass_fields__ if k not in e]
+        if missing or len(str(e.get("reason", "")).strip()) < 20 or e["kind"] not in KINDS:
             raise SystemExit(
-                f"{path}: entry {i + 1} needs file, function, before, after and a reason of "
-                f"at least 20 characters (missing {missing})"
+                f"{path}: entry {i + 1} needs file, function, before, after, kind (one of "
+                f"{', '.join(KINDS)}) and a reason of at least 20 characters "
+                f"(missing {missing})"
             )
         out.append(Equivalent(**{k: str(e[k]) for k in Equivalent.__dataclass_fields__}))
     return out
@@ -204,6 +218,7 @@ class AreaResult:
     survived: int = 0
     no_tests: int = 0
     equivalent: int = 0
+    within_contract: int = 0
     seconds: float = 0.0
     survivors: list[Mutant] = field(default_factory=list)
     stale: list[Equivalent] = field(default_factory=list)
@@ -221,6 +236,7 @@ class AreaResult:
             "timeout": self.timeout,
             "no_tests": self.no_tests,
             "equivalent": self.equivalent,
+            "within_contract": self.within_contract,
             "seconds": round(self.seconds, 1),
         }
 
@@ -241,17 +257,8 @@ def describe(diff: str) -> tuple[str, str]:
     return "\n".join(minus), "\n".join(plus)
 
 
-def collect(
-    area: Area,
-    sandbox: Path,
-    equivalents: Sequence[Equivalent],
-    earlier: dict[str, int | None] | None = None,
-) -> AreaResult:
-    """Read mutmut's verdicts for ``area`` from its sandbox and classify them.
-
-    ``earlier``: the verdicts of the previous run (``--survivors``), kept for the mutants
-    this run did not re-test (mutmut forgets them when the test selection changes).
-    """
+def collect(area: Area, sandbox: Path, equivalents: Sequence[Equivalent]) -> AreaResult:
+    """Read mutmut's verdicts for ``area`` from its sandbox and classify them."""
     from mutmut.configuration import reset_config
     from mutmut.mutation.data import SourceFileMutationData
     from mutmut.mutation.diff_apply import get_diff_for_mutant
@@ -267,8 +274,6 @@ def collect(
         used: set[int] = set()
         for key, code in sorted(data.exit_code_by_key.items()):
             func = function_of(key)
-            if code is None and earlier:
-                code = earlier.get(key)
             if area.functions and not any(fnmatch.fnmatchcase(func, p) for p in area.functions):
                 continue
             status = status_by_exit_code[code]
@@ -289,6 +294,7 @@ def collect(
             if hit:
                 used.update(hit)
                 result.equivalent += 1
+                result.within_contract += equivalents[hit[0]].kind == "within-contract"
                 continue
             result.survived += 1
             result.no_tests += status == "no tests"
@@ -355,6 +361,21 @@ def previous_verdicts(area: Area, sandbox: Path) -> dict[str, int | None]:
     return json.loads(meta.read_text())["exit_code_by_key"]
 
 
+def keep_verdicts(area: Area, sandbox: Path, earlier: dict[str, int | None]) -> None:
+    """Write back the earlier verdicts of mutants this run did not re-test.
+
+    mutmut forgets every verdict when an area's test selection changes; ``--survivors``
+    re-tests only the survivors, so the kills of the run before stay on record.
+    """
+    meta = sandbox / "mutants" / f"{area.file}.meta"
+    data = json.loads(meta.read_text())
+    codes = data["exit_code_by_key"]
+    for key, code in codes.items():
+        if code is None and earlier.get(key) is not None:
+            codes[key] = earlier[key]
+    meta.write_text(json.dumps(data, indent=4))
+
+
 def run_area(
     area: Area, equivalents: Sequence[Equivalent], *, workers: int, survivors: bool
 ) -> AreaResult:
@@ -366,6 +387,8 @@ def run_area(
     else:  # survived (0), no tests (5, 33) or never run
         names = sorted(k for k, c in earlier.items() if c in (0, 5, 33, None))
     prepare(area, sandbox, fresh=not survivors)
+    if survivors:  # map tests to functions afresh: edited tests keep their names
+        (sandbox / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     env = {
         **os.environ,
         # one thread per test process: the workers share two cores with everyone else
@@ -392,7 +415,9 @@ def run_area(
         if rc != 0:
             tail = log.read_text(errors="replace")[-3000:]
             raise SystemExit(f"mutmut failed on area {area.name} (exit {rc}); {log}:\n{tail}")
-    result = collect(area, sandbox, equivalents, earlier)
+    if earlier:
+        keep_verdicts(area, sandbox, earlier)
+    result = collect(area, sandbox, equivalents)
     result.seconds = time.monotonic() - start
     return result
 
@@ -445,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "timeout": sum(r.timeout for r in results),
         "no_tests": sum(r.no_tests for r in results),
         "equivalent": sum(r.equivalent for r in results),
+        "within_contract": sum(r.within_contract for r in results),
         "stale_equivalents": sum(len(r.stale) for r in results),
         "seconds": round(sum(r.seconds for r in results), 1),
         "modules": {r.name: r.row() for r in results},
