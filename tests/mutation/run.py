@@ -110,7 +110,11 @@ AREAS: tuple[Area, ...] = (
     Area(
         "shamir",
         "fedcore/secagg/protocol/shamir.py",
-        tests=("tests/test_secagg_core.py", "tests/test_secagg_protocol.py"),
+        tests=(
+            "tests/test_secagg_core.py",
+            "tests/test_secagg_protocol.py",
+            "tests/test_mutants_shamir.py",
+        ),
     ),
     Area(
         "quantize",
