@@ -119,7 +119,11 @@ AREAS: tuple[Area, ...] = (
     Area(
         "quantize",
         "fedcore/secagg/protocol/quantize.py",
-        tests=("tests/test_secagg_core.py", "tests/test_secagg_protocol.py"),
+        tests=(
+            "tests/test_secagg_core.py",
+            "tests/test_secagg_protocol.py",
+            "tests/test_mutants_quantize.py",
+        ),
     ),
     Area(
         "crypto",
