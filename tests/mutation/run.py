@@ -128,7 +128,11 @@ AREAS: tuple[Area, ...] = (
     Area(
         "crypto",
         "fedcore/secagg/protocol/crypto.py",
-        tests=("tests/test_secagg_core.py", "tests/test_secagg_protocol.py"),
+        tests=(
+            "tests/test_secagg_core.py",
+            "tests/test_secagg_protocol.py",
+            "tests/test_mutants_crypto.py",
+        ),
     ),
     Area("checkpoint", "fedcore/serverside/checkpoint.py", tests=("tests/test_checkpoint.py",)),
     Area(
