@@ -134,7 +134,11 @@ AREAS: tuple[Area, ...] = (
             "tests/test_mutants_crypto.py",
         ),
     ),
-    Area("checkpoint", "fedcore/serverside/checkpoint.py", tests=("tests/test_checkpoint.py",)),
+    Area(
+        "checkpoint",
+        "fedcore/serverside/checkpoint.py",
+        tests=("tests/test_checkpoint.py", "tests/test_mutants_checkpoint.py"),
+    ),
     Area(
         "keys",
         "fedcore/core/keys.py",
