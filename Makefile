@@ -2,6 +2,7 @@
 #   make simulate   set up .venv, run the default simulation
 #   make test       set up .venv, run the whole test suite (what CI runs)
 #   make test-quick the fast subset (no slow end-to-end tests)
+#   make mutants    mutation testing of the critical core (not part of make test; docs/testing.md)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,7 +13,7 @@ STAMP  := $(VENV)/.fedcore-installed
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup simulate test test-quick lint clean
+.PHONY: setup simulate test test-quick mutants lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +34,12 @@ test: setup
 
 test-quick: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+# One module at a time, 2 workers (MUTANT_WORKERS), each with its fast tests; the last line
+# printed is the JSON summary. Fails below a score of 0.90. Sandboxes: mutants/ (ignored).
+MUTANT_WORKERS ?= 2
+mutants: setup
+	$(BIN)/python tests/mutation/run.py --workers $(MUTANT_WORKERS) --fail-under 0.90
 
 lint: setup
 	$(BIN)/ruff check fedcore server clients tests benchmarks

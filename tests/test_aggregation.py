@@ -61,6 +61,7 @@ def _flower_oracle(arrays_list, weights):
     return aggregate_arrayrecords(replies, "num-examples")
 
 
+@pytest.mark.property
 @settings(max_examples=50, deadline=None)
 @given(
     n_clients=st.integers(1, 40),

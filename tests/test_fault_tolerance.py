@@ -142,6 +142,7 @@ def bad_replies(draw, to):
     return Message(content, reply_to=to)
 
 
+@pytest.mark.property
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), n_bad=st.integers(1, 5), n_good=st.integers(0, 3))
 def test_fuzzed_replies_never_crash_and_never_change_the_model(data, n_bad, n_good):

@@ -20,6 +20,7 @@ def _assert_exact_cover(parts, n):
     assert all(len(p) > 0 for p in parts)
 
 
+@pytest.mark.property
 @settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(20, 400),

@@ -46,6 +46,11 @@ EQUIVALENT = Path(__file__).resolve().parent / "equivalent.toml"
 SNAPSHOT = ("fedcore", "clients", "server", "tests", "simulations", "pyproject.toml")
 #: Arguments of every pytest run mutmut makes (stats, clean run, each mutant).
 PYTEST_ARGS = (
+    # the project's addopts may parallelise the suite (xdist); mutmut runs tests in-process
+    "-o",
+    "addopts=--strict-markers",
+    "-p",
+    "no:xdist",
     "-p",
     "no:cacheprovider",
     "-p",
