@@ -151,6 +151,7 @@ AREAS: tuple[Area, ...] = (
             "tests/test_config.py",
             "tests/test_config_declared_once.py",
             "tests/test_flower_config.py",
+            "tests/test_mutants_keys.py",
         ),
         deselect=("tests/test_config.py::test_cli_stops_before_training_with_one_message",),
     ),
