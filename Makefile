@@ -30,10 +30,10 @@ simulate: setup
 test: setup
 	$(BIN)/ruff check fedcore server clients tests benchmarks
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-quick: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
 
 # One module at a time, 2 workers (MUTANT_WORKERS), each with its fast tests; the last line
 # printed is the JSON summary. Fails below a score of 0.90. Sandboxes: mutants/ (ignored).
