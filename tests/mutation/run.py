@@ -182,6 +182,46 @@ AREAS: tuple[Area, ...] = (
         ),
         note="validation only: the sections' cross-checks and the readers of raw values",
     ),
+    # Being extended as this list was written (reply validation, the guard, SecAgg+'s
+    # consistency check): their tests select the suite's own files only, no test_mutants_*.
+    Area(
+        "exchange",
+        "fedcore/serverside/exchange.py",
+        tests=("tests/test_reply_validation.py", "tests/test_fault_tolerance.py"),
+        functions=("num_examples_of", "PlainExchange.aggregate"),
+        note="reply validation only",
+    ),
+    Area(
+        "guard",
+        "fedcore/deploy/guard.py",
+        tests=("tests/test_guard_polling.py",),
+        deselect=(
+            # these serve the guard with uvicorn, which takes mutmut's wrapper of the async
+            # __call__ for an ASGI2 app and fails on the unmutated code
+            "tests/test_guard_polling.py::test_open_endpoint_over_loopback_needs_the_servers_token",
+            "tests/test_guard_polling.py::test_oversized_requests_get_413_and_are_logged",
+        ),
+    ),
+    Area(
+        "graph",
+        "fedcore/secagg/protocol/graph.py",
+        tests=(
+            "tests/test_secagg_core.py",
+            "tests/test_secagg_protocol.py",
+            "tests/test_secagg_exposure.py",
+            "tests/test_secagg_adversarial.py",
+        ),
+    ),
+    Area(
+        "machine",
+        "fedcore/secagg/protocol/machine.py",
+        tests=(
+            "tests/test_secagg_core.py",
+            "tests/test_secagg_protocol.py",
+            "tests/test_secagg_exposure.py",
+            "tests/test_secagg_adversarial.py",
+        ),
+    ),
 )
 
 
