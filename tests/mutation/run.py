@@ -57,6 +57,9 @@ PYTEST_ARGS = (
     "tests.mutation.plugin",  # hypothesis: derandomized, no example database, no deadline
     "-m",
     "not slow",
+    # a mutant that makes a test wait (a deadline, a queue) uses no CPU, so mutmut's CPU
+    # limit never stops it: pytest-timeout does
+    "--timeout=60",
 )
 
 
@@ -187,14 +190,28 @@ AREAS: tuple[Area, ...] = (
     Area(
         "exchange",
         "fedcore/serverside/exchange.py",
-        tests=("tests/test_reply_validation.py", "tests/test_fault_tolerance.py"),
+        tests=(
+            "tests/test_reply_validation.py",
+            "tests/test_fault_tolerance.py",
+            # strategies that take individual replies (robust ones) or summed extras
+            # (SCAFFOLD's control variates) from the exchange
+            "tests/test_strategy.py",
+            "tests/test_strategies_oracle.py",
+            "tests/test_strategy_options.py",
+            "tests/test_scaffold.py",
+            "tests/test_mutants_exchange.py",
+        ),
         functions=("num_examples_of", "PlainExchange.aggregate"),
+        deselect=(
+            # 10 s of training to an optimum; the reference-step tests cover the exchange
+            "tests/test_scaffold.py::test_the_papers_scaffold_reaches_the_optimum_and_fedavg_does_not",
+        ),
         note="reply validation only",
     ),
     Area(
         "guard",
         "fedcore/deploy/guard.py",
-        tests=("tests/test_guard_polling.py",),
+        tests=("tests/test_guard_polling.py", "tests/test_mutants_guard.py"),
         deselect=(
             # these serve the guard with uvicorn, which takes mutmut's wrapper of the async
             # __call__ for an ASGI2 app and fails on the unmutated code
@@ -210,6 +227,7 @@ AREAS: tuple[Area, ...] = (
             "tests/test_secagg_protocol.py",
             "tests/test_secagg_exposure.py",
             "tests/test_secagg_adversarial.py",
+            "tests/test_mutants_graph.py",
         ),
     ),
     Area(
@@ -424,6 +442,10 @@ def prepare(area: Area, sandbox: Path, *, fresh: bool) -> None:
         "pytest_add_cli_args_test_selection": selection,
         "pytest_add_cli_args": list(PYTEST_ARGS),
         "use_git_change_detection": False,
+        # a mutant that loops forever is stopped after 2.5 x (its tests' time + 2 s) x 2 of
+        # CPU (mutmut's rule; its default 15 x lets one such mutant cost minutes)
+        "timeout_multiplier": 2.5,
+        "timeout_constant": 2.0,
     }
     text = project + "\n" + tomli_w.dumps({"tool": {"mutmut": mutmut}})
     (sandbox / "pyproject.toml").write_text(text, encoding="utf-8")
@@ -510,7 +532,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--fail-under", type=float, default=0.0, help="exit 1 below this score")
     parser.add_argument("--list", action="store_true", help="print the areas and exit")
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="print equivalent.toml as the Markdown table of docs/testing.md and exit",
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(load_equivalents()))
+        return 0
     areas = [a for a in AREAS if not args.area or a.name in args.area]
     if args.list:
         for a in areas:
@@ -560,6 +590,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     (WORK / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(summary))
     return 1 if summary["score"] < args.fail_under else 0
+
+
+def markdown_table(equivalents: Sequence[Equivalent]) -> str:
+    """The reviewed survivors as a Markdown table (file, function, mutation, kind, reason)."""
+
+    def cell(text: str) -> str:
+        return " ".join(text.split()).replace("|", "\\|")
+
+    rows = [
+        "| file | function | mutation (before → after) | kind | why no test can fail |",
+        "|---|---|---|---|---|",
+    ]
+    for e in equivalents:
+        before = cell(e.before).replace("`", "'")
+        after = cell(e.after).replace("`", "'") or "(removed)"
+        rows.append(
+            f"| `{e.file.rsplit('/', 1)[-1]}` | `{e.function}` | `{before}` → `{after}` "
+            f"| {e.kind} | {cell(e.reason)} |"
+        )
+    return "\n".join(rows)
 
 
 def _indent(text: str, n: int) -> str:
