@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedcore.core.aggregation import spec_of
+from fedcore.core.aggregation import spec_of, weighted_mean
 from fedcore.core.errors import ReplyError
 from fedcore.serverside.exchange import PlainExchange, num_examples_of
 from fedcore.serverside.strategies import FedAvg
@@ -108,3 +108,54 @@ def test_the_aggregate_carries_the_mean_its_update_and_the_summed_extras():
     assert agg.extras["cv"]["c"].dtype == np.float64
     assert agg.extras["cv"]["c"].tolist() == [5.0, 3.0]  # (1*2 + 3*6) / 4, (0 + 3*4) / 4
     assert (agg.total_weight, agg.num_clients) == (4, 2)
+
+
+def test_the_exchange_sums_in_blocks_of_its_configured_size():
+    g = np.random.default_rng(4)
+    msgs = _instructions(40)
+    values = [g.normal(0, 1, 3).astype(np.float32) for _ in msgs]
+    replies = []
+    for m, v in zip(msgs, values):
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({"w": Array(v)}),
+                "metrics": MetricRecord({"num-examples": 7}),
+                "cv": ArrayRecord({"c": Array(v)}),
+            }
+        )
+        replies.append(Message(content, reply_to=m))
+    summed = {"cv": spec_of(ArrayRecord({"c": Array(np.zeros(3, np.float32))}))}
+
+    def mean(block):
+        agg = PlainExchange(accumulation_block=block).aggregate(
+            replies, arrays=GLOBAL, summed=summed
+        )
+        return agg.mean["w"].numpy(), agg.extras["cv"]["c"]
+
+    expected = weighted_mean([(ArrayRecord({"w": Array(v)}), 7) for v in values], block=1)
+    one, one_cv = mean(1)
+    assert np.array_equal(one, expected["w"].numpy())
+    assert np.array_equal(one_cv.astype(np.float32), one)
+    default, default_cv = mean(32)
+    assert not np.array_equal(one, default)  # the block size shows in the last bits
+    assert not np.array_equal(one_cv, default_cv)
+
+
+def test_summed_extras_get_their_own_allowance_under_a_configured_cap():
+    (to,) = _instructions(1)
+    model_bytes = 3 * 4
+    reply = _reply(to, 1.0, {"num-examples": 2}, extra=[1.0] * 64)
+    summed = {"cv": spec_of(ArrayRecord({"c": Array(np.zeros(64, np.float32))}))}
+    agg = PlainExchange(max_reply_bytes=model_bytes).aggregate(
+        [reply], arrays=GLOBAL, summed=summed
+    )
+    assert agg.num_clients == 1 and not agg.rejected
+
+
+def test_a_reply_with_other_array_records_is_rejected_naming_them():
+    (to,) = _instructions(1)
+    reply = _reply(to, 1.0, {"num-examples": 2}, extra=[1.0])
+    agg = PlainExchange().aggregate([reply], arrays=GLOBAL)
+    (rejection,) = agg.rejected
+    assert (rejection.node_id, rejection.stage) == (to.metadata.dst_node_id, "train")
+    assert rejection.reason == "expected ArrayRecords ['arrays'], found ['arrays', 'cv']"

@@ -78,6 +78,7 @@ def test_auto_threshold_is_a_strict_majority():
         (4, 2, 0, (2, 2)),  # k = 2 is kept (the minimum)
         (5, 3, 0, (4, 3)),  # n * k odd: k raised by one
         (5, 10, 0, (4, 3)),  # capped at n - 1
+        (6, 10, 0, (5, 3)),
         (10, 6, 5, (6, 5)),  # a given threshold is kept
         (10, 6, 9, (6, 6)),  # ... capped at k
         (20, 0, 0, (12, 7)),

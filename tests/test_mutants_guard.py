@@ -33,23 +33,31 @@ TOKEN = bytes(range(16))
 class App:
     """A stand-in for the SuperLink app: reads the whole body, answers 200 with its size."""
 
-    def __init__(self):
+    def __init__(self, *, answer_first=False):
         self.calls = []
+        self.received = []
+        self.answer_first = answer_first  # start the response before reading the body
 
     async def __call__(self, scope, receive, send):
         self.calls.append(scope.get("type"))
         if scope["type"] != "http":
+            message = await receive()  # e.g. lifespan.startup
+            await send({"type": message["type"] + ".complete"})
             return
+        if self.answer_first:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
         body = b""
         while True:
             message = await receive()
+            self.received.append(message["type"])
             if message["type"] == "http.disconnect":
                 break
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
         payload = json.dumps({"read": len(body)}).encode()
-        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if not self.answer_first:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": payload})
 
 
@@ -155,15 +163,68 @@ def test_the_open_path_on_the_public_listener_is_just_forbidden():
     assert body == {"detail": "forbidden: the public listener serves the Fleet API only"}
 
 
-def test_refused_websockets_are_closed_with_policy_violation_and_lifespan_passes():
+def _passed_through(guard, scope):
+    """What the app sends back when it answers the first message it receives."""
+    sent = []
+
+    async def receive():
+        return {"type": "lifespan.startup" if scope["type"] == "lifespan" else "websocket"}
+
+    async def send(message):
+        sent.append(message["type"])
+
+    asyncio.run(guard(scope, receive, send))
+    return sent
+
+
+def test_refused_websockets_are_closed_and_others_pass_with_their_channels(caplog):
     app = App()
     guard = _guard(app)
-    ws = {"type": "websocket", "path": FLEET, "server": ("10.0.0.2", PUBLIC), "client": ("1", 2)}
-    assert _call(guard, ws) == (("close", 1008), None)
+    ws = {"type": "websocket", "path": FLEET, "server": ("10.0.0.2", PUBLIC)}
+    with caplog.at_level(logging.WARNING, logger="fedcore.guard"):
+        assert _call(guard, ws) == (("close", 1008), None)
+    # no method (a websocket) and no client address: the log says so
+    assert caplog.messages == [
+        f"refused WS {FLEET} from ?:? (the public listener serves the Fleet API only)"
+    ]
     local_ws = {**ws, "server": ("127.0.0.1", LOCAL), "client": ("127.0.0.1", 2)}
-    asyncio.run(guard(local_ws, None, None))
-    asyncio.run(guard({"type": "lifespan"}, None, None))
+    assert _passed_through(guard, local_ws) == ["websocket.complete"]
+    assert _passed_through(guard, {"type": "lifespan"}) == ["lifespan.startup.complete"]
     assert app.calls == ["websocket", "lifespan"]
+
+
+def test_the_public_port_on_a_loopback_address_is_still_the_public_listener():
+    """Local tests bind both listeners to 127.0.0.1: the port tells them apart."""
+    guard = _guard()
+    control = _scope(host="127.0.0.1", peer="127.0.0.1", path="/api/v0/control/start-run")
+    assert _call(guard, control) == (
+        403,
+        {"detail": "forbidden: the public listener serves the Fleet API only"},
+    )
+
+
+def test_a_cap_of_one_byte_is_allowed():
+    assert _call(_guard(max_request_bytes=1), _scope(), [b"x"]) == (200, {"read": 1})
+
+
+def test_past_the_cap_the_app_reads_a_disconnect():
+    app = App()
+    _call(_guard(app, max_request_bytes=10), _scope(), [b"x" * 6, b"x" * 6, b"x"])
+    assert app.received == ["http.request", "http.disconnect"]
+
+
+def test_a_response_already_started_is_not_answered_twice(caplog):
+    """If the app answered before the body passed the cap, no 413 follows its start."""
+    app = App(answer_first=True)
+    with caplog.at_level(logging.WARNING, logger="fedcore.guard"):
+        status, body = _call(
+            _guard(app, max_request_bytes=10), {**_scope(), "client": None}, [b"x" * 11]
+        )
+    assert (status, body) == (200, None)  # the start went out; the late body is dropped
+    assert caplog.messages == [
+        f"refused POST {FLEET} from ?:? with 413: the body sent more than 10 bytes; "
+        "the limit is 10 bytes (fedcore server --max-request-mb)"
+    ]
 
 
 def _length(n):
