@@ -40,7 +40,13 @@ from fedcore.serverside.checkpoint import (
 )
 from fedcore.serverside.exchange import Exchange, PlainExchange
 from fedcore.serverside.rounds import Observer, RoundPolicy, RoundRecord, run_federation
-from fedcore.serverside.rundir import Observers, RunObserver, default_run_dir, write_plot
+from fedcore.serverside.rundir import (
+    Observers,
+    RunObserver,
+    default_run_dir,
+    write_metrics,
+    write_plot,
+)
 from fedcore.serverside.strategies import STRATEGIES, Sampling, Strategy, strategy_class
 from fedcore.storage.admitted import read_admitted_blob
 from fedcore.storage.files import arrays_to_safetensors, atomic_write, write_json
@@ -249,6 +255,9 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
         state = load_checkpoint(run_dir, expect=cfg, model_spec=spec_of(arrays))
         arrays, start, history = state.arrays, state.round + 1, [dict(r) for r in state.history]
         strategy.load_state(state.strategy_state, state.strategy_arrays)
+        # the checkpoint's history is authoritative: a kill between the checkpoint and the
+        # metrics files left them a round behind (nothing re-runs that round to rewrite them)
+        write_metrics(run_dir, history)
         (log.info if not progress else print)(
             f"resuming {run_dir} after round {state.round} of {cfg.run.rounds}"
         )
