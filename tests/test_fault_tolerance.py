@@ -253,7 +253,7 @@ def test_sigkill_at_ten_points_then_resume_gives_the_uninterrupted_model(tmp_pat
         {"FEDCORE_CRASH_AT": "checkpoint-partial:4"},
         {"FEDCORE_CRASH_AT": "checkpoint-partial:6"},
         {"FEDCORE_CRASH_AT": "checkpoint-written:2"},
-        {"FEDCORE_CRASH_AT": "checkpoint-written:5"},
+        {"FEDCORE_CRASH_AT": "checkpoint-written:6"},  # the last round: nothing re-runs it
         {"FEDCORE_CRASH_AT": "before-checkpoint:1"},
         {"FEDCORE_CRASH_AT": "before-checkpoint:3"},
         {"FEDCORE_CRASH_AT": "after-metrics:5"},
