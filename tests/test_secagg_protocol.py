@@ -110,6 +110,7 @@ def rounds(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.property
 @given(rounds(), st.integers(0, 2**32 - 1))
 def test_secure_mean_equals_plain_weighted_mean_or_fails_cleanly(case, seed):
     """(a) + (b) + (e): exact within the bound whenever the rule allows, else a clean failure."""
