@@ -36,7 +36,7 @@ from fedcore.secagg.protocol.machine import (
     ServerRound,
 )
 from fedcore.secagg.protocol.quantize import Quantizer, extra_coordinates
-from fedcore.secagg.protocol.wire import MASKED, SECAGG, content_digest, pack_ids, unpack_ids
+from fedcore.secagg.protocol.wire import MASKED, SECAGG, pack_ids, unpack_ids
 
 Q64 = Quantizer(clip=4.0, bits=16, ring_bits=64)
 
@@ -90,7 +90,6 @@ class Attacker:
         self.config = dict(config or {"local-epochs": 1, "batch-size": 16, "lr": 0.1})
         self.errors: dict[tuple[str, int], str] = {}
         self.y: dict[int, np.ndarray] = {}
-        self.contents: dict[int, bytes] = {}
 
     # -- plumbing -----------------------------------------------------------------
     def send(
@@ -179,7 +178,6 @@ class Attacker:
                 "boxes": list(inbox.values()),
             }
             recs[u] = (records or self.model_records)(u)
-            self.contents[u] = content_digest(recs[u])
         for u, r in self.send(fields, STAGE_MASKED, recs).items():
             y = array_view(r.content.array_records[MASKED]["y"])
             self.server.add_masked(u, y)
