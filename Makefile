@@ -30,7 +30,7 @@ simulate: setup
 test: setup
 	$(BIN)/ruff check fedcore server clients tests benchmarks
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=30
 
 test-quick: setup
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
