@@ -190,3 +190,60 @@ def test_huge_contributions_go_to_float64_without_disturbing_the_blocks(huge_at,
     scale = sum(n * np.abs(v.astype(np.float64)) for v, n in zip(vals, weights)) / sum(weights)
     assert np.all(np.isfinite(out))
     assert np.all(np.abs(out - exact) <= 1e-6 * scale)
+
+
+def _threaded_inputs(seed: int) -> list[tuple[ArrayRecord, float]]:
+    """Replies whose big arrays are split over threads (sizes not multiples of a chunk)."""
+    rng = np.random.default_rng(seed)
+    big = (1 << 18) + 12_345  # above the split threshold, not a multiple of the chunk
+    out = []
+    for i in range(7):
+        arrays = {
+            "w32": rng.standard_normal(big).astype(np.float32),
+            "w16": rng.standard_normal(big).astype(np.float16),
+            "w64": rng.standard_normal(big),
+            "count": np.array(rng.integers(0, 1000), dtype=np.int64),
+            "small": rng.standard_normal(10).astype(np.float32),
+        }
+        if i == 3:  # a contribution that goes to float64 (it could overflow a float32 block)
+            arrays["w32"][17] = np.float32(3e37)
+        out.append((ArrayRecord({k: Array(v) for k, v in arrays.items()}), float(i + 1)))
+    return out
+
+
+@pytest.mark.parametrize("block", [1, 3, 32])
+def test_any_number_of_threads_gives_bit_identical_results(block):
+    replies = _threaded_inputs(seed=block)
+    results = []
+    for threads in (1, 2, 3, 4):
+        acc = WeightedMean(spec_of(replies[0][0]), block=block, threads=threads)
+        assert acc.threads == threads
+        for arrays, n in replies:
+            acc.add(arrays, n)
+        results.append({k: v.numpy() for k, v in acc.result().items()})
+    for other in results[1:]:
+        for name, value in results[0].items():
+            assert value.dtype == other[name].dtype
+            assert value.tobytes() == other[name].tobytes(), name
+    # and the threads computed the right thing: against a float64 reference
+    total = sum(n for _, n in replies)
+    ref = sum(n * a["w64"].numpy() for a, n in replies) / total
+    np.testing.assert_allclose(results[-1]["w64"], ref, rtol=1e-12, atol=1e-14)
+
+
+def test_a_nan_in_a_slice_another_thread_checks_is_refused():
+    replies = _threaded_inputs(seed=0)
+    acc = WeightedMean(spec_of(replies[0][0]), threads=2)
+    acc.add(*replies[0])
+    bad = {k: v.numpy().copy() for k, v in replies[1][0].items()}
+    bad["w32"][-5] = np.nan  # in the last slice: checked by a pool thread
+    with pytest.raises(AggregationError, match="'w32' contains NaN"):
+        acc.add(ArrayRecord({k: Array(v) for k, v in bad.items()}), 1.0)
+    acc.add(*replies[1])
+    again = WeightedMean(spec_of(replies[0][0]), threads=1)
+    again.add(*replies[0])
+    again.add(*replies[1])
+    # the refused reply changed nothing: the sums equal those of the two good replies
+    got, want = acc.result(), again.result()
+    for name, value in got.items():
+        assert value.numpy().tobytes() == want[name].numpy().tobytes(), name

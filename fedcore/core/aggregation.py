@@ -50,10 +50,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import itertools
 import math
+import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,6 +69,7 @@ __all__ = [
     "ArraySpec",
     "WeightedMean",
     "array_view",
+    "default_threads",
     "numpy_to_array",
     "spec_of",
     "weighted_mean",
@@ -203,6 +208,14 @@ class WeightedMean:
         Names, shapes and dtypes every contribution must match (the global model).
     block : int (default: 32)
         Clients summed in float32 before a flush into float64 (see module docstring).
+    threads : int (default: 1)
+        Threads the arithmetic of one reply is split over (contiguous slices of each
+        large array); 0 = one per core, at most 4 (:func:`default_threads`). One is
+        the default: in a simulation the other cores train clients while the server
+        aggregates, and a second thread then waits for a core (docs/benchmarks.md).
+        Every element sees the same
+        operations in the same order whatever the split, so the result is
+        bit-identical for any ``threads``.
 
     Examples
     --------
@@ -217,11 +230,16 @@ class WeightedMean:
 
     """
 
-    def __init__(self, template: Mapping[str, ArraySpec], *, block: int = 32) -> None:
+    def __init__(
+        self, template: Mapping[str, ArraySpec], *, block: int = 32, threads: int = 1
+    ) -> None:
         if block < 1:
             raise ValueError("block must be >= 1")
+        if threads < 0:
+            raise ValueError("threads must be >= 0 (0 = one per core)")
         self.template = dict(template)
         self.block = block
+        self.threads = threads or default_threads()
         self.total_weight = 0.0
         self.count = 0
         # Flat buffers: float32 block sums of float16/32 arrays, float64 accumulators.
@@ -255,13 +273,18 @@ class WeightedMean:
             views[name] = view
         self._magnitude = {}
         if finite:
+            floats = [(n, v) for n, v in views.items() if v.dtype.kind == "f" and v.size]
             with _one_thread():
-                for name, view in views.items():
-                    if view.dtype.kind == "f" and view.size:
-                        magnitude = _magnitude(_as_tensor(view))
-                        if not np.isfinite(magnitude):
-                            raise AggregationError(f"array '{name}' contains NaN or Inf")
-                        self._magnitude[name] = magnitude
+                parts = _run_sliced(
+                    [(v.size, _slice_magnitude(_as_tensor(v).view(-1))) for _, v in floats],
+                    self.threads,
+                )
+            for (name, _), found in zip(floats, parts, strict=True):
+                # not max(): max([1.0, nan]) is 1.0, and a NaN in any slice must count
+                magnitude = float(np.max(found))
+                if not np.isfinite(magnitude):
+                    raise AggregationError(f"array '{name}' contains NaN or Inf")
+                self._magnitude[name] = magnitude
         return views
 
     def add(self, arrays: ArrayRecord, weight: float, *, finite: bool = True) -> None:
@@ -277,44 +300,50 @@ class WeightedMean:
         w = float(weight)
         first = self._in_block == 0  # the block sums start from this client's products
         closing = self._in_block + 1 >= self.block  # ... or end with them (flush)
-        with _one_thread():
-            for name, view in views.items():
-                t = _as_tensor(view).view(-1)
-                if not _in_blocks(view):
-                    self._add_float64(name, t, w)
-                    continue
-                # A contribution that could overflow a float32 block goes to float64,
-                # and the block takes a zero in its place (its bookkeeping stays exact).
-                wb = w
-                if self._magnitude.get(name, 0.0) * w * self.block > _F32_SAFE:
-                    self._add_float64(name, t, w)
-                    wb = 0.0
-                blk = self._blk.get(name)
-                if blk is None:
-                    blk = self._blk[name] = torch.empty(t.numel(), dtype=torch.float32)
-                if not closing:
-                    _block_add(blk, t, wb, first)
-                    continue
+        jobs: list[tuple[int, _SliceJob]] = []
+        for name, view in views.items():
+            t = _as_tensor(view).view(-1)
+            if not _in_blocks(view):
+                jobs.append((t.numel(), self._float64_job(name, t, w)))
+                continue
+            # A contribution that could overflow a float32 block goes to float64,
+            # and the block takes a zero in its place (its bookkeeping stays exact).
+            # Both steps of one array run in one job, in this order, on each slice.
+            steps: list[_SliceJob] = []
+            wb = w
+            if self._magnitude.get(name, 0.0) * w * self.block > _F32_SAFE:
+                steps.append(self._float64_job(name, t, w))
+                wb = 0.0
+            blk = self._blk.get(name)
+            if blk is None:
+                blk = self._blk[name] = torch.empty(t.numel(), dtype=torch.float32)
+            if not closing:
+                steps.append(_block_job(blk, t, wb, first))
+            else:
                 acc = self._acc.get(name)
-                flush = np.add
+                flush: Callable[..., Any] = np.add
                 if acc is None:  # the first flush copies (float32 -> float64 is exact)
                     acc = self._acc[name] = torch.empty(t.numel(), dtype=torch.float64)
                     flush = _copy
-                acc_np, blk_np = acc.numpy(), blk.numpy()
-                # Add and flush chunk by chunk, while the block's chunk is in cache.
-                for lo in range(0, t.numel(), _CHUNK):
-                    hi = lo + _CHUNK
-                    _block_add(blk[lo:hi], t[lo:hi], wb, first)
-                    flush(acc_np[lo:hi], blk_np[lo:hi], out=acc_np[lo:hi])
+                steps.append(_flush_job(blk, acc, t, wb, first, flush))
+            jobs.append((t.numel(), steps[0] if len(steps) == 1 else _in_order(steps)))
+        with _one_thread():
+            _run_sliced(jobs, self.threads)
         self.total_weight += w
         self.count += 1
         self._in_block = 0 if closing else self._in_block + 1
 
-    def _add_float64(self, name: str, t: torch.Tensor, w: float) -> None:
+    def _float64_job(self, name: str, t: torch.Tensor, w: float) -> _SliceJob:
         acc = self._acc.get(name)
         if acc is None:
             acc = self._acc[name] = torch.zeros(t.numel(), dtype=torch.float64)
-        acc.add_(t if t.dtype == torch.float64 else t.to(torch.float64), alpha=w)
+
+        def job(lo: int, hi: int) -> None:
+            part = t[lo:hi]
+            wide = part if part.dtype == torch.float64 else part.to(torch.float64)
+            acc[lo:hi].add_(wide, alpha=w)
+
+        return job
 
     def result(self) -> ArrayRecord:
         """The weighted mean, each array in its template dtype (callable once)."""
@@ -342,15 +371,10 @@ class WeightedMean:
                     flat = blk.numpy()
                 else:
                     flat = np.empty(math.prod(spec.shape), dtype=dtype)
-                for lo in range(0, flat.size, _CHUNK):
-                    hi = lo + _CHUNK
-                    if acc_np is None:
-                        assert pending is not None
-                        np.divide(pending[lo:hi], total, out=flat[lo:hi], dtype=np.float64)
-                        continue
-                    if pending is not None:
-                        np.add(acc_np[lo:hi], pending[lo:hi], out=acc_np[lo:hi])
-                    np.divide(acc_np[lo:hi], total, out=flat[lo:hi], casting="same_kind")
+                with _one_thread():
+                    _run_sliced(
+                        [(flat.size, _divide_job(flat, acc_np, pending, total))], self.threads
+                    )
                 mean = flat.reshape(spec.shape)
                 del acc, acc_np, pending
             out[name] = numpy_to_array(mean)
@@ -361,6 +385,120 @@ class WeightedMean:
 # Elements per step when a block is flushed or the result is formed: 256 KiB of
 # float32 (512 KiB of float64) stays in cache between the two operations on it.
 _CHUNK = 1 << 16
+
+
+#: Arrays below this many elements are not split over threads (the split costs more).
+_PARALLEL_MIN = 1 << 18
+
+#: ``job(lo, hi)`` does one array's work on elements ``[lo, hi)``; returns anything.
+_SliceJob = Callable[[int, int], Any]
+
+
+def default_threads() -> int:
+    """Threads :class:`WeightedMean` uses by default: one per core this process may use, <= 4.
+
+    The kernel is memory-bound: past a few threads one socket's bandwidth is the
+    limit (docs/benchmarks.md).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+@functools.lru_cache(maxsize=4)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``threads - 1`` workers (the caller's thread is the last)."""
+    return ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="fedcore-agg")
+
+
+def _slices(size: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ``[lo, hi)`` ranges covering ``size``, cut at ``_CHUNK`` multiples."""
+    chunks = -(-size // _CHUNK)
+    cuts = [min(size, (i * chunks // parts) * _CHUNK) for i in range(parts)] + [size]
+    return [(lo, hi) for lo, hi in itertools.pairwise(cuts) if hi > lo]
+
+
+def _run_sliced(jobs: Sequence[tuple[int, _SliceJob]], threads: int) -> list[list[Any]]:
+    """Run each ``(size, job)`` over slices of its range; per job, the slices' results.
+
+    Large arrays are split into ``threads`` slices that run at once (torch and numpy
+    release the GIL in their loops); small ones run whole, in this thread. Each
+    element gets the same operations whatever the split.
+    """
+    out: list[list[Any]] = [[] for _ in jobs]
+    split = [i for i, (size, _) in enumerate(jobs) if threads > 1 and size >= _PARALLEL_MIN]
+    futures: list[tuple[int, Future[Any]]] = []
+    mine: list[tuple[int, int, int]] = []
+    for i in split:
+        size, job = jobs[i]
+        first, *rest = _slices(size, threads)
+        mine.append((i, *first))
+        futures.extend((i, _pool(threads).submit(job, lo, hi)) for lo, hi in rest)
+    try:
+        for i, (size, job) in enumerate(jobs):
+            if i not in split:
+                out[i].append(job(0, size))
+        for i, lo, hi in mine:
+            out[i].append(jobs[i][1](lo, hi))
+    finally:
+        for i, future in futures:
+            out[i].append(future.result())  # re-raises a slice's exception
+    return out
+
+
+def _in_order(steps: Sequence[_SliceJob]) -> _SliceJob:
+    def job(lo: int, hi: int) -> None:
+        for step in steps:
+            step(lo, hi)
+
+    return job
+
+
+def _slice_magnitude(t: torch.Tensor) -> _SliceJob:
+    return lambda lo, hi: _magnitude(t[lo:hi])
+
+
+def _block_job(blk: torch.Tensor, t: torch.Tensor, w: float, first: bool) -> _SliceJob:
+    return lambda lo, hi: _block_add(blk[lo:hi], t[lo:hi], w, first)
+
+
+def _flush_job(
+    blk: torch.Tensor,
+    acc: torch.Tensor,
+    t: torch.Tensor,
+    w: float,
+    first: bool,
+    flush: Callable[..., Any],
+) -> _SliceJob:
+    acc_np, blk_np = acc.numpy(), blk.numpy()
+
+    def job(start: int, stop: int) -> None:
+        # Add and flush chunk by chunk, while the block's chunk is in cache.
+        for lo in range(start, stop, _CHUNK):
+            hi = min(lo + _CHUNK, stop)
+            _block_add(blk[lo:hi], t[lo:hi], w, first)
+            flush(acc_np[lo:hi], blk_np[lo:hi], out=acc_np[lo:hi])
+
+    return job
+
+
+def _divide_job(
+    flat: np.ndarray, acc_np: np.ndarray | None, pending: np.ndarray | None, total: float
+) -> _SliceJob:
+    def job(start: int, stop: int) -> None:
+        for lo in range(start, stop, _CHUNK):
+            hi = min(lo + _CHUNK, stop)
+            if acc_np is None:
+                assert pending is not None
+                np.divide(pending[lo:hi], total, out=flat[lo:hi], dtype=np.float64)
+                continue
+            if pending is not None:
+                np.add(acc_np[lo:hi], pending[lo:hi], out=acc_np[lo:hi])
+            np.divide(acc_np[lo:hi], total, out=flat[lo:hi], casting="same_kind")
+
+    return job
 
 
 def _in_blocks(view: np.ndarray) -> bool:
