@@ -36,6 +36,7 @@ from fedcore.core.errors import EngineError
 __all__ = [
     "SUPERLINK_NODE_ID",
     "SUPPORTED_FLOWER",
+    "USER_CODE_ERROR",
     "FlowerVersionError",
     "GridBase",
     "activate_node",
@@ -139,9 +140,22 @@ def set_message_id(message: Message, message_id: str) -> None:
     message.metadata.__dict__["_message_id"] = message_id
 
 
-def error_reply(message: Message, reason: str, *, crashed: bool = False) -> Message:
-    """An error reply to ``message``: the ClientApp raised, or (``crashed``) its process died."""
+#: Error code of a reply whose ClientApp failed in the user's own code (a
+#: ``fedcore.core.errors.UserCodeError``): deterministic, so not worth a retry. Flower's
+#: own codes are small integers; this one is fedcore's.
+USER_CODE_ERROR = 100
+
+
+def error_reply(
+    message: Message, reason: str, *, crashed: bool = False, user_code: bool = False
+) -> Message:
+    """An error reply to ``message``: the ClientApp raised, or (``crashed``) its process died.
+
+    ``user_code``: it raised in the user's train/evaluate function (:data:`USER_CODE_ERROR`).
+    """
     code = ErrorCode.CLIENT_APP_CRASHED if crashed else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    if user_code:
+        code = USER_CODE_ERROR
     return Message(Error(code, reason), reply_to=message)
 
 

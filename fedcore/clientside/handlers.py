@@ -53,7 +53,7 @@ from fedcore.clientside.policy import (
 from fedcore.clientside.state import ClientState
 from fedcore.clientside.training import (
     TrainSettings,
-    checked_metrics,
+    call_loop,
     control_variate_update,
     make_loader,
     resolve_loops,
@@ -430,7 +430,9 @@ def handle_train(msg: Message, context: Context) -> Message:
     )
     train_fn, _ = resolve_loops(cfg.model)
     loader = make_loader(data.train, batch_size=settings.batch_size, shuffle=True, seed=seed)
-    result = checked_metrics(train_fn(model, loader, settings), ("train_loss",), "train-fn")
+    result = call_loop(
+        train_fn, (model, loader, settings), key="model.train-fn", spec=cfg.model.train_fn or None
+    )
     if mu > 0 and settings.counter.regularized == 0:
         log.warning(
             "FedProx: the train function never called settings.regularize(model, loss); "
@@ -457,7 +459,9 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     load_arrays(model, arrays)
     _, eval_fn = resolve_loops(cfg.model)
     loader = make_loader(data.val, batch_size=256, shuffle=False)
-    result = checked_metrics(eval_fn(model, loader), ("loss", "accuracy"), "evaluate-fn")
+    result = call_loop(
+        eval_fn, (model, loader), key="model.evaluate-fn", spec=cfg.model.evaluate_fn or None
+    )
     metrics = MetricRecord(
         {"eval_loss": result["loss"], "eval_acc": result["accuracy"], NUM_EXAMPLES: len(data.val)}
     )

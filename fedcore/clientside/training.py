@@ -27,8 +27,13 @@ SCAFFOLD control variate); ``correct`` also counts the local steps SCAFFOLD need
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
+import sysconfig
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,19 +43,23 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedcore.clientside.data import Dataset
 from fedcore.core.config import ModelConfig, TrainConfig
-from fedcore.core.errors import ModelError
+from fedcore.core.errors import ModelError, UserCodeError
 from fedcore.core.registry import import_object
 
 __all__ = [
     "StepCounter",
     "TrainSettings",
+    "call_loop",
+    "checked_metrics",
     "control_variate_update",
+    "describe",
     "evaluate",
     "make_loader",
     "resolve_loops",
     "seed_torch",
     "step_size_sum",
     "train",
+    "user_traceback",
 ]
 
 
@@ -397,29 +406,152 @@ def evaluate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
 TrainFn = Callable[[nn.Module, DataLoader, TrainSettings], Mapping[str, float]]
 EvaluateFn = Callable[[nn.Module, DataLoader], Mapping[str, float]]
 
+#: What each loop is called with and must return (the error messages quote it).
+TRAIN_CONTRACT = (
+    "a train function is called as fn(model, loader, settings) and must return a dict of "
+    "finite numbers with at least 'train_loss', e.g. {'train_loss': 0.42} (extra numeric "
+    "keys are returned to the server as metrics)"
+)
+EVALUATE_CONTRACT = (
+    "an evaluate function is called as fn(model, loader) and must return a dict of finite "
+    "numbers with at least 'loss' and 'accuracy', e.g. {'loss': 0.3, 'accuracy': 0.9}"
+)
+_CONTRACTS = {
+    "model.train-fn": (3, ("train_loss",), TRAIN_CONTRACT),
+    "model.evaluate-fn": (2, ("loss", "accuracy"), EVALUATE_CONTRACT),
+}
+
 
 def resolve_loops(cfg: ModelConfig) -> tuple[TrainFn, EvaluateFn]:
-    """The configured custom loops, or the built-in :func:`train` / :func:`evaluate`."""
-    train_fn: TrainFn = import_object(cfg.train_fn, key="model.train-fn") if cfg.train_fn else train
-    eval_fn: EvaluateFn = (
-        import_object(cfg.evaluate_fn, key="model.evaluate-fn") if cfg.evaluate_fn else evaluate
-    )
+    """The configured custom loops, or the built-in :func:`train` / :func:`evaluate`.
+
+    A custom loop that cannot be called with its arguments (``(model, loader,
+    settings)``, ``(model, loader)``) is refused here, before any client trains.
+    """
+    train_fn: TrainFn = train
+    eval_fn: EvaluateFn = evaluate
+    if cfg.train_fn:
+        train_fn = import_object(cfg.train_fn, key="model.train-fn")
+        _check_signature(train_fn, "model.train-fn", cfg.train_fn)
+    if cfg.evaluate_fn:
+        eval_fn = import_object(cfg.evaluate_fn, key="model.evaluate-fn")
+        _check_signature(eval_fn, "model.evaluate-fn", cfg.evaluate_fn)
     return train_fn, eval_fn
 
 
-def checked_metrics(result: Any, required: tuple[str, ...], fn_name: str) -> dict[str, float]:
-    """Validate what a (possibly user) loop returned: a mapping with finite numbers."""
+def describe(fn: Any, spec: str) -> str:
+    """``'mod:fn' (/path/to/mod.py:12)``: a user's function and where it is defined."""
+    target = inspect.unwrap(fn)
+    try:
+        file = inspect.getsourcefile(target) or inspect.getfile(target)
+    except TypeError:
+        file = None
+    code = getattr(target, "__code__", None)
+    line = f":{code.co_firstlineno}" if code is not None else ""
+    return f"'{spec}' ({file}{line})" if file else f"'{spec}'"
+
+
+def _check_signature(fn: Any, key: str, spec: str) -> None:
+    n, _, contract = _CONTRACTS[key]
+    if not callable(fn):
+        raise UserCodeError(
+            key, f"'{spec}'", f"is a {type(fn).__name__}, not a function; {contract}"
+        )
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+        return
+    try:
+        sig.bind(*range(n))
+    except TypeError as exc:
+        raise UserCodeError(
+            key,
+            describe(fn, spec),
+            f"has the signature {sig}, which cannot take {n} "
+            f"positional arguments ({exc}); {contract}",
+        ) from None
+
+
+_LIBRARY_DIRS = tuple(
+    str(Path(p).resolve())
+    for p in {
+        Path(__file__).resolve().parents[1],  # fedcore
+        Path(sysconfig.get_paths()["stdlib"]),
+        Path(sysconfig.get_paths()["purelib"]),
+        Path(sysconfig.get_paths()["platlib"]),
+    }
+)
+
+
+def _library_frame(filename: str) -> bool:
+    if filename.startswith("<"):
+        return True
+    path = str(Path(filename).resolve())
+    return path.startswith(_LIBRARY_DIRS) or "site-packages" in path
+
+
+def user_traceback(exc: BaseException) -> tuple[str, str]:
+    """``(location, text)`` of the user's own frames of ``exc``'s traceback.
+
+    fedcore, Flower, torch and standard-library frames are left out (unless no
+    other frame is left: then the last three); ``location`` is the innermost user
+    frame, ``"file:line, in function"``. The exception's own line is not repeated.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = [f for f in frames if not _library_frame(f.filename)] or frames[-3:]
+    if not own:
+        return "", ""
+    last = own[-1]
+    text = "Traceback (your frames, most recent call last):\n" + "".join(traceback.format_list(own))
+    return f"{last.filename}:{last.lineno}, in {last.name}", text.rstrip("\n")
+
+
+def call_loop(fn: Any, args: tuple[Any, ...], *, key: str, spec: str | None) -> dict[str, float]:
+    """Call a train/evaluate loop and check what it returned.
+
+    ``spec`` is the user's import path (``model.train-fn``'s value) or ``None`` for the
+    built-in loop. A user's loop that raises, or returns something outside its
+    contract, raises :class:`~fedcore.core.errors.UserCodeError` naming ``key``, the
+    function and its file, with the user's frames of the traceback.
+    """
+    _, required, contract = _CONTRACTS[key]
+    if spec is None:
+        return checked_metrics(fn(*args), required, key)
+    where = describe(fn, spec)
+    try:
+        result = fn(*args)
+    except Exception as exc:  # noqa: BLE001 - the user's code: re-raised with its location
+        location, text = user_traceback(exc)
+        message = str(exc).strip().splitlines()
+        what = f"raised {type(exc).__name__}" + (f": {message[0]}" if message else "")
+        if location:
+            what += f" (at {location})"
+        raise UserCodeError(key, where, what, text) from None
+    try:
+        return checked_metrics(result, required, key, finite=True)
+    except ModelError as exc:
+        raise UserCodeError(key, where, f"{exc}; {contract}") from None
+
+
+def checked_metrics(
+    result: Any, required: tuple[str, ...], fn_name: str, *, finite: bool = False
+) -> dict[str, float]:
+    """Validate what a (possibly user) loop returned: a mapping of numbers (``finite``: finite)."""
     if not isinstance(result, Mapping):
         raise ModelError(f"{fn_name} returned {type(result).__name__}; it must return a dict")
     missing = [k for k in required if k not in result]
     if missing:
-        raise ModelError(f"{fn_name} returned keys {sorted(result)}; missing {missing}")
+        raise ModelError(f"{fn_name} returned keys {sorted(map(str, result))}; missing {missing}")
     out: dict[str, float] = {}
     for k, v in result.items():
         try:
+            if isinstance(v, str | bytes):
+                raise TypeError
             out[str(k)] = float(v)
         except (TypeError, ValueError):
             raise ModelError(
                 f"{fn_name} returned {k}={v!r}; metric values must be numbers"
             ) from None
+        if finite and not math.isfinite(out[str(k)]):
+            raise ModelError(f"{fn_name} returned {k}={v!r}; metric values must be finite")
     return out

@@ -33,10 +33,12 @@ order, and therefore the model, deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -50,7 +52,9 @@ from uuid import uuid4
 from flwr.app import Context, Message, RecordDict
 
 from fedcore.clientside.policy import CLIENT_CONFIG
+from fedcore.core.errors import UserCodeError
 from fedcore.core.registry import import_object
+from fedcore.engines.processes import die_with_parent
 from fedcore.flower_adapter import (
     SUPERLINK_NODE_ID,
     GridBase,
@@ -84,6 +88,7 @@ def _worker_main(
     torch_threads: int,
     state_root: str = "",
     client_config: str = "",
+    parent_pid: int = 0,
     in_process: bool = False,
 ) -> None:
     """Worker loop: receive a message, run the ClientApp for its node, send the reply.
@@ -94,8 +99,13 @@ def _worker_main(
     (node config ``state-dir``); empty: it stays in the node's ``Context.state``.
     ``client_config``: the TOML file every client reads as its own config (node
     config ``client-config``); empty: the clients use the run config.
+    ``parent_pid``: the server's process; a worker process dies with it (even when it
+    is SIGKILLed) and ignores Ctrl-C (the server stops it).
     """
     if not in_process:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if parent_pid:
+            die_with_parent(parent_pid)
         try:
             import torch
 
@@ -133,6 +143,8 @@ def _worker_main(
             set_task_identity(node_id=context.node_id)
         try:
             reply = app(msg, context)
+        except UserCodeError as exc:  # the user's loop: its own message and frames
+            reply = error_reply(msg, str(exc), user_code=True)
         except Exception as exc:  # noqa: BLE001 - a failing client is data, not a crash
             reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
             reply = error_reply(msg, reason)
@@ -148,6 +160,24 @@ def _thread_main(conn: Connection, *args: Any) -> None:
         _worker_main(conn, *args, in_process=True)
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def _sigint_ignored(active: bool) -> Iterator[None]:
+    """SIGINT ignored meanwhile (in the main thread): a worker starts with it ignored.
+
+    A forked child inherits the disposition, and a spawned interpreter that starts
+    with SIGINT ignored installs no ``KeyboardInterrupt`` handler, so a Ctrl-C
+    delivered to the whole process group (a terminal) while it imports prints nothing.
+    """
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 class _Thread:
@@ -191,7 +221,8 @@ class _Worker:
                 name=f"fedcore-worker-{index}",
                 daemon=True,
             )
-        self.process.start()
+        with _sigint_ignored(not in_process):  # (a spawned child starts up ignoring it)
+            self.process.start()
         if not in_process:  # (the thread closes its end itself)
             child.close()
         self.outbox: queue.Queue[bytes | None] = queue.Queue()
@@ -207,12 +238,13 @@ class _Worker:
             except (OSError, ValueError):
                 return
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the executor to end; kill a worker process still alive after ``timeout`` s."""
         self.outbox.put(b"")
         self.outbox.put(None)
-        self.process.join(timeout=5)
-        if self.process.is_alive():
-            self.process.kill()
+        self.process.join(timeout=timeout)
+        if self.process.is_alive() and not isinstance(self.process, _Thread):
+            self.process.kill()  # (a thread cannot be: closing its pipe ends its loop)
             self.process.join(timeout=5)
         self.conn.close()
 
@@ -272,6 +304,7 @@ class EmbeddedGrid(GridBase):
             1,
             str(client_state_dir or ""),
             own_config,
+            os.getpid(),
         )
         # One torch thread in this process too while clients run in it (restored on close).
         import torch
@@ -413,10 +446,16 @@ class EmbeddedGrid(GridBase):
         )
         self._workers[worker.index] = replacement
 
-    def close(self) -> None:
-        """Stop every executor; restore this process's torch threads."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop every executor; restore this process's torch threads.
+
+        A worker process still busy after ``timeout`` seconds (all together) is killed.
+        """
+        deadline = time.monotonic() + timeout
         for w in self._workers:
-            w.stop()
+            w.outbox.put(b"")  # every executor is asked first, then each is waited for
+        for w in self._workers:
+            w.stop(timeout=max(0.0, deadline - time.monotonic()))
         if self._workers:
             import torch
 
@@ -426,8 +465,9 @@ class EmbeddedGrid(GridBase):
     def __enter__(self) -> EmbeddedGrid:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # Interrupted (Ctrl-C): the user wants the prompt back, not the current round.
+        self.close(timeout=1.0 if exc_type is KeyboardInterrupt else 5.0)
 
 
 def run_embedded(

@@ -45,6 +45,7 @@ __all__ = [
     "MemorySample",
     "ProcessTree",
     "SeenProcess",
+    "die_with_parent",
     "free_port",
     "install_signal_handlers",
 ]
@@ -89,6 +90,25 @@ def _parent_death_signal() -> Callable[[], None] | None:
         prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
 
     return preexec
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this (forked or spawned) process die with ``parent_pid``, even on its SIGKILL.
+
+    Asks the kernel (Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``) to kill this process
+    when its parent dies, then closes the race of a parent that died before the
+    request: already re-parented (``os.getppid() != parent_pid``) means exit now.
+    Elsewhere only the check is made.
+    """
+    if sys.platform == "linux":
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 @dataclass(frozen=True)
