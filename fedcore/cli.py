@@ -2,8 +2,12 @@
 
 ::
 
+    fedcore                  (help)
+    fedcore --version
     fedcore simulate [CONFIG] [--out DIR] [--rounds N] [--clients N] [--seed S] [--workers W]
+                     [--set KEY=VALUE ...] [--quiet]
     fedcore simulate --resume RUN_DIR [--rounds N]
+    fedcore provision | server | client | deploy-local ...   (``fedcore CMD --help``)
 
 Exit codes: 0 success, 2 a configuration, data or checkpoint error (the message
 names the key or file, the value and what is allowed), 1 anything else.
@@ -15,6 +19,7 @@ import argparse
 import importlib
 import logging
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -23,10 +28,31 @@ from pathlib import Path
 
 from fedcore.core.config import Config, to_flat, to_toml
 from fedcore.core.errors import CheckpointError, ConfigError, DataError, FedcoreError
-from fedcore.runtime.configfile import default_config_path, importable
+from fedcore.core.overrides import SET_HELP, apply_sets
+from fedcore.runtime.configfile import default_config_path, importable, load_client_app
+from fedcore.runtime.preflight import preflight
 from fedcore.storage.configfile import load_config
 
-__all__ = ["main"]
+__all__ = ["main", "preflight", "version_line"]
+
+
+def version_line() -> str:
+    """``fedcore 0.1.0 (Flower 1.42.0, torch 2.13.0, Python 3.11.9)``, without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from fedcore import __version__
+
+    def installed(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    python = ".".join(str(n) for n in sys.version_info[:3])
+    return (
+        f"fedcore {__version__} (Flower {installed('flwr')}, torch {installed('torch')}, "
+        f"Python {python})"
+    )
 
 
 def _apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
@@ -40,21 +66,8 @@ def _apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
     sections: dict[str, dict[str, int]] = {"run": run} if run else {}
     if args.workers is not None:
         sections["engine"] = {"workers": args.workers}
-    return cfg.replace(**sections) if sections else cfg
-
-
-def preflight(cfg: Config) -> None:
-    """Everything that can be checked before training: strategy, data, partitions, model, loops."""
-    from fedcore.clientside.data import simulation_split
-    from fedcore.clientside.models import build_model
-    from fedcore.clientside.training import resolve_loops
-    from fedcore.runtime.serve import build_strategy
-
-    build_strategy(cfg)  # its options, and whether secure aggregation allows it
-
-    split = simulation_split(cfg.data, seed=cfg.run.seed, num_clients=cfg.run.clients)
-    build_model(cfg.model, input_shape=split.test.input_shape, num_classes=split.test.num_classes)
-    resolve_loops(cfg.model)
+    # --set first, the named flags (--rounds, ...) on top; all applied and validated at once
+    return apply_sets(cfg, args.set or [], sections)
 
 
 def centralized_baseline(cfg: Config) -> dict[str, float]:
@@ -96,6 +109,7 @@ def centralized_baseline(cfg: Config) -> dict[str, float]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     """``fedcore simulate``."""
     from fedcore.engines.embedded import run_embedded
+    from fedcore.serverside.rundir import redraw_plot
     from fedcore.storage.files import atomic_write, write_json
 
     t0 = time.perf_counter()
@@ -112,29 +126,50 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     else:
         path = default_config_path()
     importable(path)
+    if args.client_app:  # the user's own ClientApp: checked before any process starts
+        load_client_app(args.client_app, flag="--client-app", config_path=path)
     cfg = _apply_overrides(load_config(path), args)
-    preflight(cfg)
-    if resume_dir is not None:
-        from fedcore.serverside.checkpoint import load_checkpoint
+    preflight(cfg, config_path=path)
+    from fedcore.serverside.checkpoint import has_checkpoint, load_checkpoint, never_trained
 
-        load_checkpoint(resume_dir, expect=cfg)  # refuse a bad checkpoint before starting
+    resume = resume_dir is not None
+    if resume_dir is not None:
+        if has_checkpoint(resume_dir):
+            load_checkpoint(resume_dir, expect=cfg)  # refuse a bad checkpoint before starting
+        else:
+            resume = False
+            print(
+                f"fedcore simulate: {resume_dir} has no checkpoint (it was stopped before "
+                "round 1 completed): starting it from round 1",
+                flush=True,
+            )
         run_dir = resume_dir
     elif args.out:
         run_dir = Path(args.out)
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(
-                "--out", str(run_dir), "exists and is not empty; choose a new directory"
+            if not never_trained(run_dir):
+                raise ConfigError(
+                    "--out",
+                    str(run_dir),
+                    "exists and is not empty; choose a new directory "
+                    f"(or continue it: fedcore simulate --resume {run_dir})",
+                )
+            print(
+                f"fedcore simulate: reusing {run_dir}: it holds only what a start interrupted "
+                "before round 1 wrote",
+                flush=True,
             )
     else:
         from fedcore.serverside.rundir import default_run_dir
 
         run_dir = default_run_dir(cfg)
-    print(
-        f"fedcore simulate: {path or 'built-in defaults'} | {cfg.run.clients} clients, "
-        f"{cfg.run.rounds} rounds, {cfg.data.source}/{cfg.data.partition}, "
-        f"model {cfg.model.factory}, seed {cfg.run.seed}",
-        flush=True,
-    )
+    if not args.quiet:
+        print(
+            f"fedcore simulate: {path or 'built-in defaults'} | {cfg.run.clients} clients, "
+            f"{cfg.run.rounds} rounds, {cfg.data.source}/{cfg.data.partition}, "
+            f"model {cfg.model.factory}, seed {cfg.run.seed}",
+            flush=True,
+        )
     from server.app import app as server_app
 
     # The clients' own config is this resolved one (overrides included): the ServerApp
@@ -142,20 +177,39 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     client_config = run_dir / "config.toml"
     atomic_write(client_config, to_toml(cfg).encode())
-    run_embedded(
-        server_app,
-        client_app="clients.app:app",
-        run_config=to_flat(cfg),
-        client_config=client_config,
-        num_clients=cfg.run.clients,
-        workers=cfg.engine.workers,
-        server_node_config={
-            "run-dir": str(run_dir),
-            "progress": True,
-            "resume": resume_dir is not None,
-        },
-        client_state_dir=run_dir / "client-state",
-    )
+    try:
+        run_embedded(
+            server_app,
+            client_app=args.client_app or "clients.app:app",
+            run_config=to_flat(cfg),
+            client_config=client_config,
+            num_clients=cfg.run.clients,
+            workers=cfg.engine.workers,
+            server_node_config={
+                "run-dir": str(run_dir),
+                "progress": not args.quiet,
+                "quiet": bool(args.quiet),
+                "resume": resume,
+            },
+            client_state_dir=run_dir / "client-state",
+        )
+    except KeyboardInterrupt:  # the grid is closed; say how to go on from the checkpoint
+        # --resume reads the run's resolved config (overrides included); the config is
+        # named too when it lies outside the working directory, so that its modules
+        # (the user's model) stay importable.
+        again = ["fedcore", "simulate"]
+        if args.config and Path(args.config).resolve().parent != Path.cwd().resolve():
+            again.append(str(args.config))
+        again += ["--resume", str(run_dir)]
+        print(
+            f"\nfedcore: interrupted; to continue this run: {shlex.join(again)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        # Exit now: the last round's checkpoint is on disk, and finalizing torch's
+        # modules alone takes 1-2 s of the 3 s an interrupt may take.
+        os._exit(130)
     import json
 
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -169,6 +223,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             "epochs": cfg.run.baseline_epochs,
         }
         write_json(run_dir / "summary.json", summary)
+        redraw_plot(run_dir)  # with the baseline drawn
         line += (
             f" | centralized baseline (same model and data, {cfg.run.baseline_epochs} epochs) "
             f"{base['accuracy']:.4f}"
@@ -189,17 +244,70 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+#: ``fedcore --help``'s closing lines.
+MAIN_EPILOG = """\
+examples:
+  fedcore simulate                                    # digits, 10 clients, 20 rounds
+  fedcore simulate --rounds 5 --set train.lr=0.05     # any config key with --set
+  fedcore provision --out fed --clients 3 --server-name localhost
+  fedcore deploy-local --clients 3 --rounds 3         # server + 3 client processes, TLS
+
+Run `fedcore COMMAND --help` for a command's options and examples.
+Exit codes: 0 success, 2 a configuration, data or checkpoint error, 1 anything else
+(130 interrupted).
+"""
+
+#: ``fedcore simulate --help``'s examples (a test parses each one).
+SIMULATE_EPILOG = """\
+examples:
+  fedcore simulate
+  fedcore simulate simulations/shards.toml --rounds 5 --clients 4 --out runs/shards-5
+  fedcore simulate --set strategy.name=fedprox --set strategy.options.proximal-mu=0.1 --quiet
+  fedcore simulate --resume runs/20261127-112233-seed0 --rounds 30
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
-    parser = argparse.ArgumentParser(prog="fedcore", description="Federated learning on Flower.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run a simulation on the embedded engine")
+    parser = argparse.ArgumentParser(
+        prog="fedcore",
+        description="Federated learning on Flower: simulate locally, or deploy a server and "
+        "clients over TLS.",
+        epilog=MAIN_EPILOG,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument(
+        "--version", action="store_true", help="print fedcore's, Flower's and torch's versions"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sim = sub.add_parser(
+        "simulate",
+        help="run a simulation on the embedded engine",
+        description="Train with virtual clients on this machine (fedcore's embedded engine) and "
+        "write a run directory: metrics, model, plot, summary.",
+        epilog=SIMULATE_EPILOG,
+        formatter_class=_Formatter,
+    )
     sim.add_argument("config", nargs="?", help="TOML config (default: simulations/default.toml)")
     sim.add_argument("--out", help="run directory to create (default: <run.out-dir>/<timestamp>)")
     sim.add_argument("--rounds", type=int, help="override run.rounds")
     sim.add_argument("--clients", type=int, help="override run.clients")
     sim.add_argument("--seed", type=int, help="override run.seed")
     sim.add_argument("--workers", type=int, help="override engine.workers (0 = one per core)")
+    sim.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
+    sim.add_argument(
+        "--client-app",
+        metavar="MODULE:ATTR",
+        help="run this Flower ClientApp instead of fedcore's (found beside CONFIG or in the "
+        "working directory; it reads [app] keys from context.run_config; see docs/engines.md)",
+    )
+    sim.add_argument(
+        "--quiet", action="store_true", help="no per-round lines: only errors and the final lines"
+    )
     sim.add_argument(
         "--resume",
         metavar="RUN_DIR",
@@ -244,6 +352,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedcore: error: {exc}", file=sys.stderr)
         return 1
     args = parser.parse_args(argv)
+    if args.version:
+        print(version_line())
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
         return int(args.func(args))
     except (ConfigError, DataError, CheckpointError) as exc:

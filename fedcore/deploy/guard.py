@@ -28,6 +28,14 @@ arrays in 5 MiB chunks, one object per request, so a real SuperNode stays far
 below it): a larger one is answered 413 and logged, before the app reads it, or
 as soon as a chunked body passes the cap.
 
+A second process with the same identity (a kit started twice) is refused by the
+SuperLink with the same answer as a key that was never admitted (HTTP 412, "Failed
+to activate SuperNode"). The guard tells them apart for the client: it remembers
+when each identity (the signed ``flwr-public-key`` header) last got a successful
+answer, and adds ``x-fedcore-identity-last-active: SECONDS`` to a refused
+activation of an identity it has seen (``fedcore client`` turns it into "already
+connected from another process", see :func:`fedcore.deploy.node.explain`).
+
 The decision uses the addresses of the accepted TCP connection (the ASGI
 ``server`` and ``client`` of the scope, filled in by uvicorn from the socket,
 with proxy headers off), not anything the peer sends.
@@ -39,6 +47,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
@@ -46,6 +55,7 @@ from fedcore.flower_adapter import fleet_routes
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
+    "LAST_ACTIVE_HEADER",
     "OPEN_PATH",
     "OPEN_TOKEN_ENV",
     "OPEN_TOKEN_HEADER",
@@ -62,6 +72,12 @@ OPEN_TOKEN_HEADER = "x-fedcore-open-token"
 OPEN_TOKEN_ENV = "FEDCORE_OPEN_TOKEN"
 #: Default cap on one request's body.
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+#: Header on a refused activation: seconds since this identity's last successful request.
+LAST_ACTIVE_HEADER = "x-fedcore-identity-last-active"
+_PUBLIC_KEY_HEADER = b"flwr-public-key"
+_ACTIVATE_PATH = "/v1/fleet/activate-node"
+_DEACTIVATE_PATH = "/v1/fleet/deactivate-node"
+_MAX_IDENTITIES = 100_000  # identities remembered (only authenticated, successful ones)
 
 log = logging.getLogger("fedcore.guard")
 
@@ -127,6 +143,34 @@ class ListenerGuard:
         self.open = start_open
         self.open_token = open_token
         self.max_request_bytes = max_request_bytes
+        self._last_active: dict[bytes, float] = {}  # public key header -> time.monotonic()
+
+    def _track(self, scope: Scope, message: MutableMapping[str, Any]) -> None:
+        """Note an identity's successful answer; mark a refused activation of a known one."""
+        key = next(
+            (
+                bytes(v)
+                for n, v in scope.get("headers") or ()
+                if bytes(n).lower() == _PUBLIC_KEY_HEADER
+            ),
+            None,
+        )
+        if key is None:
+            return
+        status = int(message.get("status", 0))
+        path = scope.get("path")
+        if 200 <= status < 300:
+            self._last_active.pop(key, None)
+            if path != _DEACTIVATE_PATH:
+                self._last_active[key] = time.monotonic()
+                if len(self._last_active) > _MAX_IDENTITIES:
+                    self._last_active.pop(next(iter(self._last_active)))
+        elif path == _ACTIVATE_PATH and status == 412 and key in self._last_active:
+            age = time.monotonic() - self._last_active[key]
+            message["headers"] = [
+                *(message.get("headers") or ()),
+                (LAST_ACTIVE_HEADER.encode(), f"{age:.3f}".encode()),
+            ]
 
     def _token_ok(self, scope: Scope) -> bool:
         if self.open_token is None:
@@ -227,6 +271,7 @@ class ListenerGuard:
                 return  # the 413 went out; the app's late answer is dropped
             if message.get("type") == "http.response.start":
                 started = True
+                self._track(scope, message)
             await send(message)
 
         await self.app(scope, capped_receive, guarded_send)

@@ -2,8 +2,12 @@
 
 ::
 
-    fedcore deploy-local --clients 3 [--rounds 5] [--out RUN_DIR] [CONFIG]
+    fedcore deploy-local --clients 3 [--rounds 5] [--out RUN_DIR] [--set KEY=VALUE ...] [CONFIG]
 
+0. checks the config before starting anything, as ``fedcore simulate`` does: its
+   data, model, loops and strategy, with import paths resolved beside the config
+   file and in the working directory (the same ``PYTHONPATH`` reaches every process
+   it starts, so the server and the clients import the same user modules);
 1. provisions a federation into a temporary directory (CA, server certificate
    for ``localhost``/``127.0.0.1``, one identity kit per client);
 2. carves the config's dataset the way ``fedcore simulate`` partitions it and
@@ -97,14 +101,19 @@ def deploy_local(
     keep: bool = False,
     poll_min: float = 0.02,
     client_timeout: float = 120.0,
+    quiet: bool = False,
 ) -> int:
-    """Run the federation described in the module docstring; the server's exit code."""
+    """Run the federation described in the module docstring; the server's exit code.
+
+    ``quiet``: the server prints no line per round.
+    """
     from fedcore.deploy.provision import provision
+    from fedcore.serverside.checkpoint import never_trained
 
     if clients < 1:
-        raise DeploymentError("--clients must be >= 1")
+        raise DeploymentError(f"--clients {clients}: must be >= 1 (one process per client)")
     run_dir = run_dir.resolve()
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(run_dir.iterdir()) and not never_trained(run_dir):
         raise DeploymentError(
             f"run directory {run_dir} exists and is not empty; choose another --out"
         )
@@ -142,6 +151,7 @@ def deploy_local(
                     str(local_port),
                     "--state-dir",
                     str(tmp / "server-state"),
+                    *(["--quiet"] if quiet else []),
                     str(config_path),
                 ],
             )
@@ -179,7 +189,8 @@ def deploy_local(
                             f"{name} exited with code {proc.returncode}:\n{_tail(log_path)}"
                         )
                 time.sleep(0.2)
-            deadline = time.monotonic() + 20
+            # clients end with a completed run; after a failed one they are stopped at once
+            deadline = time.monotonic() + (20 if server.returncode == 0 else 0)
             for _name, (proc, _) in client_procs.items():
                 try:
                     proc.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -205,31 +216,56 @@ def deploy_local(
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
     """``fedcore deploy-local``."""
-    from fedcore.runtime.configfile import default_config_path
+    from fedcore.core.overrides import apply_sets
+    from fedcore.runtime.configfile import default_config_path, importable
+    from fedcore.runtime.preflight import preflight
     from fedcore.serverside.rundir import default_run_dir
     from fedcore.storage.configfile import load_config
 
     install_signal_handlers()
     path = Path(args.config) if args.config else default_config_path()
-    cfg = load_config(path)
+    importable(path)  # here and, through PYTHONPATH, in every process started below
+    cfg = apply_sets(load_config(path), args.set or [])
+    # the config as the server and the clients will see it, checked before any process starts
+    preflight(_deploy_config(cfg, args.clients, args.rounds, Path("unused")), config_path=path)
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
     return deploy_local(
-        cfg, clients=args.clients, rounds=args.rounds, run_dir=run_dir, keep=args.keep
+        cfg,
+        clients=args.clients,
+        rounds=args.rounds,
+        run_dir=run_dir,
+        keep=args.keep,
+        quiet=args.quiet,
     )
+
+
+#: ``fedcore deploy-local --help``'s examples.
+EPILOG = """\
+examples:
+  fedcore deploy-local --clients 3 --rounds 3
+  fedcore deploy-local my/config.toml --clients 4 --out runs/local-1
+  fedcore deploy-local --clients 3 --set secagg.enabled=false --set train.lr=0.05 --quiet
+"""
 
 
 def register(subparsers: Any) -> None:
     """Add the ``deploy-local`` sub-command."""
+    from fedcore.core.overrides import SET_HELP
+
     p = subparsers.add_parser(
         "deploy-local",
         help="a throwaway TLS federation on this machine: server + N client processes",
         description="Provision a temporary federation, give each client its own data file, "
         "run `fedcore server` and N `fedcore client` processes on loopback over TLS, "
         "train into the run directory and stop every process.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", nargs="?", help="TOML config (default: simulations/default.toml)")
     p.add_argument("--clients", type=int, required=True, help="number of client processes")
     p.add_argument("--rounds", type=int, help="override run.rounds")
     p.add_argument("--out", help="run directory to create (default: <run.out-dir>/<timestamp>)")
     p.add_argument("--keep", action="store_true", help="keep the temporary federation and logs")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument("--quiet", action="store_true", help="no line per round from the server")
     p.set_defaults(func=cmd_deploy_local)

@@ -53,7 +53,7 @@ from typing import Any
 from fedcore import flower_adapter as flower
 from fedcore.clientside.policy import ALLOW_PLAIN, CLIENT_CONFIG, client_config_file
 from fedcore.clientside.state import STATE_DIR
-from fedcore.core.errors import ConfigError, DeploymentError
+from fedcore.core.errors import ConfigError, DataError, DeploymentError
 from fedcore.core.registry import import_object
 from fedcore.deploy.files import check_kit_dir
 from fedcore.engines.processes import install_signal_handlers
@@ -84,6 +84,8 @@ INSECURE_WARNING = (
     "  plaintext and the server is not authenticated. Debugging on a trusted network only.\n"
 )
 DEFAULT_APP = "clients.app:app"
+#: Node-config flag: check each received model against this client's data first.
+PREFLIGHT = "preflight"
 TOFU_WARNING = (
     "WARNING: --trust-on-first-use: without the kit's admitted list, peers' keys are pinned "
     "when first seen; an active server can introduce keys of its own"
@@ -165,6 +167,35 @@ class Refused(DeploymentError):
     """The server refused this node; retrying will not help."""
 
 
+def last_active(exc: BaseException) -> float | None:
+    """Seconds since this identity's last successful request, from a refused activation.
+
+    ``fedcore server``'s guard adds it (:data:`fedcore.deploy.guard.LAST_ACTIVE_HEADER`)
+    when the identity has had a session; ``None`` otherwise (never seen, or not a
+    fedcore server).
+    """
+    import httpx
+
+    from fedcore.deploy.guard import LAST_ACTIVE_HEADER
+
+    if not isinstance(exc, httpx.HTTPStatusError):
+        return None
+    try:
+        return float(exc.response.headers[LAST_ACTIVE_HEADER])
+    except (KeyError, ValueError):
+        return None
+
+
+def already_connected(address: str, age: float) -> Refused:
+    """The refusal for a kit whose identity another process is using right now."""
+    return Refused(
+        f"{address}: this kit's identity is already connected from another process (its last "
+        f"request was {age:.1f} s ago). A kit joins once at a time: stop the other "
+        "`fedcore client` started with this kit, or give this process its own kit "
+        "(`fedcore provision --add-client NAME`)."
+    )
+
+
 def transient(exc: BaseException) -> bool:
     """Whether ``exc`` is a network problem worth retrying (connection, 502/503/504)."""
     import httpx
@@ -183,8 +214,10 @@ def explain(exc: BaseException, address: str) -> DeploymentError | None:
         status = exc.response.status_code
         if flower.activation_refused(exc.response.text):
             return Refused(
-                f"{address} does not admit this node's identity (never admitted, or revoked). "
-                "Ask the federation operator to admit it: `fedcore provision --add-client`."
+                f"{address} does not admit this node's identity (never admitted, or revoked; "
+                "or, against a server other than `fedcore server`, already connected from "
+                "another process). Ask the federation operator to admit it: "
+                "`fedcore provision --add-client`."
             )
         if status == 401:
             return Refused(
@@ -255,10 +288,13 @@ class FleetSession:
         An identity whose earlier session (a client process that was killed) the
         server still counts as online cannot be activated until that session's
         heartbeat expires (at most ``2 * HEARTBEAT_INTERVAL`` s): that is retried too.
+        An identity that another live process is using (the server saw it succeed
+        after this one was first refused) raises :class:`Refused` "already connected".
         """
         deadline = time.monotonic() + wait
         delay = 0.25
         last: BaseException | None = None
+        first_refusal: tuple[float, float] | None = None  # (our clock, its age then)
         while True:
             try:
                 if self._self_register:
@@ -269,7 +305,18 @@ class FleetSession:
                 )
                 break
             except Exception as exc:  # noqa: BLE001 - classified below
-                if not still_online(exc):
+                age = last_active(exc)
+                if age is not None:
+                    # The identity had a session. A killed one only ages; a live one (another
+                    # process with this kit) keeps succeeding, so its age falls behind ours.
+                    now = time.monotonic()
+                    if first_refusal is None:
+                        first_refusal = (now, age)
+                    elif age < first_refusal[1] + (now - first_refusal[0]) - 1.0:
+                        raise already_connected(self.address, age) from exc
+                    if now + delay > deadline:
+                        raise already_connected(self.address, age) from exc
+                elif not still_online(exc):
                     refused = explain(exc, self.address)
                     if refused is not None:
                         raise refused from exc
@@ -389,6 +436,8 @@ class _Worker:
         self.node_config = dict(node_config)
         self.out = out
         self.contexts: dict[int, Any] = {}
+        #: fedcore's own ClientApp: its data is checked against each model received
+        self.checked = bool(node_config.get(PREFLIGHT, False))
 
     def step(self, node_id: int) -> bool:
         """Pull one message and answer it; whether there was one."""
@@ -412,6 +461,14 @@ class _Worker:
         t_recv = time.perf_counter()
         message = self.session.receive(tree, run_id)
         flower.set_task_identity(run_id=run_id, node_id=node_id, task_id=1)
+        if self.checked:
+            from fedcore.clientside.preflight import ModelMismatch, check_message
+
+            try:  # the server's model against this client's data, before the ClientApp
+                check_message(message, self.contexts[run_id])
+            except ModelMismatch as exc:  # the reason goes back; this client stops (exit 2)
+                self.session.send(flower.error_reply(message, str(exc)), 0.0)
+                raise
         t0 = time.perf_counter()
         reply = _handle(self.app, message, self.contexts[run_id])
         t1 = time.perf_counter()
@@ -486,6 +543,8 @@ def run_node(
                         return 0
                 failing_since = None
             except Exception as exc:  # noqa: BLE001 - classified below
+                if isinstance(exc, DataError):  # this client's data does not fit the model
+                    raise
                 refused = explain(exc, session.address)
                 if refused is not None:
                     node_id = rejoin(f"the server refused a request ({refused})")
@@ -553,6 +612,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         node_config[STATE_DIR] = str(state_dir.resolve())
     if args.app == DEFAULT_APP:  # (another ClientApp reads its data its own way)
         check_local_setup(node_config)
+        node_config[PREFLIGHT] = True
     if kit is None:
         session = FleetSession(args.server, ca_pem=None, key_path=None, insecure=True)
         name = "insecure"
@@ -601,6 +661,15 @@ def check_local_setup(node_config: Mapping[str, Any]) -> None:
     )
 
 
+#: ``fedcore client --help``'s examples.
+EPILOG = """\
+examples:
+  fedcore client --kit client-1 --server fl.example.org:9092 --data site1.npz
+  fedcore client --kit client-1 --server fl.example.org:9092 --data site1.csv --config client.toml
+  fedcore client --kit client-1 --server 127.0.0.1:9092 --data site1.npz --once
+"""
+
+
 def register(subparsers: Any) -> None:
     """Add the ``client`` sub-command."""
     p = subparsers.add_parser(
@@ -608,6 +677,8 @@ def register(subparsers: Any) -> None:
         help="join a federation with a client kit; train on a local data file",
         description="Connect to `fedcore server` over TLS with this kit's identity and run the "
         "fedcore ClientApp on --data (only that file is read).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--kit", help="client kit directory from `fedcore provision` (DIR/clients/NAME)")
     p.add_argument("--server", required=True, help="HOST:PORT of the server (its --address)")

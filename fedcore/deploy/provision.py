@@ -570,6 +570,16 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``fedcore provision --help``'s examples.
+EPILOG = """\
+examples:
+  fedcore provision --out fed --clients 3 --server-name fl.example.org
+  fedcore provision --out fed --client-names hospital-a hospital-b --server-ip 10.0.0.5
+  fedcore provision --out fed --add-client hospital-c
+  fedcore provision --out fed --revoke client-2
+"""
+
+
 def register(subparsers: Any) -> None:
     """Add the ``provision`` sub-command."""
     p = subparsers.add_parser(
@@ -577,6 +587,8 @@ def register(subparsers: Any) -> None:
         help="create a federation: CA, server TLS certificate, one kit per client",
         description="Create (or change) a federation's keys and certificates. "
         "Private keys are files of mode 0600; nothing is overwritten without --force.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", required=True, help="federation directory")
     p.add_argument("--clients", type=int, default=2, help="number of clients (client-1 ...)")

@@ -39,8 +39,11 @@ from fedcore.storage.files import arrays_from_safetensors, arrays_to_safetensors
 __all__ = [
     "CHECKPOINT_FILE",
     "ServerState",
+    "STARTED_ENTRIES",
     "config_fingerprint",
+    "has_checkpoint",
     "load_checkpoint",
+    "never_trained",
     "remove_stale_temporaries",
     "save_checkpoint",
 ]
@@ -48,7 +51,6 @@ __all__ = [
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT_VERSION = 1
 _MAX_HEADER = 64 * 1024 * 1024
-
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,21 @@ _V01_RESUME_MAY_CHANGE = frozenset(
         "deploy.resume",
     }
 )
+
+
+#: Metric columns renamed since fedcore 0.1 (its history rows) -> today's names.
+_V01_COLUMNS = {
+    "eval_loss": "test_loss",
+    "accuracy": "test_accuracy",
+    "fed_eval_loss": "val_loss",
+    "fed_accuracy": "val_accuracy",
+    "failures": "dropped",
+}
+
+
+def _current_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A history row with fedcore 0.1's column names mapped to today's."""
+    return {_V01_COLUMNS.get(k, k): v for k, v in row.items()}
 
 
 def _affecting(table: Mapping[str, Any], may_change: frozenset[str]) -> dict[str, Any]:
@@ -255,7 +272,7 @@ def load_checkpoint(
         round=rnd,
         arrays=arrays,
         strategy_state=meta.get("strategy_state") or {},
-        history=list(meta.get("history") or []),
+        history=[_current_row(r) for r in meta.get("history") or []],
         config=saved_cfg,
         strategy_arrays={k: array_view(v).copy() for k, v in strategy.items()},
     )
@@ -267,3 +284,29 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+#: What a run writes into its directory before its first round completes (the
+#: resolved config, the simulated clients' state, TensorBoard's opened event file);
+#: with nothing else there, no round finished and the directory may be reused.
+STARTED_ENTRIES = frozenset({"config.toml", "client-state", "tensorboard"})
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint (at least one round completed)."""
+    return (run_dir / CHECKPOINT_FILE).is_file()
+
+
+def never_trained(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds only what a start interrupted before round 1 wrote.
+
+    That is :data:`STARTED_ENTRIES` and temp files of interrupted writes: no
+    checkpoint, no metrics, no model. Anything else (a finished run, a user's files)
+    is not.
+    """
+    if not (run_dir / "config.toml").is_file():
+        return False
+    return all(
+        p.name in STARTED_ENTRIES or (p.name.startswith(".") and p.name.endswith(".tmp"))
+        for p in run_dir.iterdir()
+    )
