@@ -67,7 +67,7 @@ def _run_dir_summary(run_dir: Path) -> dict[str, Any]:
     rows = json.loads((run_dir / "metrics.json").read_text())
     return {
         "rounds": len(rows),
-        "final_accuracy": rows[-1]["accuracy"],
+        "final_accuracy": rows[-1]["test_accuracy"],
         "clients_per_round": [r["clients"] for r in rows],
         "round_seconds": [round(r["seconds"], 3) for r in rows],
     }

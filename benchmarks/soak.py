@@ -109,7 +109,7 @@ def main() -> None:
         "peak_rounds_1_10_mb": round(early_peak / mb, 1),
         "peak_last_10_rounds_mb": round(late_peak / mb, 1),
         "peak_growth_pct": round(100 * (late_peak / early_peak - 1), 2),
-        "final_accuracy": rows[-1]["accuracy"],
+        "final_accuracy": rows[-1]["test_accuracy"],
     }
     print(json.dumps(result))
 

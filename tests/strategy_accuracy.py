@@ -56,4 +56,4 @@ def accuracy(tmp_path, name: str, secagg: bool) -> float:
     )
     rows = json.loads((run_dir / "metrics.json").read_text())
     assert len(rows) == 20 and all(r["clients"] == 10 for r in rows), rows[-1]
-    return float(rows[-1]["accuracy"])
+    return float(rows[-1]["test_accuracy"])

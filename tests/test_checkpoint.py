@@ -25,7 +25,7 @@ def _state(round_=3, cfg=None, value=1.5):
         {"w": Array(np.full((2, 3), value, np.float32)), "n": Array(np.array(7, np.int64))}
     )
     history = [
-        {"round": r, "accuracy": 0.5 + r / 10, "train_loss": float("nan")}
+        {"round": r, "test_accuracy": 0.5 + r / 10, "train_loss": float("nan")}
         for r in range(1, round_ + 1)
     ]
     return ServerState(round_, arrays, {"m": [1.0, 2.0]}, history, cfg or Config())
@@ -36,7 +36,7 @@ def test_round_trip(tmp_path):
     save_checkpoint(tmp_path, st)
     back = load_checkpoint(tmp_path, expect=Config(), model_spec=spec_of(st.arrays))
     assert back.round == 3 and back.strategy_state == {"m": [1.0, 2.0]}
-    assert back.history[2]["accuracy"] == pytest.approx(0.8)
+    assert back.history[2]["test_accuracy"] == pytest.approx(0.8)
     assert np.isnan(back.history[0]["train_loss"])
     for k in ("w", "n"):
         assert back.arrays[k].data == st.arrays[k].data

@@ -119,8 +119,8 @@ def test_killed_client_and_killed_server_recover(tmp_path: Path) -> None:
         assert victim.returncode == -signal.SIGKILL
         _wait_for(lambda: len(rows()) >= 3, 240, "rounds 2 and 3 without client-4", live())
         assert rows()[0]["clients"] == 4
-        assert rows()[1]["clients"] == 3 and rows()[1]["failures"] >= 1
-        assert rows()[1]["eval_loss"] != rows()[0]["eval_loss"]  # round 2 did aggregate
+        assert rows()[1]["clients"] == 3 and rows()[1]["dropped"] >= 1
+        assert rows()[1]["test_loss"] != rows()[0]["test_loss"]  # round 2 did aggregate
         client(4)  # restarted, same kit
         _wait_for(
             lambda: any(r["clients"] == 4 for r in rows()[3:]),

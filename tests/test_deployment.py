@@ -474,9 +474,9 @@ def test_training_completes_with_tls_and_node_auth_and_improves(tls_run: dict[st
     assert tls_run["server_rc"] == 0, _explain(tls_run)
     rows = _metrics_rows(tls_run["run_dir"])
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
-    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
-    assert rows[-1]["accuracy"] > rows[0]["accuracy"]
-    assert all(r["clients"] >= 3 and r["failures"] == 0 for r in rows), rows
+    assert rows[-1]["test_loss"] < rows[0]["test_loss"]
+    assert rows[-1]["test_accuracy"] > rows[0]["test_accuracy"]
+    assert all(r["clients"] >= 3 and r["dropped"] == 0 for r in rows), rows
     for f in ("config.toml", "metrics.csv", "model.safetensors", "summary.json", "plot.png"):
         assert (tls_run["run_dir"] / f).is_file(), f
 
@@ -680,4 +680,4 @@ def test_stock_flower_supernodes_join_a_fedcore_server(tmp_path: Path) -> None:
         stop(procs, str(tmp_path))
     assert procs[0].returncode == 0, out
     rows = _metrics_rows(tmp_path / "run")
-    assert len(rows) == 1 and rows[0]["clients"] == 2 and rows[0]["failures"] == 0, rows
+    assert len(rows) == 1 and rows[0]["clients"] == 2 and rows[0]["dropped"] == 0, rows

@@ -76,10 +76,10 @@ def test_too_few_replies_retries_then_keeps_the_previous_model(small_config, tmp
     # round 2: three of four clients fail in every attempt -> round 2 fails
     rows = _simulate(cfg, tmp_path / "run", monkeypatch, {"FLAKY_FAIL": "0@2,1@2,2@2"})
     assert [r["clients"] for r in rows] == [4, 0, 4]
-    assert rows[1]["failures"] == 6  # 3 clients x 2 attempts, each with a reason
+    assert rows[1]["dropped"] == 6  # 3 clients x 2 attempts, each with a reason
     # the model after round 2 is exactly the model after round 1
-    assert rows[1]["eval_loss"] == rows[0]["eval_loss"]
-    assert rows[1]["accuracy"] == rows[0]["accuracy"]
+    assert rows[1]["test_loss"] == rows[0]["test_loss"]
+    assert rows[1]["test_accuracy"] == rows[0]["test_accuracy"]
 
 
 # ------------------------------------------------------------------ fuzzing

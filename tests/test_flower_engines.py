@@ -53,7 +53,7 @@ def test_flwr_run_runs_the_fedcore_apps_on_ray_and_leaves_nothing_behind(tmp_pat
         assert (run_dir / name).is_file(), name
     rows = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["clients"] == 3 and r["failures"] == 0 for r in rows), rows
+    assert all(r["clients"] == 3 and r["dropped"] == 0 for r in rows), rows
     cfg = load_config(run_dir / "config.toml")  # the run config the apps received
     assert (cfg.run.rounds, cfg.data.source, cfg.model.factory) == (2, "synthetic", "mlp")
     assert cfg.secagg.enabled and cfg.secagg.evaluate  # both rounds were secure aggregations

@@ -54,7 +54,7 @@ def test_one_secure_round_on_worker_processes_equals_the_plain_round(tmp_path):
     cfg, secure_row, secure = _run(tmp_path, "secure", True)
     _, plain_row, plain = _run(tmp_path, "plain", False)
     assert int(secure_row["clients"]) == int(plain_row["clients"]) == CLIENTS
-    assert int(secure_row["failures"]) == 0
+    assert int(secure_row["dropped"]) == 0
     total = sum(
         len(local_data(cfg, {"partition-id": p, "num-partitions": CLIENTS}).train)
         for p in range(CLIENTS)
@@ -72,5 +72,5 @@ def test_one_secure_round_on_worker_processes_equals_the_plain_round(tmp_path):
     assert worst > 0  # the secure sum was quantized: it is not the plain run's model
     # metrics: the same bound with M = 64 in place of C
     metric_bound = CLIENTS * 64 / (2 ** (cfg.secagg.bits - 1) * total)
-    for key in ("train_loss", "fed_eval_loss", "fed_accuracy"):  # evaluation is secure too
+    for key in ("train_loss", "val_loss", "val_accuracy"):  # evaluation is secure too
         assert abs(float(secure_row[key]) - float(plain_row[key])) < metric_bound, key

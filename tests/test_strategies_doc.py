@@ -57,7 +57,7 @@ def test_user_strategy_example_runs_exactly_as_documented(tmp_path):
     assert saved["secagg"]["enabled"] is True  # it trained under secure aggregation
     rows = json.loads((run / "metrics.json").read_text())
     assert len(rows) == 10 and all(r["clients"] == 10 for r in rows)
-    assert rows[-1]["accuracy"] > 0.85  # measured: 0.9387 (plain FedAvg's steps, capped)
+    assert rows[-1]["test_accuracy"] > 0.85  # measured: 0.9387 (plain FedAvg's steps, capped)
 
 
 def test_a_bad_option_of_the_example_is_refused_naming_the_key(tmp_path):

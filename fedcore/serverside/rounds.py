@@ -17,23 +17,31 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from fedcore.core.config import RoundConfig
-from fedcore.core.errors import RoundFailedError
+from fedcore.core.errors import (
+    USER_CODE_FAILED,
+    RoundFailedError,
+    is_user_code_error,
+    user_code_origin,
+)
 from fedcore.core.records import ATTEMPT, Rejection
 from fedcore.serverside.exchange import Aggregate, EvaluateResult, Exchange, PlainExchange
 from fedcore.serverside.strategies.base import Strategy
 
 __all__ = [
+    "COLUMNS",
     "Observer",
     "RoundPolicy",
     "RoundRecord",
     "evaluate_once",
+    "extra_metrics",
     "run_federation",
     "train_once",
     "wait_for_nodes",
@@ -48,25 +56,64 @@ CentralEvaluate = Callable[[ArrayRecord], dict[str, float]]
 class RoundRecord:
     """One row of ``metrics.csv``: what a round produced.
 
-    ``eval_loss``/``accuracy`` are the server's centralized evaluation on the
-    held-out test set; ``fed_eval_loss``/``fed_accuracy`` the example-weighted
-    federated evaluation on the clients' validation data. ``nan`` where a stage
-    was skipped or got no valid reply.
+    Its field names (:data:`COLUMNS`) are the metric names everywhere: console line,
+    ``metrics.csv``/``metrics.json``, plot legends, ``summary.json``, TensorBoard.
+    ``test_*`` is the server's centralized evaluation on the held-out test set,
+    ``val_*`` the example-weighted federated evaluation on the clients' validation
+    data, ``dropped`` the replies not used. ``nan`` where a stage was skipped or got
+    no valid reply. ``extra`` holds the users' own metrics, example-weighted across
+    clients (:func:`extra_metrics`); they follow the fixed columns in name order.
     """
 
     round: int
     train_loss: float
-    eval_loss: float
-    accuracy: float
-    fed_eval_loss: float
-    fed_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    val_loss: float
+    val_accuracy: float
     clients: int
-    failures: int
+    dropped: int
     seconds: float
+    extra: Mapping[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float | int]:
-        """Plain dict (for CSV/JSON)."""
-        return asdict(self)
+        """Plain dict (for CSV/JSON): the fixed columns, then the extra ones by name."""
+        row: dict[str, float | int] = {name: getattr(self, name) for name in COLUMNS}
+        row.update(sorted(self.extra.items()))
+        return row
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> RoundRecord:
+        """The record of a ``metrics.json`` row (``None`` read as ``nan``)."""
+        nan = float("nan")
+        fixed = {name: nan if row.get(name) is None else row[name] for name in COLUMNS}
+        extra = {k: nan if v is None else float(v) for k, v in row.items() if k not in COLUMNS}
+        return cls(**fixed, extra=extra)
+
+
+#: The fixed metric columns, in order (declared once: ``RoundRecord``'s fields).
+COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(RoundRecord) if f.name != "extra")
+
+#: Wire names of the federated evaluation's metrics -> their columns.
+_EVALUATE_COLUMNS = {"eval_loss": "val_loss", "eval_acc": "val_accuracy"}
+
+
+def extra_metrics(train: Mapping[str, float], evaluate: Mapping[str, float]) -> dict[str, float]:
+    """The users' own metrics, named as columns.
+
+    Training ``k`` -> ``train_<k>`` (kept when it already starts with ``train_``),
+    federated evaluation ``k`` -> ``val_<k>`` (an ``eval_`` prefix dropped). Names of
+    fixed columns are never overwritten.
+    """
+    out: dict[str, float] = {}
+    for key, value in train.items():
+        name = key if key.startswith("train_") else f"train_{key}"
+        out[name] = value
+    for key, value in evaluate.items():
+        if key in _EVALUATE_COLUMNS:
+            continue
+        out[f"val_{key.removeprefix('eval_')}"] = value
+    return {k: v for k, v in out.items() if k not in COLUMNS}
 
 
 class Observer:
@@ -226,6 +273,8 @@ def run_federation(
     train_x = exchange if exchange is not None else PlainExchange()
     eval_x = evaluate_exchange if evaluate_exchange is not None else train_x
     nan = float("nan")
+    shown: dict[str, tuple[int, int]] = {}  # user-code errors shown: reason -> (round, node)
+    trained = stop = False
     for rnd in range(start_round, rounds + 1):
         t0 = time.perf_counter()
         rejected: list[Rejection] = []
@@ -247,9 +296,9 @@ def run_federation(
                 train_config=train_config,
                 observer=obs,
             )
+            user_code = bool(dropped) and all(is_user_code_error(r.reason) for r in dropped)
+            dropped = _shown_once(rnd, dropped, shown)
             rejected += dropped
-            for r in dropped:
-                log.warning("round %d: dropped %s", rnd, r)
             if agg is not None:
                 break
             log.warning(
@@ -258,8 +307,23 @@ def run_federation(
                 attempt + 1,
                 why,
             )
+            if user_code:  # deterministic: a retry would fail the same way
+                log.warning(
+                    "round %d: not retried: it failed in the user's own code, which fails "
+                    "the same way on every retry",
+                    rnd,
+                )
+                stop = not trained
+                break
         if agg is not None:
             arrays = strategy.server_update(rnd, arrays, agg)
+            trained = True
+        if stop:
+            log.error(
+                "round %d: stopping the run: no round trained and this one failed in the "
+                "user's own code (the error above); fix it and run again",
+                rnd,
+            )
 
         # -- federated evaluation (not retried: it does not change the model) --
         fed: dict[str, float] = {}
@@ -275,13 +339,11 @@ def run_federation(
                 timeout=policy.timeout,
                 observer=obs,
             )
-            if node_ids
+            if node_ids and not stop
             else None
         )
         if ev is not None:
-            dropped = list(ev.rejected)
-            for r in dropped:
-                log.warning("round %d: dropped %s", rnd, r)
+            dropped = _shown_once(rnd, list(ev.rejected), shown)
             rejected += dropped
             fed = ev.metrics
 
@@ -290,13 +352,57 @@ def run_federation(
         record = RoundRecord(
             round=rnd,
             train_loss=agg.metrics.get("train_loss", nan) if agg else nan,
-            eval_loss=central.get("loss", nan),
-            accuracy=central.get("accuracy", nan),
-            fed_eval_loss=fed.get("eval_loss", nan),
-            fed_accuracy=fed.get("eval_acc", nan),
+            test_loss=central.get("loss", nan),
+            test_accuracy=central.get("accuracy", nan),
+            val_loss=fed.get("eval_loss", nan),
+            val_accuracy=fed.get("eval_acc", nan),
             clients=agg.num_clients if agg else 0,
-            failures=len(rejected),
+            dropped=len(rejected),
             seconds=time.perf_counter() - t0,
+            extra=extra_metrics(agg.metrics if agg else {}, fed),
         )
         obs.round_finished(record, arrays, rejected)
+        if stop:
+            break
     return arrays
+
+
+def _shown_once(
+    rnd: int, dropped: Sequence[Rejection], shown: dict[str, tuple[int, int]]
+) -> list[Rejection]:
+    """Log why each reply was dropped; an error in the user's code in full only once.
+
+    The first client with a given user-code error gets its whole reason (what went
+    wrong, the user's traceback) logged; the others, in this round or later, are
+    counted on one line. The rejections returned for the observers (which print and
+    record them) say only which function failed, "the error is shown above", or "the
+    same error as client N (round R)": the error text itself is shown once.
+    """
+    out: list[Rejection] = []
+    repeats: dict[str, list[int]] = {}
+    for r in dropped:
+        if not is_user_code_error(r.reason):
+            log.warning("round %d: dropped %s", rnd, r)
+            out.append(r)
+            continue
+        first = shown.get(r.reason)
+        if first is None:
+            shown[r.reason] = (rnd, r.node_id)
+            log.warning("round %d: dropped %s", rnd, r)
+            shown_above = f"{user_code_origin(r.reason)}; the error is shown above"
+            out.append(Rejection(r.node_id, r.stage, shown_above))
+            continue
+        repeats.setdefault(r.reason, []).append(r.node_id)
+        same = f"{USER_CODE_FAILED} the same error as client {first[1]} (round {first[0]})"
+        out.append(Rejection(r.node_id, r.stage, same))
+    for reason, nodes in repeats.items():
+        at, node = shown[reason]
+        log.warning(
+            "round %d: the same error as client %d (round %d) on %d more client(s): %s",
+            rnd,
+            node,
+            at,
+            len(nodes),
+            ", ".join(map(str, nodes)),
+        )
+    return out

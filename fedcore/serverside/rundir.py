@@ -5,11 +5,14 @@
     run-dir/
       config.toml          the resolved config
       checkpoint.safetensors  the latest round's state (fedcore.serverside.checkpoint)
-      metrics.csv          one row per round (see fedcore.serverside.rounds.RoundRecord)
+      metrics.csv          one row per round: round, train_loss, test_loss, test_accuracy,
+                           val_loss, val_accuracy, clients, dropped, seconds, then the
+                           users' own metrics by name (fedcore.serverside.rounds.COLUMNS)
       metrics.json         the same rows as a JSON list
       model.safetensors    the final global model
       plot.png             loss and accuracy per round
-      summary.json         final figures (and the centralized baseline, if run)
+      summary.json         final figures (run_summary; and the centralized baseline, if run)
+      tensorboard/         the same scalars per round as TensorBoard event files
 
 Every file is written with :func:`fedcore.storage.files.atomic_write`.
 """
@@ -33,75 +36,216 @@ from fedcore.core.config import Config
 from fedcore.core.faults import crash_point
 from fedcore.core.records import Rejection
 from fedcore.serverside.checkpoint import ServerState, save_checkpoint
-from fedcore.serverside.rounds import Observer, RoundRecord
+from fedcore.serverside.rounds import COLUMNS, Observer, RoundRecord
 from fedcore.serverside.strategies.base import Strategy
-from fedcore.storage.files import atomic_write
+from fedcore.storage.files import atomic_write, write_json
 
 __all__ = [
+    "NO_TRAINING",
+    "SPLIT_COLOURS",
     "Observers",
     "RunObserver",
+    "columns_of",
     "default_run_dir",
     "format_round",
+    "plot_figure",
+    "redraw_plot",
+    "run_summary",
     "write_metrics",
     "write_plot",
+    "write_summary",
 ]
 
 log = logging.getLogger("fedcore")
 
 
 def _fmt(value: Any) -> Any:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return "" if math.isnan(value) else repr(value)
     return value
 
+
+def columns_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The header: the fixed :data:`~fedcore.serverside.rounds.COLUMNS`, then the rest.
+
+    Every other key of any row follows in name order: the same for a resumed run as
+    for an uninterrupted one.
+    """
+    extra = sorted({k for row in rows for k in row} - set(COLUMNS))
+    return [*COLUMNS, *extra]
+
+
 def write_metrics(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """``metrics.csv`` and ``metrics.json`` (NaN as empty cell / ``null``)."""
+    """``metrics.csv`` and ``metrics.json`` (NaN or missing as empty cell / ``null``)."""
     if not rows:
         return
+    header = columns_of(rows)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _fmt(v) for k, v in row.items()})
+        writer.writerow({k: _fmt(row.get(k)) for k in header})
     atomic_write(run_dir / "metrics.csv", buf.getvalue().encode())
-    clean = [
-        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-        for row in rows
-    ]
+    clean = [{k: _json_value(row.get(k)) for k in header} for row in rows]
     atomic_write(run_dir / "metrics.json", (json.dumps(clean, indent=1) + "\n").encode())
 
-def write_plot(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """``plot.png``: losses (left) and accuracies (right) per round."""
-    if not rows:
-        return
+
+def _json_value(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _number(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+#: One colour per data split, the same in both panels (matplotlib's default cycle).
+SPLIT_COLOURS = {"train": "C0", "test": "C1", "val": "C2"}
+_SPLIT_LABELS = {
+    "train": "train (clients)",
+    "test": "test (server)",
+    "val": "validation (clients)",
+}
+NO_TRAINING = "no training: no round aggregated a valid reply"
+
+
+def plot_figure(
+    rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, Any] | None = None
+) -> Any:
+    """The plot as a matplotlib ``Figure``: losses (left) and accuracies (right) per round.
+
+    Each series is labelled with its column name and coloured by its split
+    (:data:`SPLIT_COLOURS`); ``baseline`` (``summary.json``'s ``centralized_baseline``)
+    is drawn as dashed horizontal lines in the test colour; a run in which no round
+    trained says so inside both axes.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    rounds = [r["round"] for r in rows]
+    rounds = [int(r["round"]) for r in rows]
     fig = Figure(figsize=(9, 3.5), dpi=100)
     ax_loss, ax_acc = fig.subplots(1, 2)
-    for key, label in (
-        ("train_loss", "train (clients)"),
-        ("eval_loss", "test (server)"),
-        ("fed_eval_loss", "validation (clients)"),
-    ):
-        ax_loss.plot(rounds, [r[key] for r in rows], marker=".", label=label)
-    for key, label in (("accuracy", "test (server)"), ("fed_accuracy", "validation (clients)")):
-        ax_acc.plot(rounds, [r[key] for r in rows], marker=".", label=label)
+    panels = (
+        (ax_loss, ("train_loss", "test_loss", "val_loss"), "test_loss"),
+        (ax_acc, ("test_accuracy", "val_accuracy"), "test_accuracy"),
+    )
+    for ax, keys, baseline_key in panels:
+        for key in keys:
+            split = key.split("_", 1)[0]
+            ax.plot(
+                rounds,
+                [_number(r.get(key)) for r in rows],
+                marker=".",
+                color=SPLIT_COLOURS[split],
+                label=f"{key}: {_SPLIT_LABELS[split]}",
+            )
+        value = (baseline or {}).get(baseline_key)
+        if value is not None:
+            ax.axhline(
+                float(value),
+                color=SPLIT_COLOURS["test"],
+                linestyle="--",
+                linewidth=1,
+                label=f"{baseline_key}: centralized baseline",
+            )
+        if not any(int(r.get("clients") or 0) > 0 for r in rows):
+            ax.text(
+                0.5,
+                0.5,
+                NO_TRAINING,
+                transform=ax.transAxes,
+                ha="center",
+                va="center",
+                color="red",
+                wrap=True,
+            )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     ax_loss.set(xlabel="round", ylabel="loss", title="Loss")
     ax_acc.set(xlabel="round", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def write_plot(
+    run_dir: Path, rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, Any] | None = None
+) -> None:
+    """``plot.png`` (see :func:`plot_figure`)."""
+    if not rows:
+        return
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    plot_figure(rows, baseline).savefig(buf, format="png")
     atomic_write(run_dir / "plot.png", buf.getvalue())
 
+
+def redraw_plot(run_dir: Path) -> None:
+    """Redraw ``plot.png`` from ``metrics.json`` and ``summary.json``'s centralized baseline.
+
+    ``fedcore simulate`` calls it after adding the baseline to ``summary.json``.
+    """
+    try:
+        rows = json.loads((run_dir / "metrics.json").read_text())
+    except FileNotFoundError:
+        return
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except FileNotFoundError:
+        summary = {}
+    write_plot(run_dir, rows, summary.get("centralized_baseline"))
+
+
+def run_summary(
+    rows: Sequence[Mapping[str, Any]], *, rounds: int, wall_seconds: float
+) -> dict[str, Any]:
+    """What ``summary.json`` holds (``None`` where there is no value).
+
+    ``rounds`` (planned), ``rounds_trained`` (rounds that aggregated at least one valid
+    reply), ``best_round`` (highest ``test_accuracy``, the first on ties),
+    ``final_``/``best_test_accuracy``, ``final_test_loss``, ``wall_seconds`` (of this
+    server process) and ``clients_dropped`` (dropped replies, all rounds together).
+    """
+
+    def finite(value: Any) -> float | None:
+        return None if value is None or math.isnan(float(value)) else float(value)
+
+    scored = [(finite(r.get("test_accuracy")), int(r["round"])) for r in rows]
+    scored = [(acc, rnd) for acc, rnd in scored if acc is not None]
+    best = max(scored, key=lambda s: (s[0], -s[1])) if scored else None
+    last = rows[-1] if rows else {}
+    return {
+        "rounds": rounds,
+        "rounds_trained": sum(int(r.get("clients") or 0) > 0 for r in rows),
+        "best_round": best[1] if best else None,
+        "best_test_accuracy": best[0] if best else None,
+        "final_test_accuracy": finite(last.get("test_accuracy")),
+        "final_test_loss": finite(last.get("test_loss")),
+        "wall_seconds": wall_seconds,
+        "clients_dropped": sum(int(r.get("dropped") or 0) for r in rows),
+    }
+
+
+def write_summary(
+    run_dir: Path, rows: Sequence[Mapping[str, Any]], *, rounds: int, wall_seconds: float
+) -> dict[str, Any]:
+    """Write ``summary.json`` (see :func:`run_summary`) and return it."""
+    summary = run_summary(rows, rounds=rounds, wall_seconds=wall_seconds)
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
 class RunObserver(Observer):
-    """After every round: checkpoint, metrics files, one summary line (and progress bars)."""
+    """After every round: checkpoint, metrics files, one summary line (and progress bars).
+
+    With ``progress`` (an interactive ``fedcore`` command) each round's line is printed
+    to stdout, and progress bars are drawn on stderr when it is a terminal (never bar
+    frames into a pipe or file). ``quiet`` prints no per-round lines and no bars (they
+    go to the ``fedcore`` logger at INFO).
+    """
 
     def __init__(
         self,
@@ -111,19 +255,22 @@ class RunObserver(Observer):
         *,
         progress: bool,
         history: Sequence[dict[str, Any]] = (),
+        quiet: bool = False,
+        bars: bool | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.cfg = cfg
         self.strategy = strategy
         self.rounds = cfg.run.rounds
-        self.progress = progress
+        self.progress = progress and not quiet
+        self.bars = self.progress and (sys.stderr.isatty() if bars is None else bars)
         self.rows: list[dict[str, Any]] = list(history)
         self._bar: Any = None
 
     def stage_started(self, server_round: int, stage: str, num_messages: int) -> None:
         """Open a progress bar for the stage."""
         self._close_bar()
-        if self.progress:
+        if self.bars:
             from tqdm import tqdm
 
             self._bar = tqdm(
@@ -173,18 +320,23 @@ class RunObserver(Observer):
         else:
             log.info(line)
 
+
 def _f(value: float, spec: str = ".4f") -> str:
     return "-" if math.isnan(value) else format(value, spec)
 
-def format_round(r: RoundRecord, rounds: int) -> str:
-    """The one-line summary of a round."""
+
+def format_round(r: RoundRecord | Mapping[str, Any], rounds: int) -> str:
+    """The one-line summary of a round: each value after its column name."""
+    record = r if isinstance(r, RoundRecord) else RoundRecord.from_dict(r)
     width = len(str(rounds))
-    return (
-        f"round {r.round:>{width}}/{rounds}  train_loss {_f(r.train_loss)}  "
-        f"test_loss {_f(r.eval_loss)}  test_acc {_f(r.accuracy)}  "
-        f"fed_acc {_f(r.fed_accuracy)}  clients {r.clients}  dropped {r.failures}  "
-        f"{r.seconds:.2f} s"
-    )
+    parts = [f"round {record.round:>{width}}/{rounds}"]
+    for name, value in record.as_dict().items():
+        if name in ("round", "seconds"):
+            continue
+        parts.append(f"{name} {value}" if isinstance(value, int) else f"{name} {_f(value)}")
+    parts.append(f"seconds {record.seconds:.2f}")
+    return "  ".join(parts)
+
 
 def default_run_dir(cfg: Config) -> Path:
     """``<run.out-dir>/<UTC timestamp>-seed<seed>`` (unique per start)."""
@@ -195,6 +347,7 @@ def default_run_dir(cfg: Config) -> Path:
         i += 1
         path = base.with_name(f"{base.name}-{i}")
     return path
+
 
 class Observers(Observer):
     """Fan one event out to several observers, in order."""
