@@ -10,7 +10,8 @@ client-side read of the fedcore config goes through :func:`local_config`:
   ``(path, mtime)``;
 - otherwise a simulation node (node config ``partition-id``): the run config; one
   user owns both sides of a simulation, and Flower's Ray engine (``flwr run .``)
-  passes nothing else;
+  passes nothing else (keys outside fedcore's sections, e.g. a stock ServerApp's
+  ``num-server-rounds``, are ignored and logged once);
 - otherwise (a deployment node): the library defaults, ``Config()``, never the run
   config (logged once, with how to pass ``--config``).
 
@@ -32,8 +33,9 @@ from typing import Any
 
 from flwr.app import Context, Message
 
-from fedcore.core.config import Config, config_from_flat
+from fedcore.core.config import Config, config_from_flat, declared_keys
 from fedcore.core.errors import ConfigError
+from fedcore.core.keys import close_match
 from fedcore.storage.configfile import load_config
 
 __all__ = [
@@ -62,13 +64,30 @@ _defaults_logged = False
 
 @functools.lru_cache(maxsize=8)
 def _flat_config(items: frozenset[tuple[str, Any]]) -> Config:
-    return config_from_flat(dict(items))
+    cfg = config_from_flat(dict(items))
+    if cfg.app:  # once per run config (cached)
+        log.warning(
+            "fedcore's ClientApp ignores these run-config keys outside its sections: %s",
+            ", ".join(_with_hint(k) for k in sorted(cfg.app)),
+        )
+    return cfg
+
+
+def _with_hint(name: str) -> str:
+    """``"trian.lr (did you mean 'train.lr'?)"`` for a dotted near miss, else ``name``."""
+    if "." not in name:
+        return name
+    near = close_match(name, [info.dotted for info in declared_keys()])
+    return f"{name} (did you mean '{near}'?)" if near else name
 
 
 def run_config(context: Context) -> Config:
     """The validated fedcore config carried by Flower's run config (cached).
 
-    Only for a simulation node (see :func:`local_config`): the server writes it.
+    Only for a simulation node (see :func:`local_config`): the server writes it. Keys
+    outside fedcore's sections (a stock ServerApp's ``num-server-rounds``, ``[app]``
+    keys meant for stock ClientApps) are ignored, and logged once; a bad key inside a
+    section (``train.lrr``) is a :class:`~fedcore.core.errors.ConfigError`.
     """
     return _flat_config(frozenset(context.run_config.items()))
 

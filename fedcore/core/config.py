@@ -26,6 +26,13 @@ ServerApp and ClientApp under every engine. Renamed keys keep working: their old
 spelling (:data:`DEPRECATED_KEYS`) is read as the new key with a ``DeprecationWarning``.
 The table of keys in ``simulations/README.md`` and pyproject's Flower mirror are
 generated from these declarations (``python -m fedcore.storage.config_docs --write``).
+
+One table is free-form: ``[app]``, whose keys reach every ClientApp verbatim as
+top-level run-config keys (Flower's convention, for stock ClientApps)::
+
+    >>> cfg = config_from_dict({"app": {"batch-size": 16}})
+    >>> to_flat(cfg)["batch-size"], config_from_flat(to_flat(cfg)) == cfg
+    (16, True)
 """
 
 from __future__ import annotations
@@ -75,11 +82,13 @@ __all__ = [
     "SecAggConfig",
     "StrategyConfig",
     "TrainConfig",
+    "app_keys_problem",
     "config_from_dict",
     "config_from_flat",
     "declared_keys",
     "to_dict",
     "to_flat",
+    "to_flower_tables",
     "to_toml",
 ]
 
@@ -486,11 +495,17 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    #: ``[app]``: free-form scalars every ClientApp gets as top-level run-config keys
+    #: (``[app] batch-size = 32`` -> ``context.run_config["batch-size"] == 32``).
+    app: FrozenMap = field(default_factory=FrozenMap)
 
     def validate(self) -> None:
         """Validate every section, then the rules that span sections."""
-        for f in fields(self):
-            getattr(self, f.name).validate()
+        for name in SECTIONS:
+            getattr(self, name).validate()
+        problem = app_keys_problem(self.app)
+        if problem is not None:
+            raise ConfigError(*problem)
         clients = self.run.clients
         if self.round.min_available_clients > clients:
             raise ConfigError(
@@ -524,10 +539,37 @@ class Config:
         return config_from_dict(raw)
 
 
-#: Section name -> its dataclass, in file order.
+#: Section name -> its dataclass, in file order (the free-form ``[app]`` table is no section).
 SECTIONS: Mapping[str, type[Section]] = MappingProxyType(
-    {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+    {f.name: f.default_factory for f in fields(Config) if f.name != "app"}  # type: ignore[misc]
 )
+#: What ``[app]`` is for, in error messages.
+_APP_HELP = (
+    "[app] keys reach every ClientApp verbatim as top-level run-config keys "
+    "(Flower's convention: [app] batch-size = 32 gives context.run_config['batch-size'])"
+)
+
+
+def app_keys_problem(app: Mapping[str, Any]) -> tuple[str, Any, str] | None:
+    """``(key, value, what is allowed)`` for the first bad ``[app]`` entry, else ``None``.
+
+    Values are TOML scalars (Flower's run config holds only those); a key must not
+    collide with fedcore's flat keys (``run.rounds``) or a section name (``run``).
+    """
+    for k, v in app.items():
+        if not isinstance(v, bool | int | float | str):
+            return f"app.{k}", v, f"must be a boolean, number or string; {_APP_HELP}"
+        head = str(k).split(".", 1)[0]
+        if head in SECTIONS:
+            clash = f"fedcore's [{head}] section" if head == k else f"fedcore's key '{k}'"
+            return (
+                f"app.{k}",
+                v,
+                f"collides with {clash} in Flower's flat run config; {_APP_HELP}, so they "
+                f"must not start with a fedcore section name ({', '.join(SECTIONS)}): "
+                "rename the key in your ClientApp and here",
+            )
+    return None
 
 
 def declared_keys() -> list[KeyInfo]:
@@ -618,6 +660,10 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a nested mapping (parsed TOML)."""
     if not isinstance(raw, Mapping):
         raise ConfigError("<root>", raw, "a config must be a table of sections")
+    raw = dict(raw)
+    app = raw.pop("app", {})
+    if not isinstance(app, Mapping):
+        raise ConfigError("app", app, f"must be a table [app]; {_APP_HELP}")
     for name, value in raw.items():
         if name not in SECTIONS:
             near = close_match(str(name), list(SECTIONS))
@@ -629,7 +675,10 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
         name: _build_section(name, SECTIONS[name], value)
         for name, value in _resolve_aliases(raw).items()
     }
-    cfg = Config(**sections)
+    problem = app_keys_problem(app)
+    if problem is not None:
+        raise ConfigError(*problem)
+    cfg = Config(**sections, app=FrozenMap(app))
     cfg.validate()
     return cfg
 
@@ -644,13 +693,17 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
             for info in key_infos(cls)
             for v in (getattr(section, info.attr),)
         }
+    if cfg.app:
+        out["app"] = dict(cfg.app)
     return out
 
 
 def to_flat(cfg: Config) -> dict[str, Scalar]:
-    """Flat ``{"section.key": value}`` form: Flower's run config."""
-    flat: dict[str, Scalar] = {}
+    """Flat ``{"section.key": value}`` form: Flower's run config (``[app]`` keys as they are)."""
+    flat: dict[str, Scalar] = dict(cfg.app)
     for section, table in to_dict(cfg).items():
+        if section == "app":
+            continue
         for k, value in table.items():
             if isinstance(value, dict):
                 for sub, v in value.items():
@@ -660,10 +713,32 @@ def to_flat(cfg: Config) -> dict[str, Scalar]:
     return flat
 
 
+def to_flower_tables(cfg: Config) -> dict[str, Any]:
+    """The nested tables of Flower's ``[tool.flwr.app.config]`` (a FAB's, pyproject's).
+
+    Sections are tables, ``[app]`` keys sit at the top (empty tables are left out);
+    Flower's ``flatten_dict`` of the result is :func:`to_flat` of ``cfg``.
+    """
+    tables: dict[str, Any] = {
+        section: {k: v for k, v in table.items() if v != {}}
+        for section, table in to_dict(cfg).items()
+        if section != "app"
+    }
+    return {**dict(cfg.app), **tables}
+
+
 def config_from_flat(flat: Mapping[str, Any]) -> Config:
-    """Inverse of :func:`to_flat` (Flower hands apps this flat form)."""
+    """Inverse of :func:`to_flat` (Flower hands apps this flat form).
+
+    A key outside fedcore's sections (``batch-size``, ``num-server-rounds``) is an
+    ``[app]`` key; one inside a section is checked like any other (``train.lrr`` is refused).
+    """
     nested: dict[str, Any] = {}
+    app: dict[str, Any] = {}
     for dotted, value in flat.items():
+        if dotted.split(".", 1)[0] not in SECTIONS:
+            app[dotted] = value
+            continue
         parts = dotted.split(".")
         node = nested
         for part in parts[:-1]:
@@ -672,7 +747,7 @@ def config_from_flat(flat: Mapping[str, Any]) -> Config:
                 raise ConfigError(dotted, value, f"conflicts with scalar key '{part}'")
             node = child
         node[parts[-1]] = value
-    return config_from_dict(nested)
+    return config_from_dict({**nested, **({"app": app} if app else {})})
 
 
 def to_toml(cfg: Config) -> str:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcore import flower_adapter as flower
-from fedcore.core.config import Config, to_dict
+from fedcore.core.config import Config, to_flower_tables
 from fedcore.core.errors import DeploymentError
 from fedcore.deploy.files import check_kit_dir
 from fedcore.deploy.guard import DEFAULT_MAX_REQUEST_BYTES, OPEN_TOKEN_ENV
@@ -88,12 +88,24 @@ def _app_files() -> dict[str, bytes]:
     return files
 
 
-def build_fab(cfg: Config) -> bytes:
+def build_fab(cfg: Config, *, client_app: str | None = None) -> bytes:
     """A Flower App Bundle: the fedcore app entry points and ``cfg`` as the run config.
 
     The fedcore library itself is not in the bundle: the server and every
-    client use the fedcore installed on their machine.
+    client use the fedcore installed on their machine. ``client_app``
+    (``"module:attr"``, ``fedcore server --client-app``) replaces fedcore's ClientApp:
+    its sources travel in the bundle and stock ``flower-supernode``s run it
+    (``fedcore client`` always runs its own).
     """
+    from fedcore.runtime.configfile import client_app_sources
+
+    user_files = client_app_sources(client_app, flag="--client-app") if client_app else {}
+    clash = sorted(set(user_files) & set(_app_files()))
+    if clash:
+        raise DeploymentError(
+            f"--client-app {client_app!r}: its files {clash} would replace fedcore's own apps "
+            "in the bundle; rename its package (not 'server' or 'clients')"
+        )
     import tomli_w
 
     from fedcore import __version__
@@ -111,13 +123,16 @@ def build_fab(cfg: Config) -> bytes:
             "flwr": {
                 "app": {
                     "publisher": "fedcore",
-                    "components": {"serverapp": "server.app:app", "clientapp": "clients.app:app"},
-                    "config": to_dict(cfg),
+                    "components": {
+                        "serverapp": "server.app:app",
+                        "clientapp": client_app or "clients.app:app",
+                    },
+                    "config": to_flower_tables(cfg),
                 }
             }
         },
     }
-    files = {"pyproject.toml": tomli_w.dumps(pyproject).encode(), **_app_files()}
+    files = {"pyproject.toml": tomli_w.dumps(pyproject).encode(), **_app_files(), **user_files}
     return flower.build_fab(files)
 
 
@@ -273,6 +288,7 @@ def run_server(
     sync_interval: float = 2.0,
     max_request_mb: float = DEFAULT_MAX_REQUEST_MB,
     out: Callable[[str], None] = print,
+    client_app: str | None = None,
 ) -> int:
     """Serve one fedcore run; return 0 if it completed (see the module docstring)."""
     parsed = flower.parse_address(address)
@@ -360,7 +376,7 @@ def run_server(
                 for change in admission.sync_if_changed():
                     out(f"  {change}")
             _open_public_listener(local_port, None if insecure else kit / "ca.pem", open_token)  # type: ignore[operator]
-            run_id = flower.start_run(control, build_fab(cfg))
+            run_id = flower.start_run(control, build_fab(cfg, client_app=client_app))
             out(
                 f"run {run_id}: {cfg.run.rounds} rounds, waiting for "
                 f"{cfg.round.min_available_clients} client(s); run directory {run_dir}"
@@ -451,6 +467,11 @@ def cmd_server(args: argparse.Namespace) -> int:
             raise DeploymentError(f"{resume} is not a fedcore run directory (no config.toml)")
     else:
         path = default_config_path()
+    if args.client_app:  # the ClientApp shipped to stock flower-supernodes: checked first
+        from fedcore.runtime.configfile import importable, load_client_app
+
+        importable(path)
+        load_client_app(args.client_app, flag="--client-app", config_path=path)
     cfg = load_config(path)
     overrides: dict[str, Any] = {}
     if resume is not None:
@@ -472,6 +493,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         state_dir=Path(args.state_dir) if args.state_dir else None,
         max_request_mb=args.max_request_mb,
         out=lambda line: print(line, flush=True),
+        client_app=args.client_app,
     )
 
 
@@ -503,6 +525,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--rounds", type=int, help="override run.rounds")
     p.add_argument("--min-clients", type=int, help="override round.min-available-clients")
+    p.add_argument(
+        "--client-app",
+        metavar="MODULE:ATTR",
+        help="ship this Flower ClientApp (its package or directory) in the run's bundle for "
+        "stock flower-supernode clients (fedcore client runs its own); see docs/engines.md",
+    )
     p.add_argument(
         "--state-dir", help="keep the SuperLink's state and log here (default: a temp dir)"
     )

@@ -607,6 +607,7 @@ class SecureExchange:
                 summed=tuple(sorted(summed)),
             )
         except (SecureAggregationError, _Failed) as exc:
+            _raise_if_no_secagg_handlers(rejected, MESSAGE_TYPE)
             log.warning(
                 "round %d: secure aggregation failed, keeping the previous model: %s",
                 server_round,
@@ -650,6 +651,7 @@ class SecureExchange:
                 rejected,
             )
         except (SecureAggregationError, _Failed) as exc:
+            _raise_if_no_secagg_handlers(rejected, EVALUATE_MESSAGE_TYPE)
             log.warning("round %d: secure federated evaluation failed: %s", server_round, exc)
             return EvaluateResult({}, 0, 0, tuple(rejected))
         metrics = dict(zip(EVALUATE_METRICS, decoded.metrics, strict=True))
@@ -658,6 +660,29 @@ class SecureExchange:
 
 #: Metrics the secure federated evaluation averages.
 EVALUATE_METRICS = ("eval_loss", "eval_acc")
+
+
+def _raise_if_no_secagg_handlers(rejected: Sequence[Rejection], message_type: str) -> None:
+    """A failed round whose clients all lack a ``secagg`` handler: a config error, not a retry.
+
+    A ClientApp without fedcore's secure-aggregation handlers (Flower's stock quickstart
+    one) answers every ``train.secagg`` message with Flower's "No train function
+    registered with name 'secagg'"; no later round can differ, so the run stops here
+    with the fix instead of failing every round.
+    """
+    category, _, action = message_type.partition(".")
+    missing = f"No {category} function registered with name '{action}'"
+    answered = [r for r in rejected if r.stage == STAGE_KEYS and "no reply within" not in r.reason]
+    if not answered or not all(missing in r.reason for r in answered):
+        return
+    raise ConfigError(
+        "secagg.enabled",
+        True,
+        f'{len(answered)} client(s) answered the secure-aggregation round with "{missing}": '
+        "their ClientApp has no SecAgg+ handlers (a stock Flower ClientApp has none); set "
+        "[secagg] enabled = false to run ClientApps that have no SecAgg+ handlers, or "
+        'register fedcore\'s (clients/app.py: @app.train("secagg"), see docs/engines.md)',
+    )
 
 
 def _size(spec: Mapping[str, ArraySpec]) -> int:

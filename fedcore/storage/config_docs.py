@@ -19,7 +19,7 @@ from typing import Any
 
 import tomli_w
 
-from fedcore.core.config import DEPRECATED_KEYS, Config, declared_keys, to_dict
+from fedcore.core.config import DEPRECATED_KEYS, Config, declared_keys, to_flower_tables
 from fedcore.core.keys import KeyInfo
 from fedcore.storage.configfile import load_config
 
@@ -89,10 +89,7 @@ def app_config_block(cfg: Config) -> str:
 
     Flower's ``flatten_dict`` of these tables is ``to_flat(cfg)``, with the same types.
     """
-    tables = {
-        section: {k: v for k, v in table.items() if v != {}}
-        for section, table in to_dict(cfg).items()
-    }
+    tables = to_flower_tables(cfg)  # [app] keys at the top, as Flower's apps read them
     body = tomli_w.dumps({"tool": {"flwr": {"app": {"config": tables}}}}).rstrip("\n")
     begin, end = PYPROJECT_MARKERS
     note = (
