@@ -106,6 +106,9 @@ def _worker_main(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if parent_pid:
             die_with_parent(parent_pid)
+        for end in _PARENT_ENDS:  # (copies a fork inherited: the server's ends only)
+            end.close()  # so that this pipe reaches EOF when the server is gone
+        _PARENT_ENDS.clear()
         try:
             import torch
 
@@ -152,6 +155,11 @@ def _worker_main(
             conn.send_bytes(message_to_bytes(reply))
         except OSError:  # the grid was closed while this client ran
             return
+
+
+#: The server's ends of the worker pipes. A forked worker closes its copies, or a
+#: server that dies would leave every pipe open (held by the workers themselves).
+_PARENT_ENDS: list[Connection] = []
 
 
 def _thread_main(conn: Connection, *args: Any) -> None:
@@ -215,6 +223,7 @@ class _Worker:
         if in_process:
             self.process = _Thread(_thread_main, (child, *args), name=f"fedcore-executor-{index}")
         else:
+            _PARENT_ENDS.append(self.conn)
             self.process = ctx.Process(
                 target=_worker_main,
                 args=(child, *args),
@@ -246,6 +255,8 @@ class _Worker:
         if self.process.is_alive() and not isinstance(self.process, _Thread):
             self.process.kill()  # (a thread cannot be: closing its pipe ends its loop)
             self.process.join(timeout=5)
+        if self.conn in _PARENT_ENDS:
+            _PARENT_ENDS.remove(self.conn)
         self.conn.close()
 
 
