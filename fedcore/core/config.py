@@ -37,6 +37,7 @@ top-level run-config keys (Flower's convention, for stock ClientApps)::
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from collections.abc import Mapping
@@ -50,6 +51,7 @@ from fedcore.core.errors import ConfigError
 from fedcore.core.keys import (
     FrozenMap,
     KeyInfo,
+    Rule,
     Scalar,
     Section,
     at_least,
@@ -133,6 +135,21 @@ class RunConfig(Section):
     )
     baseline_epochs: int = key(
         10, help="epochs of that centralized baseline", rule=at_least(1), resume_may_change=True
+    )
+    tensorboard: bool = key(
+        True,
+        help="write each round's metrics as TensorBoard event files in <run-dir>/tensorboard",
+        resume_may_change=True,
+    )
+    mlflow: bool = key(
+        False,
+        help="log the config and each round's metrics to MLflow (pip install 'fedcore[mlflow]')",
+        resume_may_change=True,
+    )
+    mlflow_tracking_uri: str = key(
+        "",
+        help="MLflow tracking URI for run.mlflow (empty: MLflow's default, MLFLOW_TRACKING_URI)",
+        resume_may_change=True,
     )
 
 
@@ -392,6 +409,24 @@ class DeployConfig(Section):
     )
 
 
+class _MetricNames(Rule):
+    """Empty, or comma-separated metric names (no ``train_loss``: always carried)."""
+
+    def ok(self, value: Any) -> bool:
+        names = [n.strip() for n in str(value).split(",")] if value else []
+        return (
+            all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", n) for n in names)
+            and len(set(names)) == len(names)
+            and "train_loss" not in names
+        )
+
+    def allowed(self, kind: type) -> str:
+        return (
+            "must be empty or distinct metric names separated by commas, e.g. "
+            "'train_acc,train_f1' (train_loss is always carried)"
+        )
+
+
 @dataclass(frozen=True)
 class SecAggConfig(Section):
     """``[secagg]``: secure aggregation (SecAgg+); the server learns only the weighted sum.
@@ -454,6 +489,12 @@ class SecAggConfig(Section):
         help="this client's weight cap (examples), signed into its advert; the server "
         "checks the total against the counted clients' caps",
         rule=at_least(1),
+    )
+    extra_metrics: str = key(
+        "",
+        help="your train function's extra metrics the secure sum also averages, "
+        "comma-separated (e.g. 'train_acc'); every client must return them",
+        rule=_MetricNames(),
     )
 
     def cross_check(self) -> None:
