@@ -135,6 +135,20 @@ def test_a_bad_client_app_stops_before_anything_starts(tmp_path, capsys, client_
     assert not out.exists()  # refused before the run directory or any process
 
 
+def test_fedcore_server_checks_its_client_app_before_starting_a_superlink(tmp_path):
+    path = _quickstart_config(tmp_path, secagg=False)
+    proc = subprocess.run(
+        [*CLI, "server", "--insecure", str(path), "--client-app", "quickstart_client:nope"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--client-app" in proc.stderr and "has no attribute 'nope'" in proc.stderr
+    assert "Fleet API on" not in proc.stdout  # no SuperLink was started
+
+
 # ------------------------------------------------- the [app] table
 def test_app_keys_reach_the_run_config_verbatim_and_round_trip(tmp_path: Path) -> None:
     from fedcore.serverside.checkpoint import config_fingerprint
