@@ -145,6 +145,20 @@ def test_each_simulate_example_parses_and_resolves_its_config(
         assert cfg.run.rounds == (args.rounds or load_config(path).run.rounds)
 
 
+def test_the_readme_cli_lines_are_real(capsys: pytest.CaptureFixture[str]) -> None:
+    """README's --set examples are valid keys and values, and its simulate flags exist."""
+    text = (ROOT / "README.md").read_text()
+    items = [i for i in re.findall(r"--set\s+([^\s`;]+)", text) if i != "KEY=VALUE"]
+    assert len(items) >= 3, items
+    cfg = apply_sets(load_config(ROOT / "simulations" / "default.toml"), items)
+    build_strategy(cfg)
+    usage = re.search(r"fedcore simulate \[CONFIG\][^`]*", text)
+    assert usage is not None
+    help_text = _help(capsys, "simulate")
+    for flag in re.findall(r"--[a-z-]+", usage.group(0)):
+        assert f"{flag} " in help_text, flag
+
+
 # ------------------------------------------------------------------ --set, --quiet, errors
 def test_set_changes_any_key_and_quiet_prints_only_the_final_lines(tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -304,7 +318,7 @@ def test_deploy_local_imports_a_model_beside_its_config_from_another_cwd(tmp_pat
         "deploy-local",
         str(config),
         "--clients",
-        "3",
+        "2",
         "--out",
         str(out),
         "--quiet",
@@ -313,5 +327,98 @@ def test_deploy_local_imports_a_model_beside_its_config_from_another_cwd(tmp_pat
     )
     assert r.returncode == 0, (r.stdout, r.stderr)
     rows = _rows(out)
-    assert len(rows) == 1 and int(rows[0]["clients"]) == 3, rows
+    assert len(rows) == 1 and int(rows[0]["clients"]) == 2, rows
     assert not re.search(r"round \d+/\d+", r.stdout), r.stdout
+
+
+# ------------------------------------------------------------------ a kit started twice
+def _wait_for(pred: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="process checks read /proc")
+def test_a_kit_started_twice_is_already_connected_and_server_resume_before_round_1(
+    tmp_path: Path,
+) -> None:
+    """Two real ``fedcore client`` processes with one kit against a real ``fedcore server``.
+
+    The server waits for 2 clients; client-1 joins, a second client-1 is refused with
+    "already connected" (exit 3), then the server is interrupted before round 1 and
+    ``fedcore server --resume`` of its run directory trains round 1.
+    """
+    from fedcore.deploy.local import carve
+    from fedcore.deploy.provision import provision
+    from fedcore.engines.processes import free_port
+    from tests.procs import stop
+
+    raw = {k: dict(v) for k, v in TINY.items()}
+    raw["run"] = {"rounds": 1, "clients": 2, "centralized-baseline": False}
+    raw["data"] = {"source": "synthetic", "synthetic-examples": 200, "num-classes": 10}
+    raw["round"] = {"min-available-clients": 2, "timeout": 120.0}
+    cfg = config_from_dict(raw)
+    data = carve(cfg, tmp_path / "data")
+    config = tmp_path / "config.toml"
+    config.write_text(to_toml(cfg))
+    fed = provision(tmp_path / "fed", clients=2)
+    run_dir = tmp_path / "run"
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(log: str, *args: str) -> subprocess.Popen[bytes]:
+        with open(tmp_path / log, "wb") as f:
+            p = subprocess.Popen(
+                [*CLI, *args], stdout=f, stderr=subprocess.STDOUT, env=_env(),
+                start_new_session=True,
+            )  # fmt: skip
+        procs.append(p)
+        return p
+
+    def server(log: str, *args: str) -> subprocess.Popen[bytes]:
+        port, local = free_port(), free_port()
+        kit = str(fed.server_kit)
+        p = start(
+            log, "server", "--kit", kit, "--address", f"127.0.0.1:{port}",
+            "--local-port", str(local), *args,
+        )  # fmt: skip
+        p.address = f"127.0.0.1:{port}"  # type: ignore[attr-defined]
+        return p
+
+    def client(srv: subprocess.Popen[bytes], name: str, log: str, *extra: str) -> Any:
+        i = int(name.rsplit("-", 1)[1]) - 1
+        return start(
+            log, "client", "--kit", str(fed.client_kit(name)), "--server", srv.address,  # type: ignore[attr-defined]
+            "--data", str(data[i]), "--config", str(config), "--connect-timeout", "120", *extra,
+        )  # fmt: skip
+
+    def log(name: str) -> str:
+        path = tmp_path / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    try:
+        first_server = server("server-1.log", "--out", str(run_dir), str(config))
+        client(first_server, "client-1", "first.log")
+        _wait_for(lambda: "connected to" in log("first.log"), 120, "client-1 to connect")
+        twin = client(first_server, "client-1", "twin.log")
+        rc = twin.wait(timeout=60)
+        assert rc == 3, log("twin.log")
+        assert "already connected from another process" in log("twin.log"), log("twin.log")
+        assert "never admitted" not in log("twin.log")
+        # the server is interrupted before round 1 (it waits for a second client)
+        _wait_for(lambda: (run_dir / "config.toml").is_file(), 60, "the run to start")
+        os.killpg(first_server.pid, signal.SIGINT)
+        assert first_server.wait(timeout=60) != 0
+        assert not (run_dir / "checkpoint.safetensors").exists()
+        stop(procs, str(tmp_path))
+        # --resume of that run directory starts it from round 1
+        second_server = server("server-2.log", "--resume", str(run_dir), "--quiet")
+        for name in ("client-1", "client-2"):
+            client(second_server, name, f"{name}.log", "--once")
+        assert second_server.wait(timeout=180) == 0, log("server-2.log")
+        out = log("server-2.log")
+        assert "has no checkpoint" in out and "starting it from round 1" in out, out
+        assert [int(row["round"]) for row in _rows(run_dir)] == [1]
+    finally:
+        stop(procs, str(tmp_path))

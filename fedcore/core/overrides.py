@@ -34,8 +34,8 @@ __all__ = ["SET_HELP", "apply_sets", "parse_sets"]
 
 SET_HELP = (
     "set any config key, e.g. --set train.lr=0.05 --set secagg.enabled=false "
-    "--set strategy.options.proximal-mu=0.1 (repeatable; VALUE in TOML syntax, a bare word "
-    "is a string)"
+    "--set strategy.name=fedprox --set strategy.options.proximal-mu=0.1 (repeatable; VALUE "
+    "in TOML syntax, a bare word is a string)"
 )
 
 _BARE_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.:/\\+-]*")
