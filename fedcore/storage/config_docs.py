@@ -72,6 +72,10 @@ def keys_table_block() -> str:
         "| section | key | default | meaning |",
         "|---|---|---|---|",
         *(_row(info) for info in declared_keys()),
+        "| app | * |  | free-form: booleans, numbers or strings that every ClientApp gets "
+        "verbatim as top-level run-config keys (`[app] batch-size = 32` gives "
+        '`context.run_config["batch-size"]`); no key may start with a section name; '
+        "see docs/engines.md |",
         "",
         "Renamed keys keep working: the old spelling is read as the new key, with a "
         "`DeprecationWarning` naming it (giving both is an error).",
