@@ -422,3 +422,95 @@ def test_a_kit_started_twice_is_already_connected_and_server_resume_before_round
         assert [int(row["round"]) for row in _rows(run_dir)] == [1]
     finally:
         stop(procs, str(tmp_path))
+
+
+def _guarded(guard: Any, path: str, key: bytes | None, status: int) -> dict[str, str]:
+    """One request through ``guard`` to an app answering ``status``; the response headers."""
+    import asyncio
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    guard.app = app
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "server": ("127.0.0.1", 9092),
+        "client": ("127.0.0.1", 50000),
+        "headers": [(b"flwr-public-key", key)] if key is not None else [],
+    }
+    asyncio.run(guard(scope, receive, send))
+    return {bytes(k).decode(): bytes(v).decode() for k, v in sent[0]["headers"]}
+
+
+def test_the_guard_marks_a_refused_activation_of_an_identity_it_saw_succeed() -> None:
+    from fedcore.deploy.guard import LAST_ACTIVE_HEADER, ListenerGuard, fleet_routes
+
+    guard = ListenerGuard(None, local_port=9093, public_paths=fleet_routes())  # type: ignore[arg-type]
+    activate, beat = "/v1/fleet/activate-node", "/v1/fleet/send-node-heartbeat"
+    # never seen (never admitted, or a first session): Flower's answer unchanged
+    assert LAST_ACTIVE_HEADER not in _guarded(guard, activate, b"A", 412)
+    assert _guarded(guard, activate, b"A", 200) == {}
+    assert LAST_ACTIVE_HEADER not in _guarded(guard, activate, b"B", 412)  # another identity
+    _guarded(guard, beat, b"A", 200)
+    time.sleep(0.05)
+    age = float(_guarded(guard, activate, b"A", 412)[LAST_ACTIVE_HEADER])
+    assert 0.05 <= age < 5, age
+    assert LAST_ACTIVE_HEADER not in _guarded(guard, beat, b"A", 412)  # only on activations
+    assert LAST_ACTIVE_HEADER not in _guarded(guard, activate, b"A", 401)
+    assert LAST_ACTIVE_HEADER not in _guarded(guard, activate, None, 412)
+    _guarded(guard, beat, b"C", 401)  # a failed request is no sign of a session
+    assert LAST_ACTIVE_HEADER not in _guarded(guard, activate, b"C", 412)
+    _guarded(guard, "/v1/fleet/deactivate-node", b"A", 200)  # a clean exit ends the session
+    assert LAST_ACTIVE_HEADER not in _guarded(guard, activate, b"A", 412)
+
+
+@pytest.mark.parametrize("other", ["live", "killed"])
+def test_a_client_tells_a_live_twin_from_a_killed_earlier_session(
+    other: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused activations carrying the guard's age: a live twin's age falls behind ours
+    (it keeps succeeding): "already connected"; a killed session's only grows: retried
+    until its heartbeat expires and the activation succeeds."""
+    import httpx
+
+    from fedcore.deploy import node
+    from fedcore.deploy.guard import LAST_ACTIVE_HEADER
+    from fedcore.deploy.provision import provision
+
+    kit = provision(tmp_path / "fed", clients=1).client_kit("client-1")
+    t0 = time.monotonic()
+    calls = []
+
+    def activate(client: Any, key: Any, *, heartbeat_interval: float) -> int:
+        calls.append(time.monotonic())
+        if other == "killed" and len(calls) == 4:
+            return 7
+        age = 0.1 if other == "live" else 2.0 + time.monotonic() - t0
+        request = httpx.Request("POST", "https://127.0.0.1:1/v1/fleet/activate-node")
+        response = httpx.Response(
+            412, headers={LAST_ACTIVE_HEADER: f"{age:.3f}"}, text="{}", request=request
+        )
+        raise httpx.HTTPStatusError("412", request=request, response=response)
+
+    monkeypatch.setattr(node.flower, "activate_node", activate)
+    session = node.FleetSession("127.0.0.1:1", ca_pem=None, key_path=kit / "identity.key")
+    try:
+        if other == "live":
+            with pytest.raises(node.Refused, match="already connected from another process"):
+                session.connect(wait=60)
+            assert len(calls) <= 5  # within a few retries, not the whole wait
+        else:
+            assert session.connect(wait=60) == 7
+    finally:
+        session.close()
