@@ -312,6 +312,43 @@ def test_summary_figures():
     assert empty["final_test_accuracy"] is None
 
 
+failing_app = ClientApp()
+
+
+@failing_app.train()
+def _refuse(msg: Message, context: Context) -> Message:
+    raise RuntimeError("this client never trains")
+
+
+def test_summary_is_written_when_no_round_trained(tmp_path):
+    from fedcore.core.errors import RoundFailedError
+    from server.app import app as server_app
+
+    run = {"seed": 1, "rounds": 2, "clients": 2, "centralized-baseline": False}
+    cfg = config_from_dict(
+        {
+            "run": run | {"tensorboard": False},
+            "data": {"source": "synthetic", "synthetic-examples": 60, "partition": "iid"},
+            "model": {"factory": "mlp", "kwargs": {"hidden": 4}},
+            "round": {"retries": 0},
+            "secagg": {"enabled": False},
+        }
+    )
+    with pytest.raises(RoundFailedError):
+        run_embedded(
+            server_app,
+            client_app=f"{__name__}:failing_app",
+            run_config=to_flat(cfg),
+            num_clients=2,
+            workers=1,
+            server_node_config={"run-dir": str(tmp_path)},
+        )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["rounds_trained"] == 0, summary
+    assert summary["clients_dropped"] >= 2 and summary["best_round"] is not None
+    assert (tmp_path / "plot.png").is_file()
+
+
 # ------------------------------------------------------------------ the plot
 
 
