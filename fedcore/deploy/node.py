@@ -468,6 +468,7 @@ class _Worker:
                 check_message(message, self.contexts[run_id])
             except ModelMismatch as exc:  # the reason goes back; this client stops (exit 2)
                 self.session.send(flower.error_reply(message, str(exc)), 0.0)
+                time.sleep(2.0)  # let the server pull it: a node that left is "unavailable"
                 raise
         t0 = time.perf_counter()
         reply = _handle(self.app, message, self.contexts[run_id])

@@ -259,11 +259,17 @@ class _RoundPrinter:
         self.rounds = rounds
         self.out = out
         self.seen = 0
+        self.drops_seen = 0
 
     def poll(self) -> None:
+        from fedcore.runtime.diagnostics import format_drop, read_dropped
         from fedcore.serverside.rounds import RoundRecord
         from fedcore.serverside.rundir import format_round
 
+        drops = read_dropped(self.path.parent)  # why each client was dropped, as it happens
+        for entry in drops[self.drops_seen :]:
+            self.out(format_drop(entry))
+        self.drops_seen = max(self.drops_seen, len(drops))
         try:
             rows = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -288,9 +294,13 @@ def run_server(
     sync_interval: float = 2.0,
     max_request_mb: float = DEFAULT_MAX_REQUEST_MB,
     out: Callable[[str], None] = print,
+    quiet: bool = False,
     client_app: str | None = None,
 ) -> int:
-    """Serve one fedcore run; return 0 if it completed (see the module docstring)."""
+    """Serve one fedcore run; return 0 if it completed (see the module docstring).
+
+    ``quiet``: no line per round (the start, errors and the final lines only).
+    """
     parsed = flower.parse_address(address)
     if not parsed:
         raise DeploymentError(f"--address {address!r} is not HOST:PORT (e.g. 0.0.0.0:9092)")
@@ -311,21 +321,36 @@ def run_server(
         from fedcore.serverside.rundir import default_run_dir
 
         run_dir = default_run_dir(cfg).resolve()
-    if cfg.deploy.resume:
-        from fedcore.serverside.checkpoint import load_checkpoint
+    from fedcore.serverside.checkpoint import has_checkpoint, load_checkpoint, never_trained
 
+    if cfg.deploy.resume and not has_checkpoint(run_dir):
+        out(
+            f"fedcore server: {run_dir} has no checkpoint (it was stopped before round 1 "
+            "completed): starting it from round 1"
+        )
+        cfg = cfg.replace(deploy={"resume": False})
+    elif cfg.deploy.resume:
         state = load_checkpoint(run_dir, expect=cfg)  # refuse a bad checkpoint before starting
         out(f"fedcore server: resuming {run_dir} after round {state.round} of {cfg.run.rounds}")
     elif run_dir.exists() and any(run_dir.iterdir()):
-        raise DeploymentError(
-            f"run directory {run_dir} exists and is not empty; choose another --out "
-            f"(or continue it: --resume {run_dir})"
+        if not never_trained(run_dir):
+            raise DeploymentError(
+                f"run directory {run_dir} exists and is not empty; choose another --out "
+                f"(or continue it: --resume {run_dir})"
+            )
+        out(
+            f"fedcore server: reusing {run_dir}: it holds only what a start interrupted "
+            "before round 1 wrote"
         )
     cfg = cfg.replace(deploy={"run-dir": str(run_dir)})
-    if cfg.data.num_classes == 0:  # a client's own file may lack a class: fix the count for all
-        from fedcore.clientside.data import holdout
+    from fedcore.clientside.data import holdout
+    from fedcore.runtime.diagnostics import dropout_margin_warnings, server_data_line
 
-        _, test = holdout(cfg.data, seed=cfg.run.seed)
+    train_part, test = holdout(cfg.data, seed=cfg.run.seed)
+    out(f"fedcore server: {server_data_line(cfg, len(train_part) + len(test), len(test))}")
+    for warning in dropout_margin_warnings(cfg, cfg.run.clients):
+        out(f"fedcore server: WARNING: {warning}")
+    if cfg.data.num_classes == 0:  # a client's own file may lack a class: fix the count for all
         cfg = cfg.replace(data={"num-classes": test.num_classes})
 
     own_state = state_dir is None
@@ -383,7 +408,16 @@ def run_server(
             )
             try:
                 status = _follow(
-                    control, run_id, proc, log_path, admission, run_dir, cfg, sync_interval, out
+                    control,
+                    run_id,
+                    proc,
+                    log_path,
+                    admission,
+                    run_dir,
+                    cfg,
+                    sync_interval,
+                    out,
+                    quiet=quiet,
                 )
             except KeyboardInterrupt:
                 out("fedcore server: interrupted; stopping the run and every process")
@@ -421,12 +455,14 @@ def _follow(
     cfg: Config,
     sync_interval: float,
     out: Callable[[str], None],
+    *,
+    quiet: bool = False,
 ) -> str:
     """Wait for the run to finish, printing rounds and syncing admissions; its sub-status.
 
     ``"completed"``, else the sub-status with Flower's details (the ServerApp's error).
     """
-    printer = _RoundPrinter(run_dir, cfg.run.rounds, out)
+    printer = _RoundPrinter(run_dir, cfg.run.rounds, (lambda _line: None) if quiet else out)
     last_sync = time.monotonic()
     while True:
         if proc.poll() is not None:
@@ -452,7 +488,8 @@ def _follow(
 
 def cmd_server(args: argparse.Namespace) -> int:
     """``fedcore server``."""
-    from fedcore.runtime.configfile import default_config_path
+    from fedcore.core.overrides import apply_sets
+    from fedcore.runtime.configfile import default_config_path, importable
     from fedcore.storage.configfile import load_config
 
     install_signal_handlers()
@@ -467,10 +504,10 @@ def cmd_server(args: argparse.Namespace) -> int:
             raise DeploymentError(f"{resume} is not a fedcore run directory (no config.toml)")
     else:
         path = default_config_path()
+    importable(path)  # the ServerApp finds modules beside the config, as simulate does
     if args.client_app:  # the ClientApp shipped to stock flower-supernodes: checked first
-        from fedcore.runtime.configfile import importable, load_client_app
+        from fedcore.runtime.configfile import load_client_app
 
-        importable(path)
         load_client_app(args.client_app, flag="--client-app", config_path=path)
     cfg = load_config(path)
     overrides: dict[str, Any] = {}
@@ -482,8 +519,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         overrides["round"] = {"min-available-clients": args.min_clients}
     if args.out:
         overrides["deploy"] = {"run-dir": str(Path(args.out).resolve())}
-    if overrides:
-        cfg = cfg.replace(**overrides)
+    cfg = apply_sets(cfg, args.set or [], overrides)  # --set, then the flags above
     return run_server(
         kit=Path(args.kit) if args.kit else None,
         cfg=cfg,
@@ -493,17 +529,31 @@ def cmd_server(args: argparse.Namespace) -> int:
         state_dir=Path(args.state_dir) if args.state_dir else None,
         max_request_mb=args.max_request_mb,
         out=lambda line: print(line, flush=True),
+        quiet=args.quiet,
         client_app=args.client_app,
     )
 
 
+#: ``fedcore server --help``'s examples.
+SERVER_EPILOG = """\
+examples:
+  fedcore server --kit fed/server config.toml --out runs/exp1
+  fedcore server --kit fed/server config.toml --address 0.0.0.0:9092 --set run.rounds=10
+  fedcore server --kit fed/server --resume runs/exp1
+"""
+
+
 def register(subparsers: Any) -> None:
     """Add the ``server`` sub-command."""
+    from fedcore.core.overrides import SET_HELP
+
     p = subparsers.add_parser(
         "server",
         help="serve one federated run: Flower SuperLink with TLS + node authentication",
         description="Start Flower's SuperLink with the server kit (TLS, node authentication, "
         "Control API on loopback only) and run the fedcore ServerApp with CONFIG.",
+        epilog=SERVER_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", nargs="?", help="TOML config (default: simulations/default.toml)")
     p.add_argument("--kit", help="server kit directory from `fedcore provision` (DIR/server)")
@@ -531,6 +581,8 @@ def register(subparsers: Any) -> None:
         help="ship this Flower ClientApp (its package or directory) in the run's bundle for "
         "stock flower-supernode clients (fedcore client runs its own); see docs/engines.md",
     )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument("--quiet", action="store_true", help="no line per round")
     p.add_argument(
         "--state-dir", help="keep the SuperLink's state and log here (default: a temp dir)"
     )

@@ -2,7 +2,8 @@
 
 :func:`serve` is what the ServerApp's ``main`` calls on every engine. The
 server's ``node_config`` may carry ``run-dir`` (where to write) and
-``progress`` (draw progress bars). Flower's deployment engine gives a ServerApp
+``progress`` (print a line per round; progress bars when stderr is a terminal),
+``quiet`` (no per-round lines). Flower's deployment engine gives a ServerApp
 no node config: there the run goes to ``deploy.run-dir`` if set (``fedcore
 server`` sets it), else to ``<run.out-dir>/<timestamp>``, reported through logging.
 
@@ -34,11 +35,19 @@ from fedcore.core.config import Config, config_from_flat, to_toml
 from fedcore.core.errors import ConfigError, RoundFailedError
 from fedcore.core.records import Rejection, load_arrays, model_to_arrays
 from fedcore.core.seeds import derive_seed
+from fedcore.runtime.diagnostics import (
+    DropReporter,
+    client_names,
+    dropout_margin_warnings,
+    read_dropped,
+    server_data_line,
+)
 from fedcore.serverside.checkpoint import (
     load_checkpoint,
     remove_stale_temporaries,
 )
 from fedcore.serverside.exchange import Exchange, PlainExchange
+from fedcore.serverside.loggers import close_loggers, run_loggers
 from fedcore.serverside.rounds import Observer, RoundPolicy, RoundRecord, run_federation
 from fedcore.serverside.rundir import (
     Observers,
@@ -46,10 +55,11 @@ from fedcore.serverside.rundir import (
     default_run_dir,
     write_metrics,
     write_plot,
+    write_summary,
 )
 from fedcore.serverside.strategies import STRATEGIES, Sampling, Strategy, strategy_class
 from fedcore.storage.admitted import read_admitted_blob
-from fedcore.storage.files import arrays_to_safetensors, atomic_write, write_json
+from fedcore.storage.files import arrays_to_safetensors, atomic_write
 from fedcore.storage.keys import ADMITTED_LIST
 
 __all__ = [
@@ -127,7 +137,9 @@ def round_policy(cfg: Config) -> RoundPolicy:
 def _secagg_settings(cfg: Config) -> Any:
     from fedcore.secagg.exchange import SecAggSettings
 
-    return fields_from(cfg.secagg, SecAggSettings)
+    settings = fields_from(cfg.secagg, SecAggSettings)
+    extra = [n.strip() for n in cfg.secagg.extra_metrics.split(",") if n.strip()]
+    return dataclasses.replace(settings, metric_keys=("train_loss", *extra))
 
 
 def _secagg_roster(node_config: Mapping[str, Any] | None) -> Any:
@@ -243,7 +255,10 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
     progress = bool(node_config.get("progress", False))
     resume = bool(node_config.get("resume", cfg.deploy.resume))
 
-    _, test = holdout(cfg.data, seed=cfg.run.seed)
+    train_part, test = holdout(cfg.data, seed=cfg.run.seed)
+    log.info("%s", server_data_line(cfg, len(train_part) + len(test), len(test)))
+    for warning in dropout_margin_warnings(cfg, cfg.run.clients):
+        log.warning("%s", warning)
     model = initial_model(cfg, test)
     arrays = model_to_arrays(model)
     strategy = build_strategy(cfg)
@@ -270,8 +285,21 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
         load_arrays(model, current)
         return evaluate(model, test_loader)
 
-    observer = RunObserver(run_dir, cfg, strategy, progress=progress, history=history)
+    observer = RunObserver(
+        run_dir,
+        cfg,
+        strategy,
+        progress=progress,
+        history=history,
+        quiet=bool(node_config.get("quiet", False)),
+    )
+    loggers = run_loggers(cfg, run_dir)
     tally = _TrainedRounds()
+    drops = DropReporter(
+        run_dir,
+        lambda: client_names(registered_node_keys(grid), node_config.get(ADMITTED_LIST)),
+        history=read_dropped(run_dir) if resume else (),
+    )
     train_config = ConfigRecord(
         {
             "lr": cfg.train.lr,
@@ -285,43 +313,37 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
         train_exchange.label,
         evaluate_exchange.label,
     )
-    final = run_federation(
-        grid,
-        strategy,
-        arrays=arrays,
-        rounds=cfg.run.rounds,
-        train_config=train_config,
-        evaluate_config=ConfigRecord(),
-        policy=round_policy(cfg),
-        exchange=train_exchange,
-        evaluate_exchange=evaluate_exchange,
-        central_evaluate=central_evaluate,
-        observer=Observers(observer, tally, *observers),
-        start_round=start,
-    )
+    try:
+        final = run_federation(
+            grid,
+            strategy,
+            arrays=arrays,
+            rounds=cfg.run.rounds,
+            train_config=train_config,
+            evaluate_config=ConfigRecord(),
+            policy=round_policy(cfg),
+            exchange=train_exchange,
+            evaluate_exchange=evaluate_exchange,
+            central_evaluate=central_evaluate,
+            observer=Observers(observer, tally, drops, *loggers, *observers),
+            start_round=start,
+        )
+    finally:
+        close_loggers(loggers)
+        # written however the run ends (no round trained, a user error, Ctrl-C)
+        summary_json = write_summary(
+            run_dir, observer.rows, rounds=cfg.run.rounds, wall_seconds=time.perf_counter() - t0
+        )
+        write_plot(run_dir, observer.rows)
     atomic_write(
         run_dir / "model.safetensors", arrays_to_safetensors(final, {"rounds": cfg.run.rounds})
-    )
-    write_plot(run_dir, observer.rows)
-    last = (
-        observer.rows[-1]
-        if observer.rows
-        else {"accuracy": float("nan"), "eval_loss": float("nan")}
     )
     summary = RunSummary(
         run_dir=run_dir,
         rounds=cfg.run.rounds,
-        final_accuracy=float(last["accuracy"]),
-        final_loss=float(last["eval_loss"]),
+        final_accuracy=_or_nan(summary_json["final_test_accuracy"]),
+        final_loss=_or_nan(summary_json["final_test_loss"]),
         seconds=time.perf_counter() - t0,
-    )
-    write_json(
-        run_dir / "summary.json",
-        {
-            "rounds": summary.rounds,
-            "final_test_accuracy": summary.final_accuracy,
-            "final_test_loss": summary.final_loss,
-        },
     )
     if tally.rounds and not tally.trained:
         raise RoundFailedError(
@@ -329,6 +351,10 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
             f"round(s) ({tally.why()}); the model did not change (run directory {run_dir})"
         )
     return summary
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 class _TrainedRounds(Observer):

@@ -196,20 +196,31 @@ class _SecureSum:
         observer: Progress,
         rejected: list[Rejection],
         on_reply: Callable[[int, Message], None] | None = None,
+        needed: int = 0,
     ) -> dict[int, Message]:
         """Send; collect valid replies by node until the deadline; reject the rest.
 
         With ``on_reply`` each valid reply is handed over as it arrives and not
-        kept (the masked vectors are summed in a streaming fashion).
+        kept (the masked vectors are summed in a streaming fashion). Once error
+        replies leave fewer than ``needed`` clients that could still answer, the
+        attempt ends at once (``_Failed`` saying why; the clients still pending are
+        not blamed) instead of waiting out the stage's deadline.
         """
-        label = "train" if stage == STAGE_MASKED else stage
+        # the masked stage is the round's training or evaluation itself ("round 3/20 evaluate")
+        label = self.purpose if stage == STAGE_MASKED else stage
         observer.stage_started(server_round, label, len(msgs))
         t0 = time.perf_counter()
         expected = {m.metadata.dst_node_id for m in msgs}
         seen: set[int] = set()
         out: dict[int, Message] = {}
-        for reply in grid.send_and_receive(msgs, timeout=timeout):
+        valid = 0
+        replies = grid.send_and_receive(msgs, timeout=timeout)
+        # the SuperLink answers for a node that went away (src = the SuperLink itself)
+        dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+        for reply in replies:
             node = reply.metadata.src_node_id
+            if reply.has_error() and node not in expected:
+                node = dst_of.get(reply.metadata.reply_to_message_id, node)
             observer.reply_received(server_round, label)
             if node not in expected or node in seen:
                 continue
@@ -217,7 +228,17 @@ class _SecureSum:
             if reply.has_error():
                 reason = f"client error: {_first_line(reply.error.reason)}"
                 rejected.append(Rejection(node, stage, reason))
+                pending = len(expected - seen)
+                if pending and valid + pending < needed:
+                    getattr(replies, "close", lambda: None)()
+                    raise _Failed(
+                        f"{stage} stage: {len(seen) - valid} of {len(msgs)} client(s) failed, "
+                        f"so at most {valid + pending} could still answer and at least "
+                        f"{needed} are needed: ending this attempt now instead of waiting "
+                        f"out the stage's deadline ({timeout:g} s)"
+                    )
                 continue
+            valid += 1
             if on_reply is None:
                 out[node] = reply
             else:
@@ -330,6 +351,7 @@ class _SecureSum:
             server_round,
             observer,
             rejected,
+            needed=max(3, t + 1),  # what collect_adverts needs
         )
         adverts = self._parse(
             replies, STAGE_KEYS, lambda r, _: Advert.from_bytes(r["advert"]), rejected
@@ -366,6 +388,7 @@ class _SecureSum:
             server_round,
             observer,
             rejected,
+            needed=3,  # the survivors are a subset of these; survivor_set needs 3
         )
 
         def parse_boxes(rec: ConfigRecord, _: Message) -> dict[int, bytes]:
@@ -423,7 +446,15 @@ class _SecureSum:
                 rejected.append(Rejection(u, STAGE_MASKED, f"malformed reply: {exc}"))
 
         self._exchange(
-            grid, stage3, STAGE_MASKED, timeout, server_round, observer, rejected, on_reply=fold
+            grid,
+            stage3,
+            STAGE_MASKED,
+            timeout,
+            server_round,
+            observer,
+            rejected,
+            on_reply=fold,
+            needed=3,  # survivor_set needs 3 masked vectors
         )
         if any(r.stage == STAGE_MASKED and WEIGHT_OVERFLOW in r.reason for r in rejected):
             self.last_weight = None  # a client outgrew the 32-bit ring: 64 bits next round
