@@ -107,7 +107,7 @@ _SPLIT_LABELS = {
     "test": "test (server)",
     "val": "validation (clients)",
 }
-NO_TRAINING = "no training: no round aggregated a valid reply"
+NO_TRAINING = "no training:\nno round aggregated a valid reply"
 
 
 def plot_figure(
@@ -161,7 +161,7 @@ def plot_figure(
                 ha="center",
                 va="center",
                 color="red",
-                wrap=True,
+                bbox={"facecolor": "white", "edgecolor": "red", "alpha": 0.9},
             )
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
