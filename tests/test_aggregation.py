@@ -20,6 +20,7 @@ from fedcore.core.aggregation import (
     weighted_mean,
 )
 from fedcore.core.errors import AggregationError
+from fedcore.serverside.pools import aggregation_pool
 
 
 def rec(**arrays):
@@ -216,8 +217,9 @@ def test_any_number_of_threads_gives_bit_identical_results(block):
     replies = _threaded_inputs(seed=block)
     results = []
     for threads in (1, 2, 3, 4):
-        acc = WeightedMean(spec_of(replies[0][0]), block=block, threads=threads)
-        assert acc.threads == threads
+        pool = aggregation_pool(threads)
+        assert (pool.threads if pool else 1) == threads
+        acc = WeightedMean(spec_of(replies[0][0]), block=block, pool=pool)
         for arrays, n in replies:
             acc.add(arrays, n)
         results.append({k: v.numpy() for k, v in acc.result().items()})
@@ -233,14 +235,14 @@ def test_any_number_of_threads_gives_bit_identical_results(block):
 
 def test_a_nan_in_a_slice_another_thread_checks_is_refused():
     replies = _threaded_inputs(seed=0)
-    acc = WeightedMean(spec_of(replies[0][0]), threads=2)
+    acc = WeightedMean(spec_of(replies[0][0]), pool=aggregation_pool(2))
     acc.add(*replies[0])
     bad = {k: v.numpy().copy() for k, v in replies[1][0].items()}
     bad["w32"][-5] = np.nan  # in the last slice: checked by a pool thread
     with pytest.raises(AggregationError, match="'w32' contains NaN"):
         acc.add(ArrayRecord({k: Array(v) for k, v in bad.items()}), 1.0)
     acc.add(*replies[1])
-    again = WeightedMean(spec_of(replies[0][0]), threads=1)
+    again = WeightedMean(spec_of(replies[0][0]))
     again.add(*replies[0])
     again.add(*replies[1])
     # the refused reply changed nothing: the sums equal those of the two good replies

@@ -52,12 +52,10 @@ import functools
 import io
 import itertools
 import math
-import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -68,8 +66,8 @@ from fedcore.core.errors import AggregationError
 __all__ = [
     "ArraySpec",
     "WeightedMean",
+    "SlicePool",
     "array_view",
-    "default_threads",
     "numpy_to_array",
     "spec_of",
     "weighted_mean",
@@ -208,14 +206,15 @@ class WeightedMean:
         Names, shapes and dtypes every contribution must match (the global model).
     block : int (default: 32)
         Clients summed in float32 before a flush into float64 (see module docstring).
-    threads : int (default: 1)
-        Threads the arithmetic of one reply is split over (contiguous slices of each
-        large array); 0 = one per core, at most 4 (:func:`default_threads`). One is
-        the default: in a simulation the other cores train clients while the server
-        aggregates, and a second thread then waits for a core (docs/benchmarks.md).
+    pool : SlicePool, optional
+        Worker threads (owned by the caller: the core starts none) that the
+        arithmetic of one reply is split over, in contiguous slices of each large
+        array, the calling thread taking one slice. ``None`` (the default) computes
+        everything in the calling thread: in a simulation the other cores train
+        clients while the server aggregates (docs/benchmarks.md).
         Every element sees the same
         operations in the same order whatever the split, so the result is
-        bit-identical for any ``threads``.
+        bit-identical for any pool.
 
     Examples
     --------
@@ -231,15 +230,17 @@ class WeightedMean:
     """
 
     def __init__(
-        self, template: Mapping[str, ArraySpec], *, block: int = 32, threads: int = 1
+        self,
+        template: Mapping[str, ArraySpec],
+        *,
+        block: int = 32,
+        pool: SlicePool | None = None,
     ) -> None:
         if block < 1:
             raise ValueError("block must be >= 1")
-        if threads < 0:
-            raise ValueError("threads must be >= 0 (0 = one per core)")
         self.template = dict(template)
         self.block = block
-        self.threads = threads or default_threads()
+        self.pool = pool
         self.total_weight = 0.0
         self.count = 0
         # Flat buffers: float32 block sums of float16/32 arrays, float64 accumulators.
@@ -277,7 +278,7 @@ class WeightedMean:
             with _one_thread():
                 parts = _run_sliced(
                     [(v.size, _slice_magnitude(_as_tensor(v).view(-1))) for _, v in floats],
-                    self.threads,
+                    self.pool,
                 )
             for (name, _), found in zip(floats, parts, strict=True):
                 # not max(): max([1.0, nan]) is 1.0, and a NaN in any slice must count
@@ -328,7 +329,7 @@ class WeightedMean:
                 steps.append(_flush_job(blk, acc, t, wb, first, flush))
             jobs.append((t.numel(), steps[0] if len(steps) == 1 else _in_order(steps)))
         with _one_thread():
-            _run_sliced(jobs, self.threads)
+            _run_sliced(jobs, self.pool)
         self.total_weight += w
         self.count += 1
         self._in_block = 0 if closing else self._in_block + 1
@@ -372,9 +373,7 @@ class WeightedMean:
                 else:
                     flat = np.empty(math.prod(spec.shape), dtype=dtype)
                 with _one_thread():
-                    _run_sliced(
-                        [(flat.size, _divide_job(flat, acc_np, pending, total))], self.threads
-                    )
+                    _run_sliced([(flat.size, _divide_job(flat, acc_np, pending, total))], self.pool)
                 mean = flat.reshape(spec.shape)
                 del acc, acc_np, pending
             out[name] = numpy_to_array(mean)
@@ -394,23 +393,22 @@ _PARALLEL_MIN = 1 << 18
 _SliceJob = Callable[[int, int], Any]
 
 
-def default_threads() -> int:
-    """Threads :class:`WeightedMean` uses by default: one per core this process may use, <= 4.
+class _Future(Protocol):
+    def result(self) -> Any: ...
 
-    The kernel is memory-bound: past a few threads one socket's bandwidth is the
-    limit (docs/benchmarks.md).
+
+class SlicePool(Protocol):
+    """What :class:`WeightedMean` needs of a thread pool (``concurrent.futures`` has it).
+
+    ``threads`` counts the calling thread: a pool of ``threads - 1`` workers, e.g.
+    :func:`fedcore.serverside.pools.aggregation_pool`.
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
 
+    threads: int
 
-@functools.lru_cache(maxsize=4)
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``threads - 1`` workers (the caller's thread is the last)."""
-    return ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="fedcore-agg")
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> _Future:
+        """Run ``fn(*args)`` on a worker thread; its ``result()`` re-raises."""
+        ...
 
 
 def _slices(size: int, parts: int) -> list[tuple[int, int]]:
@@ -420,22 +418,24 @@ def _slices(size: int, parts: int) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in itertools.pairwise(cuts) if hi > lo]
 
 
-def _run_sliced(jobs: Sequence[tuple[int, _SliceJob]], threads: int) -> list[list[Any]]:
+def _run_sliced(jobs: Sequence[tuple[int, _SliceJob]], pool: SlicePool | None) -> list[list[Any]]:
     """Run each ``(size, job)`` over slices of its range; per job, the slices' results.
 
-    Large arrays are split into ``threads`` slices that run at once (torch and numpy
+    Large arrays are split into ``pool.threads`` slices that run at once (torch and numpy
     release the GIL in their loops); small ones run whole, in this thread. Each
     element gets the same operations whatever the split.
     """
     out: list[list[Any]] = [[] for _ in jobs]
+    threads = pool.threads if pool is not None else 1
     split = [i for i, (size, _) in enumerate(jobs) if threads > 1 and size >= _PARALLEL_MIN]
-    futures: list[tuple[int, Future[Any]]] = []
+    futures: list[tuple[int, _Future]] = []
     mine: list[tuple[int, int, int]] = []
     for i in split:
         size, job = jobs[i]
         first, *rest = _slices(size, threads)
         mine.append((i, *first))
-        futures.extend((i, _pool(threads).submit(job, lo, hi)) for lo, hi in rest)
+        assert pool is not None
+        futures.extend((i, pool.submit(job, lo, hi)) for lo, hi in rest)
     try:
         for i, (size, job) in enumerate(jobs):
             if i not in split:
