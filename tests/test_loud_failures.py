@@ -171,4 +171,81 @@ def test_a_train_function_that_breaks_the_contract_fails_the_run_saying_so(
     last = proc.stderr.strip().splitlines()[-1]
     assert str(tmp_path / "myloops.py") in last and f"model.train-fn = 'myloops:{train_fn}'" in last
     assert said in out and "fn(model, loader, settings)" in out
+    if train_fn == "two_argument_train":  # refused before any client started
+        assert not (tmp_path / "run" / "metrics.json").exists()
     assert out.count(said) <= 3 and "retry 1/" not in out, out
+
+
+def evaluate_with_f1(model, loader):
+    """A ``model.evaluate-fn`` with an extra metric."""
+    return {"loss": 0.5, "accuracy": 0.75, "f1": 0.6}
+
+
+def _evaluate_reply(evaluate_fn: str):
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fedcore.clientside.data import holdout
+    from fedcore.clientside.handlers import handle_evaluate
+    from fedcore.core.config import config_from_dict, to_flat
+    from fedcore.core.records import model_to_arrays
+    from fedcore.engines.embedded import node_id_for
+    from fedcore.runtime.serve import initial_model
+    from fedcore.serverside.strategies import FedAvg
+
+    cfg = config_from_dict(
+        {
+            "run": {"seed": 3, "clients": 2, "centralized-baseline": False},
+            "data": {"source": "synthetic", "synthetic-examples": 200, "partition": "iid"},
+            "model": {"factory": "mlp", "kwargs": {"hidden": 4}, "evaluate-fn": evaluate_fn},
+            "secagg": {"enabled": False},
+        }
+    )
+    _, test = holdout(cfg.data, seed=cfg.run.seed)
+    arrays = model_to_arrays(initial_model(cfg, test))
+    context = Context(
+        run_id=1,
+        node_id=node_id_for(0),
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=to_flat(cfg),
+    )
+    (msg,) = FedAvg(seed=3).configure_evaluate(1, arrays, ConfigRecord(), [context.node_id])
+    return handle_evaluate(msg, context)
+
+
+def test_an_evaluate_functions_extra_metrics_go_to_the_server():
+    metrics = _evaluate_reply(f"{__name__}:evaluate_with_f1").content.metric_records["metrics"]
+    assert dict(metrics) == {
+        "eval_f1": 0.6,
+        "eval_loss": 0.5,
+        "eval_acc": 0.75,
+        **{"num-examples": metrics["num-examples"]},
+    }
+
+
+def test_a_raising_evaluate_function_is_a_located_user_code_error(myloops):
+    with pytest.raises(UserCodeError) as info:
+        _evaluate_reply("myloops:raising_evaluate")
+    first = str(info.value).splitlines()[0]
+    assert f"model.evaluate-fn = 'myloops:raising_evaluate' ({myloops}:" in first
+    assert "loop exploded with code 4243" in first and f"{myloops}:{RAISED}, in _step" in first
+
+
+def test_the_documented_train_functions_extra_metric_is_kept_in_plain_rounds(tmp_path):
+    from .docs_runner import blocks
+
+    for kind, name, body in blocks(ROOT / "docs" / "custom-models.md"):
+        if kind == "file":
+            (tmp_path / str(name)).write_text(body)
+    subprocess.run([sys.executable, "make_data.py"], cwd=tmp_path, check=True, timeout=120)
+    args = ["--rounds", "1", "--set", "secagg.enabled=false", "--out", "run"]
+    proc = subprocess.run(
+        [FEDCORE, "simulate", "experiment.toml", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert all(0 < r["train_acc"] <= 1 and 0 < r["val_accuracy"] <= 1 for r in rows)

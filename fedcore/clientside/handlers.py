@@ -462,7 +462,18 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     result = call_loop(
         eval_fn, (model, loader), key="model.evaluate-fn", spec=cfg.model.evaluate_fn or None
     )
+    # The loop's own extra metrics go along as eval_<name> (the server keeps them).
+    extra = {
+        k if k.startswith("eval_") else f"eval_{k}": v
+        for k, v in result.items()
+        if k not in ("loss", "accuracy")
+    }
     metrics = MetricRecord(
-        {"eval_loss": result["loss"], "eval_acc": result["accuracy"], NUM_EXAMPLES: len(data.val)}
+        {
+            **extra,
+            "eval_loss": result["loss"],
+            "eval_acc": result["accuracy"],
+            NUM_EXAMPLES: len(data.val),
+        }
     )
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
