@@ -249,3 +249,12 @@ def test_a_nan_in_a_slice_another_thread_checks_is_refused():
     got, want = acc.result(), again.result()
     for name, value in got.items():
         assert value.numpy().tobytes() == want[name].numpy().tobytes(), name
+
+
+@pytest.mark.parametrize("module", ["fedcore.core.aggregation", "fedcore.serverside.pools"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0
