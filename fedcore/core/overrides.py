@@ -3,10 +3,12 @@
 ``KEY`` is the dotted config key (``train.lr``, ``secagg.enabled``,
 ``strategy.options.proximal-mu``); ``VALUE`` is a TOML value (``0.1``,
 ``true``, ``"fedprox"``, ``[1, 2]``); a bare word that is not TOML (``fedprox``,
-``mydata.npz``, ``mynets:make_model``) is read as a string::
+``../mydata.npz``, ``mynets:make_model``) is read as a string::
 
     >>> parse_sets(["train.lr=0.1", "secagg.enabled=false", "strategy.name=fedprox"])
     {'train': {'lr': 0.1}, 'secagg': {'enabled': False}, 'strategy': {'name': 'fedprox'}}
+    >>> parse_sets(["data.path=../site1.npz", "model.factory=mynets:make_model"])
+    {'data': {'path': '../site1.npz'}, 'model': {'factory': 'mynets:make_model'}}
     >>> parse_sets(["strategy.options.proximal-mu=0.5"])
     {'strategy': {'options': {'proximal-mu': 0.5}}}
     >>> parse_sets(["train.lr=0.1.2"])
@@ -38,10 +40,11 @@ SET_HELP = (
     "in TOML syntax, a bare word is a string)"
 )
 
-_BARE_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.:/\\+-]*")
+#: A bare word read as a string: no spaces, quotes, brackets, '=' or ','; not number-like.
+_BARE_WORD = re.compile(r"[^\s\"'\[\]{}=,#0-9+-][^\s\"'\[\]{}=,#]*")
 _VALUE_HELP = (
-    'VALUE must be a TOML value: a number (0.1, 3), true/false, a string ("fedprox", or a '
-    "bare word), an array ([1, 2])"
+    "VALUE must be a TOML value: a number (0.1, 3), true/false, an array ([1, 2]), a string "
+    "(a bare word, or in double quotes for anything else: --set 'KEY=\"a b\"')"
 )
 
 
@@ -49,7 +52,7 @@ def _value(item: str, text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        if _BARE_WORD.fullmatch(text) and not text[0].isdigit():
+        if _BARE_WORD.fullmatch(text):
             return text
         raise ConfigError("--set", item, f"{text!r} is not a value; {_VALUE_HELP}") from None
 
