@@ -160,6 +160,15 @@ def test_the_readme_cli_lines_are_real(capsys: pytest.CaptureFixture[str]) -> No
 
 
 # ------------------------------------------------------------------ --set, --quiet, errors
+def test_the_set_docstring_examples_run() -> None:
+    import doctest
+
+    import fedcore.core.overrides as overrides
+
+    result = doctest.testmod(overrides, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 4 and result.failed == 0, result
+
+
 def test_set_changes_any_key_and_quiet_prints_only_the_final_lines(tmp_path: Path) -> None:
     out = tmp_path / "run"
     r = _fedcore(
