@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from fedcore import cli
-from fedcore.core.config import config_from_dict, to_toml
+from fedcore.core.config import config_from_dict, to_flat, to_toml
 from fedcore.core.overrides import apply_sets
 from fedcore.runtime.serve import build_strategy
 from fedcore.storage.configfile import load_config
@@ -270,6 +270,28 @@ def test_out_of_a_run_stopped_before_round_1_is_reused_and_a_finished_one_refuse
     again = _fedcore("simulate", str(config), "--out", str(out), "--quiet")
     assert again.returncode == 2 and "exists and is not empty" in again.stderr, again.stderr
     assert f"--resume {out}" in again.stderr
+
+
+def test_the_serverapp_given_resume_without_a_checkpoint_starts_from_round_1(
+    tmp_path: Path,
+) -> None:
+    """Any engine (e.g. ``flwr run`` with ``deploy.resume = true``): the same as the CLI."""
+    from fedcore.engines.embedded import run_embedded
+    from server.app import app as server_app
+
+    cfg = config_from_dict({**TINY, "deploy": {"resume": True}})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.toml").write_text(to_toml(cfg))
+    run_embedded(
+        server_app,
+        client_app="clients.app:app",
+        run_config=to_flat(cfg),
+        num_clients=cfg.run.clients,
+        workers=1,
+        server_node_config={"run-dir": str(out)},
+    )
+    assert [int(row["round"]) for row in _rows(out)] == [1, 2]
 
 
 # ------------------------------------------------------------------ deploy-local import paths

@@ -43,6 +43,7 @@ from fedcore.runtime.diagnostics import (
     server_data_line,
 )
 from fedcore.serverside.checkpoint import (
+    has_checkpoint,
     load_checkpoint,
     remove_stale_temporaries,
 )
@@ -264,6 +265,9 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
     strategy = build_strategy(cfg)
     history: list[dict[str, Any]] = []
     start = 1
+    if resume and not has_checkpoint(run_dir):  # stopped before round 1 completed
+        log.warning("%s has no checkpoint: starting it from round 1", run_dir)
+        resume = False
     if resume:
         for stale in remove_stale_temporaries(run_dir):
             log.warning("removed %s left by an interrupted write", stale.name)
