@@ -8,6 +8,7 @@ it printed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -249,3 +250,93 @@ def test_the_documented_train_functions_extra_metric_is_kept_in_plain_rounds(tmp
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert all(0 < r["train_acc"] <= 1 and 0 < r["val_accuracy"] <= 1 for r in rows)
+
+
+# ------------------------------------------------------------------ the round loop's policy
+
+USER_ERROR = (
+    "client reported an error: user code failed: model.train-fn = 'm:f' (/src/m.py:3); "
+    "raised ValueError: bad\nTraceback (your frames, most recent call last):\n  File ..."
+)
+
+
+class _Grid:
+    def get_node_ids(self):
+        return [1000, 1001, 1002]
+
+
+class _ScriptedExchange:
+    """Each training attempt fails with the next list of reasons; nobody evaluates."""
+
+    label = "scripted"
+
+    def __init__(self, attempts):
+        self.attempts = list(attempts)
+        self.calls = 0
+
+    def train(self, grid, messages, **kwargs):
+        from fedcore.core.records import Rejection
+        from fedcore.serverside.exchange import Aggregate
+
+        reasons = self.attempts[min(self.calls, len(self.attempts) - 1)]
+        self.calls += 1
+        return Aggregate.failed([Rejection(1000 + i, "train", r) for i, r in enumerate(reasons)])
+
+    def evaluate(self, grid, messages, **kwargs):
+        from fedcore.serverside.exchange import EvaluateResult
+
+        return EvaluateResult({}, 0, 0)
+
+
+def _federate(exchange, rounds=3):
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from fedcore.core.config import Config
+    from fedcore.serverside.rounds import Observer, run_federation
+    from fedcore.serverside.strategies import FedAvg
+
+    class Seen(Observer):
+        rows: list = []
+
+        def round_finished(self, record, arrays, rejected):
+            self.rows.append((record.round, [r.reason for r in rejected]))
+
+    seen = Seen()
+    seen.rows = []
+    policy = dataclasses.replace(Config().round, retries=2, retry_backoff=0.0)
+    run_federation(
+        _Grid(),
+        FedAvg(seed=0),
+        arrays=ArrayRecord({"w": Array(np.zeros(2, np.float32))}),
+        rounds=rounds,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+        policy=policy,
+        exchange=exchange,
+        observer=seen,
+        sleep=lambda s: None,
+    )
+    return seen.rows
+
+
+def test_user_code_errors_are_not_retried_and_stop_a_run_that_never_trained(caplog):
+    exchange = _ScriptedExchange([[USER_ERROR] * 3])
+    rows = _federate(exchange)
+    assert exchange.calls == 1  # no retry, no second round
+    ((rnd, reasons),) = rows
+    assert rnd == 1 and reasons == [
+        "user code failed: model.train-fn = 'm:f' (/src/m.py:3); the error is shown above",
+        "user code failed: the same error as client 1000 (round 1)",
+        "user code failed: the same error as client 1000 (round 1)",
+    ]
+    logged = caplog.text
+    assert logged.count("raised ValueError: bad") == 1 and logged.count("Traceback") == 1
+    assert "on 2 more client(s): 1001, 1002" in logged and "stopping the run" in logged
+
+
+def test_a_round_with_any_other_failure_is_retried_as_before():
+    exchange = _ScriptedExchange([[USER_ERROR, "no reply within 60 s"]])
+    rows = _federate(exchange, rounds=2)
+    assert exchange.calls == 2 * 3  # every round, every retry
+    assert [r for r, _ in rows] == [1, 2]
