@@ -10,7 +10,9 @@
     fedcore provision | server | client | deploy-local ...   (``fedcore CMD --help``)
 
 Exit codes: 0 success, 2 a configuration, data or checkpoint error (the message
-names the key or file, the value and what is allowed), 1 anything else.
+names the key or file, the value and what is allowed), 1 anything else, 130
+interrupted (Ctrl-C); ``fedcore client`` also 3 when the server refuses it (identity
+not admitted, TLS, or its kit already connected from another process).
 """
 
 from __future__ import annotations
