@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from matplotlib.figure import Figure
 
 from fedcore.core.config import Config, config_from_dict, to_flat
 from fedcore.core.errors import ConfigError
@@ -373,6 +374,21 @@ def test_plot_labels_colours_ticks_and_baseline():
         ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
         assert NO_TRAINING not in [t.get_text() for t in ax.texts]
+
+
+def test_redraw_plot_draws_the_baseline_that_summary_json_holds(tmp_path, monkeypatch):
+    """``fedcore simulate`` adds the baseline to summary.json after the run, then redraws."""
+    import fedcore.serverside.rundir as rundir
+
+    rows = [_row(r, 0.3 + r / 10) for r in (1, 2)]
+    write_metrics(tmp_path, rows)
+    baseline = {"test_accuracy": 0.8, "test_loss": 0.2, "epochs": 10}
+    (tmp_path / "summary.json").write_text(json.dumps({"centralized_baseline": baseline}))
+    drawn = []
+    monkeypatch.setattr(rundir, "plot_figure", lambda r, b=None: drawn.append((r, b)) or Figure())
+    rundir.redraw_plot(tmp_path)
+    assert drawn == [(json.loads((tmp_path / "metrics.json").read_text()), baseline)]
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_plot_says_no_training_when_nothing_trained():
