@@ -513,7 +513,6 @@ PIPED = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 def test_piped_simulate_prints_one_plain_line_per_round_and_no_bar_frames(tmp_path):
     (tmp_path / "run.toml").write_text(PIPED)
     proc = subprocess.run(
