@@ -90,7 +90,6 @@ def test_mismatch_names_features_classes_or_architecture():
 
 
 # ----------------------------------------------------------------- secure round ends early
-@pytest.mark.slow
 def test_a_secure_round_whose_failures_leave_too_few_clients_ends_at_once(caplog):
     from fedcore.clientside.data import holdout
     from fedcore.core.records import model_to_arrays

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import functools
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +28,14 @@ from fedcore.core.config import DataConfig
 from fedcore.core.errors import DataError
 from fedcore.core.seeds import derive_seed, rng
 
+log = logging.getLogger("fedcore")
+
 __all__ = [
+    "ENCODE_HINT",
     "ClientData",
     "Dataset",
     "client_data",
+    "label_warnings",
     "load_dataset",
     "holdout",
     "load_file",
@@ -72,18 +77,65 @@ class ClientData:
     val: Dataset
 
 
+#: How to turn labels that are not integers 0..C-1 into such labels.
+ENCODE_HINT = (
+    "encode the labels as integers 0..C-1 before saving, e.g. "
+    "classes, y = np.unique(labels, return_inverse=True) (classes[i] names class i)"
+)
+
+
 def _labels(y: np.ndarray, source: str) -> tuple[np.ndarray, int]:
     y = np.asarray(y)
     if y.ndim != 1:
         raise DataError(f"{source}: labels must be one-dimensional, found shape {y.shape}")
     if y.size == 0:
         raise DataError(f"{source}: no examples")
-    if not np.issubdtype(y.dtype, np.number) or not np.all(np.mod(y, 1) == 0):
-        raise DataError(f"{source}: labels must be integers 0..C-1, found dtype {y.dtype}")
+    if not np.issubdtype(y.dtype, np.number):
+        first = y.flat[0].item() if hasattr(y.flat[0], "item") else y.flat[0]
+        raise DataError(
+            f"{source}: labels must be integers 0..C-1, found dtype {y.dtype} "
+            f"(e.g. {first!r}): {ENCODE_HINT}"
+        )
+    if not np.all(np.isfinite(y)) or not np.all(np.mod(y, 1) == 0):
+        bad = y[~(np.isfinite(y) & (np.mod(np.nan_to_num(y), 1) == 0))][0].item()
+        raise DataError(
+            f"{source}: labels must be integers 0..C-1, found {bad!r} (dtype {y.dtype}): "
+            f"{ENCODE_HINT}"
+        )
     y = y.astype(np.int64)
     if y.min() < 0:
-        raise DataError(f"{source}: labels must be >= 0, found {int(y.min())}")
+        raise DataError(f"{source}: labels must be >= 0, found {int(y.min())}: {ENCODE_HINT}")
     return y, int(y.max()) + 1
+
+
+def label_warnings(y: np.ndarray, num_classes: int, source: str) -> list[str]:
+    """Why labels ``y`` look wrong for ``num_classes`` inferred classes (empty list: fine).
+
+    Labels that do not start at 0, or leave a class between 0 and the largest label
+    without examples, usually mean the labels are not encoded as ``0..C-1``::
+
+        >>> label_warnings(np.array([1, 2, 2, 1]), 3, "d.npz")[0].split(";")[0]
+        'd.npz: labels start at 1, not 0, so class 0 has no examples and 3 classes are assumed'
+    """
+    counts = np.bincount(y, minlength=num_classes)
+    out: list[str] = []
+    low = int(y.min())
+    if low > 0:
+        out.append(
+            f"{source}: labels start at {low}, not 0, so class"
+            f"{' 0' if low == 1 else f'es 0..{low - 1}'} {'has' if low == 1 else 'have'} no "
+            f"examples and {num_classes} classes are assumed; if the labels are "
+            f"{low}..{int(y.max())}, subtract {low} ({ENCODE_HINT}), or set data.num-classes "
+            "if the missing classes are real"
+        )
+    empty = [int(c) for c in np.flatnonzero(counts == 0) if c >= low]
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
+        out.append(
+            f"{source}: class(es) {shown} of 0..{num_classes - 1} have no examples; the model "
+            f"still gets {num_classes} outputs ({ENCODE_HINT}, or set data.num-classes)"
+        )
+    return out
 
 
 def _features(x: np.ndarray, source: str) -> np.ndarray:
@@ -168,6 +220,9 @@ def load_file(path: str | Path, *, label_column: str = "label", num_classes: int
             f"{p}: label {inferred - 1} found but data.num-classes = {num_classes}; "
             f"labels must be in 0..{num_classes - 1}"
         )
+    if not num_classes:  # (with data.num-classes set, a client may lack classes)
+        for warning in label_warnings(y, inferred, str(p)):
+            log.warning("%s", warning)
     return Dataset(_features(x, str(p)), y, num_classes or inferred)
 
 
@@ -192,12 +247,28 @@ def _read_csv(p: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
                 raise DataError(f"{p}:{line_no}: {len(row)} fields, header has {len(header)}")
             try:
                 rows.append([float(v) for v in row])
-            except ValueError as exc:
-                raise DataError(f"{p}:{line_no}: non-numeric value ({exc})") from None
+            except ValueError:
+                raise _cell_error(p, line_no, header, row, li) from None
     if not rows:
         raise DataError(f"{p}: no data rows")
     table = np.asarray(rows, dtype=np.float64)
     return np.delete(table, li, axis=1), table[:, li]
+
+
+def _cell_error(p: Path, line_no: int, header: list[str], row: list[str], li: int) -> DataError:
+    """The first non-numeric cell of ``row``: its column, row and value."""
+    for j, value in enumerate(row):
+        try:
+            float(value)
+        except ValueError:
+            where = f"{p}:{line_no}: column '{header[j]}' (column {j + 1}) has value {value!r}"
+            if j == li:
+                return DataError(f"{where}: labels must be integers 0..C-1: {ENCODE_HINT}")
+            return DataError(
+                f"{where}: features must be numbers; encode or drop that column before "
+                "training (fedcore reads every column but the label as a feature)"
+            )
+    return DataError(f"{p}:{line_no}: a non-numeric value")  # pragma: no cover
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
