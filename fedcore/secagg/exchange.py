@@ -202,9 +202,11 @@ class _SecureSum:
 
         With ``on_reply`` each valid reply is handed over as it arrives and not
         kept (the masked vectors are summed in a streaming fashion). Once error
-        replies leave fewer than ``needed`` clients that could still answer, the
-        attempt ends at once (``_Failed`` saying why; the clients still pending are
-        not blamed) instead of waiting out the stage's deadline.
+        replies leave fewer than ``needed`` clients that could still answer, it stops
+        waiting (logged, with the counts), takes what the pending clients answer within
+        a second, and returns: the protocol step that follows refuses fewer than
+        ``needed`` clients, so the attempt ends without waiting out the stage's deadline
+        for a stalled client (the clients still pending are not blamed).
         """
         # the masked stage is the round's training or evaluation itself ("round 3/20 evaluate")
         label = self.purpose if stage == STAGE_MASKED else stage
@@ -231,12 +233,29 @@ class _SecureSum:
                 pending = len(expected - seen)
                 if pending and valid + pending < needed:
                     getattr(replies, "close", lambda: None)()
-                    raise _Failed(
-                        f"{stage} stage: {len(seen) - valid} of {len(msgs)} client(s) failed, "
-                        f"so at most {valid + pending} could still answer and at least "
-                        f"{needed} are needed: ending this attempt now instead of waiting "
-                        f"out the stage's deadline ({timeout:g} s)"
+                    log.warning(
+                        "round %d: %s stage: %d of %d client(s) failed, so at most %d could "
+                        "still answer and at least %d are needed: ending this attempt now "
+                        "instead of waiting out the stage's deadline (%g s)",
+                        server_round,
+                        stage,
+                        len(seen) - valid,
+                        len(msgs),
+                        valid + pending,
+                        needed,
+                        timeout,
                     )
+                    late = self._late_replies(grid, msgs, expected - seen)
+                    for late_node, late_reply in late.items():
+                        seen.add(late_node)
+                        if late_reply.has_error():
+                            why = f"client error: {_first_line(late_reply.error.reason)}"
+                            rejected.append(Rejection(late_node, stage, why))
+                        elif on_reply is None:
+                            out[late_node] = late_reply
+                        else:
+                            on_reply(late_node, late_reply)
+                    return out  # the protocol step that follows fails with < 3 clients
                 continue
             valid += 1
             if on_reply is None:
@@ -254,6 +273,30 @@ class _SecureSum:
             time.perf_counter() - t0,
         )
         return out
+
+    @staticmethod
+    def _late_replies(
+        grid: Grid, msgs: Sequence[Message], pending: set[int], grace: float = 1.0
+    ) -> dict[int, Message]:
+        """The replies of ``pending`` nodes that arrive within ``grace`` s, by node.
+
+        An attempt that can no longer complete does not wait for stalled clients, but
+        what the others answer at about the same moment (their reasons, a reply the
+        protocol step then refuses) is still recorded.
+        """
+        ids = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+        want = {i for i, node in ids.items() if i and node in pending}
+        deadline = time.monotonic() + grace
+        out: dict[int, Message] = {}
+        while want and time.monotonic() < deadline:
+            for reply in grid.pull_messages(sorted(want)):
+                mid = reply.metadata.reply_to_message_id
+                if mid in want:
+                    want.discard(mid)
+                    out[ids[mid]] = reply
+            if want:
+                time.sleep(0.02)
+        return dict(sorted(out.items()))
 
     def _message(
         self, node: int, server_round: int, fields: dict[str, object], **records: object
