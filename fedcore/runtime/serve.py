@@ -351,7 +351,8 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
     )
     if tally.rounds and not tally.trained:
         raise RoundFailedError(
-            f"no round trained: every client refused or failed in all {tally.rounds} "
+            f"no round trained: every client refused or failed in "
+            f"{'all ' if tally.rounds == cfg.run.rounds - start + 1 else ''}{tally.rounds} "
             f"round(s) ({tally.why()}); the model did not change (run directory {run_dir})"
         )
     return summary
