@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -273,3 +274,44 @@ def test_a_client_with_the_wrong_features_is_named_and_the_others_train(tmp_path
     assert not any(e["client"].startswith(("client-1", "client-2")) for e in entries)
     (row,) = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert row["clients"] == 2
+
+
+# ----------------------------------------------------------------- the drop log
+def test_drops_are_logged_once_per_reason_with_names_and_kept_in_dropped_json(tmp_path, caplog):
+    from fedcore.core.records import Rejection
+    from fedcore.deploy.provision import provision
+    from fedcore.runtime.diagnostics import DropReporter, client_names, read_dropped
+    from fedcore.storage.keys import load_identity_key
+
+    fed = provision(tmp_path / "fed", clients=["site-a", "site-b"])
+    keys = {
+        7: load_identity_key(fed.client_kit("site-a") / "identity.key").public_key(),
+        9: load_identity_key(fed.client_kit("site-b") / "identity.key").public_key(),
+    }
+    admitted = fed.server_kit / "admitted.json"
+    assert client_names(keys, admitted) == {7: "site-a", 9: "site-b"}
+    assert client_names(keys, tmp_path / "missing.json") == {}  # no names, node ids shown
+
+    reporter = DropReporter(tmp_path, lambda: client_names(keys, admitted))
+
+    def finish(rnd, rejected):  # the reporter reads only the record's round
+        reporter.round_finished(SimpleNamespace(round=rnd), None, rejected)
+
+    boom = "client error: ValueError: boom\nTraceback (most recent call last): ..."
+    with caplog.at_level(logging.WARNING, logger="fedcore"):
+        reporter.stage_started(1, "train", 3)
+        finish(1, [Rejection(7, "secagg-masked", boom), Rejection(9, "secagg-masked", boom)])
+        finish(2, [Rejection(12, "train", boom)])
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "round 1: dropped site-a (node 7), site-b (node 9) at SecAgg+ masked-input stage "
+        "(training or evaluation): client error: ValueError: boom",
+        "round 2: dropped node 12 at train: the same reason as in round 1",
+    ]
+    entries = read_dropped(tmp_path)
+    assert [(e["round"], e["client"], e["stage"]) for e in entries] == [
+        (1, "site-a (node 7)", "SecAgg+ masked-input stage (training or evaluation)"),
+        (1, "site-b (node 9)", "SecAgg+ masked-input stage (training or evaluation)"),
+        (2, "node 12", "train"),
+    ]
+    assert {e["reason"] for e in entries} == {"client error: ValueError: boom"}

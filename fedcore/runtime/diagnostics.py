@@ -155,6 +155,7 @@ class DropReporter(Observer):
         self._known: dict[int, str] = {}
         self.entries: list[dict[str, Any]] = [dict(e) for e in history]
         self._named_round: int | None = None
+        self._said: dict[str, int] = {}  # reason -> the round whose log line gave it
 
     def _refresh(self) -> None:
         try:
@@ -178,14 +179,19 @@ class DropReporter(Observer):
     def round_finished(
         self, record: RoundRecord, arrays: ArrayRecord, rejected: Sequence[Rejection]
     ) -> None:
-        """Log each rejection of the round and rewrite ``dropped.json``."""
+        """Log the round's rejections (one line per stage and reason) and rewrite ``dropped.json``.
+
+        A reason already logged in an earlier round is not repeated: the line says
+        "the same reason as in round N".
+        """
         if not rejected:
             return
+        groups: dict[tuple[str, str], list[str]] = {}
         for r in rejected:
             reason = r.reason.strip().splitlines()[0] if r.reason.strip() else "no reason given"
             who = self.name_of(int(r.node_id))
             stage = describe_stage(r.stage)
-            log.warning("round %d: dropped %s at %s: %s", record.round, who, stage, reason)
+            groups.setdefault((stage, reason), []).append(who)
             self.entries.append(
                 {
                     "round": int(record.round),
@@ -195,6 +201,13 @@ class DropReporter(Observer):
                     "reason": reason,
                 }
             )
+        for (stage, reason), who in groups.items():
+            if reason in self._said:
+                text = f"the same reason as in round {self._said[reason]}"
+            else:
+                self._said[reason] = record.round
+                text = reason
+            log.warning("round %d: dropped %s at %s: %s", record.round, ", ".join(who), stage, text)
         write_json(self.path, self.entries)
 
 
