@@ -111,7 +111,6 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return out
 
 
-@pytest.mark.slow
 def test_sigkill_of_simulate_leaves_no_process_alive(tmp_path):
     proc, children = _start(tmp_path, rounds=200)
     os.kill(proc.pid, signal.SIGKILL)
@@ -126,7 +125,6 @@ def test_sigkill_of_simulate_leaves_no_process_alive(tmp_path):
     assert not left, f"alive 10 s after SIGKILL of the server: {[p.cmdline() for p in left]}"
 
 
-@pytest.mark.slow
 def test_ctrl_c_stops_within_3_s_prints_the_resume_command_and_resuming_finishes(tmp_path):
     proc, children = _start(tmp_path, rounds=6)
     t0 = time.monotonic()
