@@ -33,7 +33,9 @@ answer plain, unmasked rounds), ``state-dir`` (``--state``, default
 secure-aggregation keys to accept) and, with ``--trust-on-first-use``,
 ``trust-on-first-use`` (a kit without an admitted list pins peers on first use).
 The config and the data file are checked against each other (data loaded, model
-built) before the node connects.
+built) before the node connects, and each model the server sends against the model
+built for the data (:func:`fedcore.clientside.preflight.check_message`): a model that
+does not fit is answered with the reason and ends the process (exit code 2).
 A refusal by the server (wrong CA, identity not admitted or revoked, plaintext
 against TLS) ends the process with a message saying which.
 """
