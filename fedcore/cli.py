@@ -202,6 +202,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         again = ["fedcore", "simulate"]
         if args.config and Path(args.config).resolve().parent != Path.cwd().resolve():
             again.append(str(args.config))
+            if getattr(args, "rounds", None):  # (an override the config file lacks)
+                again += ["--rounds", str(cfg.run.rounds)]
         again += ["--resume", str(run_dir)]
         print(
             f"\nfedcore: interrupted; to continue this run: {shlex.join(again)}",

@@ -35,11 +35,14 @@ enabled = false
 """
 
 
-def _start(tmp_path: Path, rounds: int) -> tuple[subprocess.Popen, list[psutil.Process]]:
+def _start(
+    tmp_path: Path, config: str = "exp.toml", *args: str
+) -> tuple[subprocess.Popen, list[psutil.Process]]:
     """``fedcore simulate`` in its own session; returns once round 2 runs, with its workers."""
-    (tmp_path / "exp.toml").write_text(CONFIG.format(rounds=rounds))
+    (tmp_path / config).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / config).write_text(CONFIG.format(rounds=200))
     proc = subprocess.Popen(
-        [FEDCORE, "simulate", "exp.toml", "--out", "run", "--workers", "2"],
+        [FEDCORE, "simulate", config, "--out", "run", "--workers", "2", *args],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -112,7 +115,7 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 
 def test_sigkill_of_simulate_leaves_no_process_alive(tmp_path):
-    proc, children = _start(tmp_path, rounds=200)
+    proc, children = _start(tmp_path)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     proc.stdout.close()
@@ -126,7 +129,9 @@ def test_sigkill_of_simulate_leaves_no_process_alive(tmp_path):
 
 
 def test_ctrl_c_stops_within_3_s_prints_the_resume_command_and_resuming_finishes(tmp_path):
-    proc, children = _start(tmp_path, rounds=6)
+    # A config outside the working directory, and an override it lacks: both must be
+    # part of the resume command.
+    proc, children = _start(tmp_path, "conf/exp.toml", "--rounds", "6")
     t0 = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)  # the whole group, as a terminal delivers Ctrl-C
     try:
@@ -139,7 +144,7 @@ def test_ctrl_c_stops_within_3_s_prints_the_resume_command_and_resuming_finishes
     assert took <= 3.0, f"Ctrl-C took {took:.1f} s\n{out}"
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
     assert not _alive(children), "a worker outlived Ctrl-C"
-    command = "fedcore simulate --resume run"
+    command = "fedcore simulate conf/exp.toml --rounds 6 --resume run"
     assert f"to continue this run: {command}\n" in out, out
 
     argv = shlex.split(command)
