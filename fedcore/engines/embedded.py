@@ -24,6 +24,12 @@ segfault) ends the run; a crashed worker process is reported and replaced.
 While the grid is open, torch runs on one intra-op thread in this process,
 as in every worker (the clients then compute the same numbers on any executor).
 
+Worker processes die with the server's process, even when it is SIGKILLed (Linux
+``PR_SET_PDEATHSIG``; elsewhere their pipe reaches EOF), and ignore Ctrl-C: the
+server stops them, killing those still busy 1 s after an interrupt (5 s otherwise).
+A client whose train/evaluate function fails replies with
+:data:`~fedcore.flower_adapter.USER_CODE_ERROR` and the user's traceback.
+
 Messages cross the process boundary as Flower's own protobuf bytes
 (:func:`fedcore.flower_adapter.message_to_bytes`), never pickled. Replies come
 back to the ServerApp in the order the messages were pushed (streamed: each one
