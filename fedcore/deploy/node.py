@@ -55,7 +55,7 @@ from typing import Any
 from fedcore import flower_adapter as flower
 from fedcore.clientside.policy import ALLOW_PLAIN, CLIENT_CONFIG, client_config_file
 from fedcore.clientside.state import STATE_DIR
-from fedcore.core.errors import ConfigError, DataError, DeploymentError
+from fedcore.core.errors import ConfigError, DataError, DeploymentError, UserCodeError
 from fedcore.core.registry import import_object
 from fedcore.deploy.files import check_kit_dir
 from fedcore.engines.processes import install_signal_handlers
@@ -418,6 +418,9 @@ def load_app(path: str) -> Callable[..., Any]:
 def _handle(app: Callable[..., Any], message: Any, context: Any) -> Any:
     try:
         return app(message, context)
+    except UserCodeError as exc:  # the user's loop: its own message and frames, not retried
+        log.error("%s", exc)
+        return flower.error_reply(message, str(exc), user_code=True)
     except Exception as exc:  # noqa: BLE001 - a failing client is data, not a crash
         log.exception("the ClientApp raised")
         return flower.error_reply(message, f"{type(exc).__name__}: {exc}")

@@ -263,7 +263,6 @@ class _RoundPrinter:
 
     def poll(self) -> None:
         from fedcore.runtime.diagnostics import format_drop, read_dropped
-        from fedcore.serverside.rounds import RoundRecord
         from fedcore.serverside.rundir import format_round
 
         drops = read_dropped(self.path.parent)  # why each client was dropped, as it happens
@@ -275,11 +274,7 @@ class _RoundPrinter:
         except (OSError, json.JSONDecodeError):
             return
         for row in rows[self.seen :]:
-            fields = {k: float("nan") if v is None else v for k, v in row.items()}
-            try:
-                self.out(format_round(RoundRecord(**fields), self.rounds))
-            except TypeError:
-                self.out(str(row))
+            self.out(format_round(row, self.rounds))  # user metrics included
         self.seen = len(rows)
 
 

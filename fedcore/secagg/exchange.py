@@ -35,7 +35,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedcore.core.aggregation import ArraySpec, array_view, spec_of
-from fedcore.core.errors import AggregationError, ConfigError, SecureAggregationError
+from fedcore.core.errors import (
+    AggregationError,
+    ConfigError,
+    SecureAggregationError,
+    is_user_code_error,
+)
 from fedcore.core.records import Rejection
 from fedcore.core.seeds import derive_seed
 from fedcore.secagg.protocol.crypto import RandBytes, RoundBinding
@@ -126,6 +131,17 @@ class _Failed(Exception):
 def _first_line(text: str, limit: int = 300) -> str:
     line = text.strip().splitlines()[0] if text.strip() else "no reason given"
     return line[:limit]
+
+
+def _client_reason(text: str, limit: int = 8000) -> str:
+    """A client's error as the server keeps it.
+
+    The user's own traceback is kept whole (the round loop shows it once); any other
+    error by its first line.
+    """
+    if is_user_code_error(text):
+        return text.strip()[:limit]
+    return _first_line(text)
 
 
 class _SecureSum:
@@ -228,7 +244,7 @@ class _SecureSum:
                 continue
             seen.add(node)
             if reply.has_error():
-                reason = f"client error: {_first_line(reply.error.reason)}"
+                reason = f"client error: {_client_reason(reply.error.reason)}"
                 rejected.append(Rejection(node, stage, reason))
                 pending = len(expected - seen)
                 if pending and valid + pending < needed:
@@ -249,7 +265,7 @@ class _SecureSum:
                     for late_node, late_reply in late.items():
                         seen.add(late_node)
                         if late_reply.has_error():
-                            why = f"client error: {_first_line(late_reply.error.reason)}"
+                            why = f"client error: {_client_reason(late_reply.error.reason)}"
                             rejected.append(Rejection(late_node, stage, why))
                         elif on_reply is None:
                             out[late_node] = late_reply
