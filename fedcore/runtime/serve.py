@@ -332,13 +332,15 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
             observer=Observers(observer, tally, drops, *loggers, *observers),
             start_round=start,
         )
-    finally:
-        close_loggers(loggers)
-        # written however the run ends (no round trained, a user error, Ctrl-C)
-        summary_json = write_summary(
-            run_dir, observer.rows, rounds=cfg.run.rounds, wall_seconds=time.perf_counter() - t0
-        )
-        write_plot(run_dir, observer.rows)
+    except KeyboardInterrupt:
+        # Ctrl-C: the summary, not the plot (importing matplotlib can take seconds of
+        # the 3 s a stop may take; the next run or --resume draws it)
+        _finish(loggers, run_dir, observer.rows, cfg, t0, plot=False)
+        raise
+    except BaseException:  # summary.json and plot.png however the run ends
+        _finish(loggers, run_dir, observer.rows, cfg, t0, plot=True)
+        raise
+    summary_json = _finish(loggers, run_dir, observer.rows, cfg, t0, plot=True)
     atomic_write(
         run_dir / "model.safetensors", arrays_to_safetensors(final, {"rounds": cfg.run.rounds})
     )
@@ -360,6 +362,25 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
 
 def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else value
+
+
+def _finish(
+    loggers: Sequence[Any],
+    run_dir: Path,
+    rows: Sequence[Mapping[str, Any]],
+    cfg: Config,
+    t0: float,
+    *,
+    plot: bool,
+) -> dict[str, Any]:
+    """Close the loggers, write summary.json (and plot.png): however the run ends."""
+    close_loggers(loggers)
+    summary = write_summary(
+        run_dir, rows, rounds=cfg.run.rounds, wall_seconds=time.perf_counter() - t0
+    )
+    if plot:
+        write_plot(run_dir, rows)
+    return summary
 
 
 class _TrainedRounds(Observer):
