@@ -194,7 +194,10 @@ def load_file(path: str | Path, *, label_column: str = "label", num_classes: int
     """
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"data file '{p}' does not exist (set data.path or --data)")
+        raise DataError(
+            f"data file '{p}' does not exist (data.path in a config, or a client's own "
+            "file: `fedcore client --data FILE`)"
+        )
     suffix = p.suffix.lower()
     if suffix == ".npz":
         try:
