@@ -61,7 +61,7 @@ from fedcore.clientside.training import (
 )
 from fedcore.core.aggregation import array_view, numpy_to_array
 from fedcore.core.config import Config
-from fedcore.core.errors import ConfigError, DataError, ModelError
+from fedcore.core.errors import AggregationError, ConfigError, DataError, ModelError
 from fedcore.core.faults import crash_point
 from fedcore.core.records import (
     ARRAYS,
@@ -139,6 +139,51 @@ def local_data(cfg: Config, node_config: Mapping[str, Any]) -> ClientData:
         f"this node has neither '{DATA_PATH}' nor '{PARTITION_ID}' in its node config; "
         f"start it with --node-config \"{DATA_PATH}='/path/to/data.npz'\""
     )
+
+
+def _plain_loading(model: torch.nn.Module) -> bool:
+    """Whether ``load_state_dict`` on ``model`` would only copy tensors (no hooks)."""
+    for m in model.modules():
+        own = type(m)._load_from_state_dict
+        if own is not torch.nn.Module._load_from_state_dict and own is not _NORM_LOAD:
+            return False
+        if m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks:
+            return False
+    return True
+
+
+_NORM_LOAD = torch.nn.modules.batchnorm._NormBase._load_from_state_dict
+
+
+def load_global(model: torch.nn.Module, arrays: ArrayRecord) -> None:
+    """Load the global ``arrays`` into ``model``: the values ``load_arrays`` would load.
+
+    Measured on the 1,000-client round (py-spy, the worker process): Flower's
+    ``ArrayRecord.to_torch_state_dict`` runs ``np.load`` per array (its header parsed
+    with ``ast.literal_eval``) and ``load_state_dict`` walks every module, about 20%
+    of a client's time. Here each ``.npy`` payload is viewed in place
+    (:func:`~fedcore.core.aggregation.array_view`) and copied into the model's own
+    tensor memory: the same bytes, so the same model. Anything else (other keys,
+    shapes or dtypes, load hooks, a tensor numpy cannot view) takes ``load_arrays``,
+    whose errors name the difference.
+    """
+    state = model.state_dict()
+    if arrays.keys() != state.keys() or not _plain_loading(model):
+        load_arrays(model, arrays)
+        return
+    pairs = []
+    try:
+        for name, tensor in state.items():
+            view = array_view(arrays[name])
+            target = tensor.numpy()
+            if view.shape != target.shape or view.dtype != target.dtype:
+                raise AggregationError(f"array '{name}' does not match the model")
+            pairs.append((target, view))
+    except (AggregationError, RuntimeError, TypeError):
+        load_arrays(model, arrays)
+        return
+    for target, view in pairs:
+        np.copyto(target, view, casting="no")
 
 
 @functools.lru_cache(maxsize=8)
@@ -404,7 +449,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     data = local_data(cfg, context.node_config)
     model = _model(cfg, data.train.input_shape, data.train.num_classes)
     arrays = msg.content.array_records[ARRAYS]
-    load_arrays(model, arrays)
+    load_global(model, arrays)
     crash_point("client-train", server_round=server_round)
     mu = proximal_mu(conf)
     control = msg.content.array_records.get(CONTROL)
@@ -456,7 +501,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     data = local_data(cfg, context.node_config)
     model = _model(cfg, data.val.input_shape, data.val.num_classes)
     arrays: ArrayRecord = msg.content.array_records[ARRAYS]
-    load_arrays(model, arrays)
+    load_global(model, arrays)
     _, eval_fn = resolve_loops(cfg.model)
     loader = make_loader(data.val, batch_size=256, shuffle=False)
     result = call_loop(
