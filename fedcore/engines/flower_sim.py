@@ -42,7 +42,7 @@ from fedcore.core.config import Scalar
 from fedcore.core.errors import EngineError
 from fedcore.engines.processes import MemorySample, ProcessTree, SeenProcess, free_port
 
-__all__ = ["FlowerRun", "flower_env", "run_flower_simulation"]
+__all__ = ["FlowerRun", "RayCluster", "RayNode", "flower_env", "run_flower_simulation"]
 
 COMPLETED = "finished:completed"
 
@@ -183,6 +183,7 @@ def run_flower_simulation(
     flwr_home: str | Path | None = None,
     sample: bool = False,
     sample_interval: float = 0.2,
+    ray_address: str | None = None,
 ) -> FlowerRun:
     """Run the Flower App in ``app_dir`` on Flower's Ray simulation engine.
 
@@ -208,6 +209,11 @@ def run_flower_simulation(
         summed RSS is always sampled.
     sample_interval : float (default: 0.2)
         Seconds between looks at the process tree (memory, new processes).
+    ray_address : str, optional
+        ``HOST:PORT`` of a running Ray cluster's head (e.g. :attr:`RayCluster.address`)
+        to run the ClientApps on, instead of the single-node Ray that Flower starts.
+        It reaches Flower's Ray backend as ``RAY_ADDRESS`` (its ``ray.init()`` takes
+        no address argument and reads that variable).
 
     Returns
     -------
@@ -238,6 +244,10 @@ def run_flower_simulation(
             base=os.environ,
         )
     )
+    if ray_address is not None:
+        # Inherited by SuperLink -> SuperExec -> flwr-simulation, whose RayBackend calls
+        # ray.init() without an address: Ray then joins this cluster as a driver.
+        env["RAY_ADDRESS"] = ray_address
     overrides_file = home / "run-config.toml"
     _write_overrides(overrides_file, overrides)
     link_log = home / "local-superlink" / "superlink.log"
@@ -340,3 +350,224 @@ def _shutdown(superlink: subprocess.Popen[bytes] | None, tree: ProcessTree) -> l
     if not tree.wait_gone(timeout=30):
         return []
     return tree.kill_survivors()
+
+
+# -- a multi-node Ray cluster on this machine ------------------------------------------
+
+#: Ray's header line in each worker's ``worker-*.out`` log naming the actor it hosts.
+_ACTOR_HEADER = ":actor_name:"
+
+
+@dataclass(frozen=True)
+class RayNode:
+    """One node of a :class:`RayCluster`: a ``ray start --block`` with its own address.
+
+    Attributes
+    ----------
+    name : str
+        ``"head"`` or ``"worker-<i>"``.
+    ip : str
+        The node's own loopback address (``127.0.0.2`` for the head, then ``.3``, ...).
+    temp_dir : Path
+        The node's ``--temp-dir``: its session, sockets and logs, apart from every
+        other node's.
+
+    """
+
+    name: str
+    ip: str
+    temp_dir: Path
+
+    def actors(self, class_name: str = "ClientAppActor") -> int:
+        """Count the actors of ``class_name`` that ran on this node (from its worker logs).
+
+        Every worker process a node's raylet starts logs to
+        ``<temp_dir>/session_*/logs/worker-<id>-<job>-<pid>.out``, whose first lines
+        name the actor it hosts (``:actor_name:ClientAppActor``); only this node's
+        workers write into its temp dir.
+        """
+        count = 0
+        for log in self.temp_dir.glob("session_*/logs/worker-*.out"):
+            with log.open("r", encoding="utf-8", errors="replace") as f:
+                head = [f.readline() for _ in range(3)]
+            if f"{_ACTOR_HEADER}{class_name}\n" in head:
+                count += 1
+        return count
+
+
+class RayCluster:
+    """A Ray cluster on this machine: a head node and worker nodes, started with ``ray start``.
+
+    Each node is one ``ray start --block`` child (its raylet, object store and agents
+    below it) with its own loopback address, free ports and ``--temp-dir``, so a
+    cluster run here is a real multi-node one (two raylets, a GCS they register
+    with, actors placed by Ray's scheduler) that shares nothing with another Ray on
+    the machine. ``ray stop`` is never used (it stops every Ray on the machine):
+    :meth:`stop` sends SIGTERM to each node's ``ray start --block`` (which stops the
+    processes it started), workers first, then kills whatever of the cluster is left.
+
+    The nodes bind to ``127.0.0.2``, ``127.0.0.3``, ... and not ``127.0.0.1``: a worker
+    node needs ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1``, under which Ray rewrites
+    ``127.0.0.1``/``localhost`` in an address to the machine's network address
+    (``ray._private.services.resolve_ip_for_localhost``), where nothing listens;
+    other loopback addresses are kept as given. Nothing listens beyond loopback.
+
+    Use as a context manager::
+
+        with RayCluster(workers=1, cpus_per_node=1) as cluster:
+            run_flower_simulation(".", ray_address=cluster.address, num_supernodes=4)
+            print({node.name: node.actors() for node in cluster.nodes})
+
+    Parameters
+    ----------
+    workers : int (default: 1)
+        Worker nodes besides the head.
+    cpus_per_node : int (default: 1)
+        ``--num-cpus`` of each node: with ``client-resources-num-cpus=1`` each node
+        runs that many ClientApps at a time.
+    temp_root : str or Path, optional
+        Directory for the nodes' temp dirs and ``ray start`` logs; default a fresh
+        short one under the system temp dir (Ray's Unix socket paths must stay
+        under 108 bytes), removed by :meth:`stop`.
+    start_timeout : float (default: 180.0)
+        Seconds each node may take to start.
+
+    """
+
+    def __init__(
+        self,
+        *,
+        workers: int = 1,
+        cpus_per_node: int = 1,
+        temp_root: str | Path | None = None,
+        start_timeout: float = 180.0,
+    ) -> None:
+        if workers < 0 or workers > 200:
+            raise EngineError(f"RayCluster(workers={workers}): use 0 to 200 worker nodes")
+        if cpus_per_node < 1:
+            raise EngineError(f"RayCluster(cpus_per_node={cpus_per_node}): use at least 1")
+        self._own_root = temp_root is None
+        root = Path(tempfile.mkdtemp(prefix="fcrc-")) if temp_root is None else Path(temp_root)
+        self.root = root.resolve()
+        self.cpus_per_node = cpus_per_node
+        self.start_timeout = start_timeout
+        self.nodes = tuple(
+            RayNode(
+                name="head" if i == 0 else f"worker-{i}",
+                ip=f"127.0.0.{2 + i}",
+                temp_dir=self.root / ("head" if i == 0 else f"worker-{i}"),
+            )
+            for i in range(1 + workers)
+        )
+        head = self.nodes[0]
+        #: ``HOST:PORT`` of the head's GCS: ``ray start --address``, ``RAY_ADDRESS``.
+        self.address = f"{head.ip}:{free_port(head.ip)}"
+        #: Every process of the cluster's nodes (followed from each ``ray start``).
+        self.tree = ProcessTree(sample_interval=0.5, pss=False)
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def _argv(self, node: RayNode) -> list[str]:
+        ip = node.ip
+
+        def port() -> str:
+            return str(free_port(ip))
+
+        argv = [
+            "ray",
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address",
+            ip,
+            "--num-cpus",
+            str(self.cpus_per_node),
+            "--temp-dir",
+            str(node.temp_dir),
+            # Every port Ray would otherwise take at a fixed default (two nodes on one
+            # machine, or another Ray here, would collide): a free one on this address.
+            "--node-manager-port",
+            port(),
+            "--object-manager-port",
+            port(),
+            "--dashboard-agent-listen-port",
+            port(),
+            "--dashboard-agent-grpc-port",
+            port(),
+            "--runtime-env-agent-port",
+            port(),
+            "--metrics-export-port",
+            port(),
+        ]
+        if node is self.nodes[0]:
+            gcs_port = self.address.rsplit(":", 1)[1]
+            argv += ["--head", "--port", gcs_port, "--include-dashboard", "false"]
+            argv += ["--ray-client-server-port", port()]
+        else:
+            argv += ["--address", self.address]
+        return argv
+
+    def _log(self, node: RayNode) -> Path:
+        return self.root / f"{node.name}.log"
+
+    def start(self) -> RayCluster:
+        """Start the head, then each worker node; return when all have joined."""
+        env = {
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",  # lets `ray start --address` run
+            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        }
+        try:
+            self.tree.start_sampling()  # follows each node's descendants: raylets, actors
+            for node in self.nodes:
+                node.temp_dir.mkdir(parents=True, exist_ok=True)
+                with self._log(node).open("wb") as log:
+                    self._procs.append(
+                        self.tree.start(node.name, self._argv(node), env=env, stdout=log)
+                    )
+                self._wait_started(node, self._procs[-1])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_started(self, node: RayNode, proc: subprocess.Popen[bytes]) -> None:
+        # `ray start` prints this once the node's raylet has registered with the GCS.
+        log = self._log(node)
+        deadline = time.monotonic() + self.start_timeout
+        while b"Ray runtime started." not in log.read_bytes():
+            if proc.poll() is not None:
+                raise EngineError(
+                    f"`ray start` of the {node.name} node exited with code {proc.returncode}:"
+                    f"\n{log.read_text(errors='replace')[-2000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise EngineError(
+                    f"the {node.name} node did not start within {self.start_timeout:.0f} s"
+                    f" (RayCluster(start_timeout=...)); see {log}"
+                )
+            time.sleep(0.2)
+
+    def stop(self) -> list[str]:
+        """Stop every node (workers first, then the head); return the processes killed.
+
+        Empty when each ``ray start --block`` stopped its node's processes on SIGTERM.
+        """
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
+        self._procs.clear()
+        killed = self.tree.kill_survivors() if self.tree.wait_gone(timeout=20) else []
+        self.tree.stop_sampling()
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+        return killed
+
+    def __enter__(self) -> RayCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,97 @@
+"""The unchanged fedcore apps on a two-node Ray cluster (docs/engines.md, "Ray cluster").
+
+A head and a worker node, each a ``ray start --block`` with its own loopback address,
+ports and temp dir, run the ClientApps of one ``flwr run``; the final model matches the
+same run on the embedded engine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedcore.engines.flower_sim import RayCluster, run_flower_simulation
+from fedcore.storage.files import arrays_from_safetensors
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# 4 clients, 2 rounds, the MLP on synthetic data: small enough for 2 cores.
+# Plain rounds: with secure aggregation on, each client's stochastic rounding is keyed by
+# its node id, which Flower draws afresh every run (see docs/engines.md).
+RUN = {
+    "run.rounds": 2,
+    "run.clients": 4,
+    "run.centralized-baseline": False,
+    "data.source": "synthetic",
+    "data.synthetic-examples": 300,
+    "model.factory": "mlp",
+    "train.local-epochs": 1,
+    "secagg.enabled": False,
+}
+
+
+def _model(run_dir: Path) -> dict[str, np.ndarray]:
+    record = arrays_from_safetensors((run_dir / "model.safetensors").read_bytes())
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def _embedded_run(out: Path) -> Path:
+    """The same run on fedcore's embedded engine (no Ray), as a user would start it."""
+    sets = [arg for key, value in RUN.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    subprocess.run(
+        [sys.executable, "-m", "fedcore.cli", "simulate", "--quiet", "--out", str(out), *sets],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    return out
+
+
+@pytest.mark.slow
+def test_the_fedcore_apps_run_on_a_head_and_a_worker_node_and_match_the_embedded_engine(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "runs"
+    with RayCluster(workers=1, cpus_per_node=1) as cluster:
+        result = run_flower_simulation(
+            ROOT,
+            run_config={**RUN, "run.out-dir": str(out)},
+            num_supernodes=4,
+            ray_address=cluster.address,
+            flwr_home=tmp_path / "flwr-home",
+            timeout=300,
+        )
+        actors = {node.name: node.actors() for node in cluster.nodes}  # before the logs go
+        killed = cluster.stop()
+
+    assert result.completed, f"status {result.status}\n{result.output[-3000:]}"
+    # ClientApp actors ran on both nodes (each node's own worker logs name them)
+    assert actors["head"] >= 1 and actors["worker-1"] >= 1, actors
+    # the run joined the cluster: Flower started no Ray of its own
+    assert not any("raylet" in p.command for p in result.processes), result.processes
+    raylets = [p for p in cluster.tree.seen() if p.command.split()[0].endswith("/raylet")]
+    assert len(raylets) == 2, cluster.tree.seen()
+
+    (run_dir,) = list(out.iterdir())
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    assert [(r["round"], r["clients"], r["dropped"]) for r in rows] == [(1, 4, 0), (2, 4, 0)]
+
+    # the same model as the embedded engine's, up to float32 summation order: the server
+    # averages replies as they arrive, and Ray's arrival order is not the embedded
+    # engine's push order (measured max |difference| 6e-8)
+    reference = _model(_embedded_run(tmp_path / "embedded"))
+    model = _model(run_dir)
+    assert sorted(model) == sorted(reference)
+    for name, weights in model.items():
+        np.testing.assert_allclose(weights, reference[name], rtol=0, atol=1e-6, err_msg=name)
+
+    # both nodes stopped on SIGTERM, nothing had to be killed, no process is left
+    assert killed == [] and result.leftovers == ()
+    assert [p for p in cluster.tree.seen() if p.running()] == []
+    assert [p for p in result.processes if p.running()] == []
