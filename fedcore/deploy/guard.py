@@ -36,6 +36,25 @@ answer, and adds ``x-fedcore-identity-last-active: SECONDS`` to a refused
 activation of an identity it has seen (``fedcore client`` turns it into "already
 connected from another process", see :func:`fedcore.deploy.node.explain`).
 
+**Held pulls** (long polling; issue 11). Flower answers a pull at once, empty or
+not, and its clients then sleep: a SuperNode 3 s, Flower's object pull 1 s (then 2,
+4, ... s) when a message's objects are not all uploaded yet, which happens whenever
+a node pulls a message in the few milliseconds between the sender's
+``push-messages`` and its last ``push-object``. The guard therefore holds
+
+- an empty ``/v1/fleet/pull-messages`` (a node asking for work) for up to
+  :data:`HOLD_FLEET_PULL_S`, answering as soon as the ServerApp has pushed
+  messages (it asks the app again whenever a Runtime ``push-messages`` succeeds,
+  and every :data:`RECHECK_S` in any case);
+- an empty ``/v1/runtime/pull-messages`` (the ServerApp asking for replies) for
+  up to :data:`HOLD_RUNTIME_PULL_S`, woken by a Fleet ``push-messages``;
+- a ``pull-object`` (either API) whose object is announced but not uploaded yet,
+  for up to :data:`HOLD_OBJECT_S`, woken by each ``push-object``.
+
+Each retry replays the same request (same body, same signed headers) to the
+app, so authentication and every other check run again; the answer the client
+gets is the app's own. A peer that disconnects stops its hold.
+
 The decision uses the addresses of the accepted TCP connection (the ASGI
 ``server`` and ``client`` of the scope, filled in by uvicorn from the socket,
 with proxy headers off), not anything the peer sends.
@@ -43,6 +62,7 @@ with proxy headers off), not anything the peer sends.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -55,6 +75,9 @@ from fedcore.flower_adapter import fleet_routes
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
+    "HOLD_FLEET_PULL_S",
+    "HOLD_OBJECT_S",
+    "HOLD_RUNTIME_PULL_S",
     "LAST_ACTIVE_HEADER",
     "OPEN_PATH",
     "OPEN_TOKEN_ENV",
@@ -78,6 +101,18 @@ _PUBLIC_KEY_HEADER = b"flwr-public-key"
 _ACTIVATE_PATH = "/v1/fleet/activate-node"
 _DEACTIVATE_PATH = "/v1/fleet/deactivate-node"
 _MAX_IDENTITIES = 100_000  # identities remembered (only authenticated, successful ones)
+#: Longest hold of an empty Fleet ``pull-messages`` (a SuperNode's request times out at 30 s).
+HOLD_FLEET_PULL_S = 3.0
+#: Longest hold of an empty Runtime ``pull-messages`` (the ServerApp's poll for replies).
+HOLD_RUNTIME_PULL_S = 0.5
+#: Longest hold of a ``pull-object`` whose object is not uploaded yet.
+HOLD_OBJECT_S = 5.0
+#: A held request asks the app again at least this often, woken or not.
+RECHECK_S = 0.25
+_FLEET_PULL = "/v1/fleet/pull-messages"
+_RUNTIME_PULL = "/v1/runtime/pull-messages"
+_PULL_OBJECTS = ("/v1/fleet/pull-object", "/v1/runtime/pull-object")
+_PUSH_OBJECTS = ("/v1/fleet/push-object", "/v1/runtime/push-object")
 
 log = logging.getLogger("fedcore.guard")
 
@@ -144,6 +179,27 @@ class ListenerGuard:
         self.open_token = open_token
         self.max_request_bytes = max_request_bytes
         self._last_active: dict[bytes, float] = {}  # public key header -> time.monotonic()
+        #: what wakes held requests: path of a successful request -> the waiters it wakes
+        self._wakes = {
+            "/v1/runtime/push-messages": _Signal(),  # messages for nodes
+            "/v1/fleet/push-messages": _Signal(),  # replies for the ServerApp
+            **dict.fromkeys(_PUSH_OBJECTS, _Signal()),  # (one signal for both)
+        }
+        self._holds: dict[str, tuple[float, _Signal, Callable[[bytes], bool]]] = {
+            _FLEET_PULL: (
+                HOLD_FLEET_PULL_S,
+                self._wakes["/v1/runtime/push-messages"],
+                _no_messages,
+            ),
+            _RUNTIME_PULL: (
+                HOLD_RUNTIME_PULL_S,
+                self._wakes["/v1/fleet/push-messages"],
+                _no_app_messages,
+            ),
+            **dict.fromkeys(
+                _PULL_OBJECTS, (HOLD_OBJECT_S, self._wakes[_PUSH_OBJECTS[0]], _not_uploaded)
+            ),
+        }
 
     def _track(self, scope: Scope, message: MutableMapping[str, Any]) -> None:
         """Note an identity's successful answer; mark a refused activation of a known one."""
@@ -272,9 +328,78 @@ class ListenerGuard:
             if message.get("type") == "http.response.start":
                 started = True
                 self._track(scope, message)
+                if 200 <= int(message.get("status", 0)) < 300:
+                    wake = self._wakes.get(scope.get("path", ""))
+                    if wake is not None:
+                        wake.fire()
             await send(message)
 
-        await self.app(scope, capped_receive, guarded_send)
+        hold = self._holds.get(scope.get("path", "")) if scope.get("method") == "POST" else None
+        if hold is None:
+            await self.app(scope, capped_receive, guarded_send)
+            return
+        await self._held(scope, capped_receive, guarded_send, hold)
+
+    async def _held(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        hold: tuple[float, _Signal, Callable[[bytes], bool]],
+    ) -> None:
+        """Serve a pull, asking the app again while its answer is empty (module docstring)."""
+        longest, wake, empty = hold
+        body = bytearray()
+        while True:  # the whole request first: each retry replays it
+            message = await receive()
+            if message.get("type") != "http.request":
+                return  # the peer left (or the body was refused with 413)
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive()).get("type") != "http.disconnect":
+                await asyncio.sleep(RECHECK_S)  # (a server sends nothing else after the body)
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+        deadline = time.monotonic() + longest
+        try:
+            while True:
+                woken = wake.armed()
+                answer = await self._ask(scope, bytes(body), gone)
+                left = deadline - time.monotonic()
+                status = int(answer[0].get("status", 0)) if answer else 0
+                content = b"".join(m.get("body", b"") for m in answer[1:])
+                if left <= 0 or gone.is_set() or status != 200 or not empty(content):
+                    break
+                await woken.wait_for(min(left, RECHECK_S), gone)
+            if not gone.is_set():
+                for message in answer:
+                    await send(message)
+        finally:
+            watcher.cancel()
+
+    async def _ask(self, scope: Scope, body: bytes, gone: asyncio.Event) -> list[Any]:
+        """The app's answer to the request ``body`` (its ASGI messages, not sent yet)."""
+        answer: list[MutableMapping[str, Any]] = []
+        replayed = False
+
+        async def replay() -> MutableMapping[str, Any]:
+            nonlocal replayed
+            if replayed:  # (the app waits for a disconnect)
+                await gone.wait()
+                return {"type": "http.disconnect"}
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def keep(message: MutableMapping[str, Any]) -> None:
+            answer.append(message)
+
+        await self.app(scope, replay, keep)
+        return answer
 
     def _log_too_large(self, scope: Scope, what: str) -> None:
         client = scope.get("client") or ("?", "?")
@@ -288,6 +413,71 @@ class ListenerGuard:
             what,
             self.max_request_bytes,
         )
+
+
+class _Signal:
+    """Wakes every held request that armed it before :meth:`fire` (asyncio, one loop)."""
+
+    def __init__(self) -> None:
+        self._event: asyncio.Event | None = None
+
+    def armed(self) -> _Armed:
+        """A waiter that :meth:`fire` from now on wakes."""
+        if self._event is None:
+            self._event = asyncio.Event()
+        return _Armed(self._event)
+
+    def fire(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            self._event = None
+
+
+class _Armed:
+    def __init__(self, event: asyncio.Event) -> None:
+        self._event = event
+
+    async def wait_for(self, timeout: float, gone: asyncio.Event) -> None:
+        """Until fired, ``gone`` set, or ``timeout`` s."""
+        waits = [asyncio.ensure_future(self._event.wait()), asyncio.ensure_future(gone.wait())]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+
+def _no_messages(content: bytes) -> bool:
+    from flwr.proto.fleet_pb2 import PullMessagesResponse  # pylint: disable=E0611
+
+    res = PullMessagesResponse()
+    try:
+        res.ParseFromString(content)
+    except Exception:  # noqa: BLE001 - not ours to judge: pass the answer on
+        return False
+    return not res.messages_list and not res.HasField("reconnect")
+
+
+def _no_app_messages(content: bytes) -> bool:
+    from flwr.proto.runtime_pb2 import PullAppMessagesResponse  # pylint: disable=E0611
+
+    res = PullAppMessagesResponse()
+    try:
+        res.ParseFromString(content)
+    except Exception:  # noqa: BLE001 - not ours to judge: pass the answer on
+        return False
+    return not res.messages_list
+
+
+def _not_uploaded(content: bytes) -> bool:
+    from flwr.proto.message_pb2 import PullObjectResponse  # pylint: disable=E0611
+
+    res = PullObjectResponse()
+    try:
+        res.ParseFromString(content)
+    except Exception:  # noqa: BLE001 - not ours to judge: pass the answer on
+        return False
+    return res.object_found and not res.object_available
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -1,0 +1,142 @@
+"""The guard's held pulls (long polling): an empty pull waits for a push, then answers."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from flwr.proto.fleet_pb2 import PullMessagesResponse  # pylint: disable=E0611
+from flwr.proto.message_pb2 import (
+    PullObjectResponse,  # pylint: disable=E0611
+)
+
+from fedcore.deploy import guard as guard_module
+from fedcore.deploy.guard import ListenerGuard, fleet_routes
+
+LOCAL = 9093
+
+
+class FakeLink:
+    """Answers pulls from what was pushed; counts how often each path was asked."""
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.uploaded = False
+        self.asked: dict[str, int] = {}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope["path"]
+        self.asked[path] = self.asked.get(path, 0) + 1
+        body = (await receive())["body"]
+        assert body == b"signed request", "a held request is replayed unchanged"
+        status, out = 200, b""
+        if path == "/v1/runtime/push-messages":
+            self.messages += 1
+        elif path == "/v1/runtime/push-object":
+            self.uploaded = True
+        elif path == "/v1/fleet/pull-messages":
+            res = PullMessagesResponse()
+            if self.messages:
+                self.messages -= 1
+                res.messages_list.add().metadata.message_id = "m1"
+                res.message_object_trees.add().object_id = "m1"
+            out = res.SerializeToString()
+        elif path == "/v1/fleet/pull-object":
+            out = PullObjectResponse(
+                object_found=True, object_available=self.uploaded, object_content=b"x"
+            ).SerializeToString()
+        elif path == "/v1/fleet/get-run":
+            status = 409
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": out})
+
+
+def _request(guard: ListenerGuard, path: str) -> tuple[int, bytes]:
+    """``path`` over the local listener, as a coroutine returning (status, body)."""
+
+    async def call() -> tuple[int, bytes]:
+        sent: list[dict[str, Any]] = []
+        done = asyncio.Event()
+        first = True
+
+        async def receive() -> dict[str, Any]:
+            nonlocal first
+            if first:
+                first = False
+                return {"type": "http.request", "body": b"signed request", "more_body": False}
+            await done.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(msg: dict[str, Any]) -> None:
+            sent.append(msg)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": path,
+            "server": ("127.0.0.1", LOCAL),
+            "client": ("127.0.0.1", 50000),
+            "headers": [],
+        }
+        await guard(scope, receive, send)
+        done.set()
+        return int(sent[0]["status"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+    return call()  # type: ignore[return-value]
+
+
+def _guard(link: FakeLink) -> ListenerGuard:
+    return ListenerGuard(link, local_port=LOCAL, public_paths=fleet_routes())  # type: ignore[arg-type]
+
+
+def test_an_empty_pull_is_held_until_the_serverapp_pushes_and_then_answers(
+    monkeypatch: Any,
+) -> None:
+    monkeypatch.setattr(guard_module, "RECHECK_S", 30.0)  # only a push can wake it in time
+    link = FakeLink()
+    guard = _guard(link)
+
+    async def scenario() -> tuple[int, bytes]:
+        pull = asyncio.ensure_future(_request(guard, "/v1/fleet/pull-messages"))
+        await asyncio.sleep(0.05)
+        assert not pull.done(), "an empty pull is held, not answered"
+        assert (await _request(guard, "/v1/runtime/push-messages"))[0] == 200
+        return await asyncio.wait_for(pull, timeout=10)
+
+    status, body = asyncio.run(scenario())
+    res = PullMessagesResponse()
+    res.ParseFromString(body)
+    assert status == 200 and [t.object_id for t in res.message_object_trees] == ["m1"]
+    assert link.asked["/v1/fleet/pull-messages"] == 2  # once held, once woken by the push
+
+
+def test_an_object_not_uploaded_yet_is_held_until_its_push(monkeypatch: Any) -> None:
+    monkeypatch.setattr(guard_module, "RECHECK_S", 30.0)
+    link = FakeLink()
+    guard = _guard(link)
+
+    async def scenario() -> tuple[int, bytes]:
+        pull = asyncio.ensure_future(_request(guard, "/v1/fleet/pull-object"))
+        await asyncio.sleep(0.05)
+        assert not pull.done()
+        await _request(guard, "/v1/runtime/push-object")
+        return await asyncio.wait_for(pull, timeout=10)
+
+    status, body = asyncio.run(scenario())
+    res = PullObjectResponse()
+    res.ParseFromString(body)
+    assert status == 200 and res.object_available and res.object_content == b"x"
+
+
+def test_a_hold_ends_at_its_limit_with_the_apps_empty_answer(monkeypatch: Any) -> None:
+    monkeypatch.setattr(guard_module, "RECHECK_S", 0.01)
+    link = FakeLink()
+    guard = _guard(link)
+    path = "/v1/fleet/pull-messages"
+    guard._holds[path] = (0.05, *guard._holds[path][1:])
+    status, body = asyncio.run(_request(guard, path))
+    assert status == 200 and not PullMessagesResponse.FromString(body).message_object_trees
+    assert link.asked[path] >= 2  # asked again while held
+    # an error answer (or a path that is not a pull) goes back at once, asked once
+    assert asyncio.run(_request(guard, "/v1/fleet/get-run"))[0] == 409
+    assert link.asked["/v1/fleet/get-run"] == 1
