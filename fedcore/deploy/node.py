@@ -20,7 +20,11 @@ Flower's object transfer for messages. Where it differs from
 - **no code from the server**: the ClientApp comes from this machine's
   installed fedcore; the server's app bundle is read only for its run config.
   The server cannot make a client run anything else;
-- **no local port**: no Runtime API is opened on the client host.
+- **no local port**: no Runtime API is opened on the client host;
+- **one torch thread** by default (``--torch-threads``): torch's default (one
+  thread per core) makes each step of a small model spin-wait for the other
+  threads, and on a host where anything else runs a round of the default CNN
+  then takes 10-20 s instead of 0.5 s (``docs/benchmarks.md``, issue 11).
 
 The node config the ClientApp sees holds ``data-path`` (``--data``),
 ``identity-key`` (the kit's key file, for secure aggregation to sign with),
@@ -443,6 +447,8 @@ class _Worker:
         self.contexts: dict[int, Any] = {}
         #: fedcore's own ClientApp: its data is checked against each model received
         self.checked = bool(node_config.get(PREFLIGHT, False))
+        #: when the last reply was pushed (``--verbose`` logs the wait for the next message)
+        self.replied_at: float | None = None
 
     def step(self, node_id: int) -> bool:
         """Pull one message and answer it; whether there was one."""
@@ -451,6 +457,7 @@ class _Worker:
         got = self.session.pull()
         if got is None:
             return False
+        t_pulled = time.perf_counter()
         header, tree = got
         run_id = int(header.metadata.run_id)
         if run_id not in self.contexts:
@@ -479,13 +486,16 @@ class _Worker:
         reply = _handle(self.app, message, self.contexts[run_id])
         t1 = time.perf_counter()
         self.session.send(reply, t1 - t0)
+        t2 = time.perf_counter()
         log.debug(
-            "%s: receive %.3f s, app %.3f s, send %.3f s",
+            "%s: waited %.3f s, receive %.3f s, app %.3f s, send %.3f s",
             message.metadata.message_type,
+            -1.0 if self.replied_at is None else t_pulled - self.replied_at,
             t0 - t_recv,
             t1 - t0,
-            time.perf_counter() - t1,
+            t2 - t1,
         )
+        self.replied_at = t2
         return True
 
     def runs_finished(self) -> bool:
@@ -584,6 +594,13 @@ def run_node(
 def cmd_client(args: argparse.Namespace) -> int:
     """``fedcore client``."""
     install_signal_handlers()
+    if args.torch_threads < 1:
+        raise DeploymentError(
+            f"--torch-threads must be >= 1, got {args.torch_threads} (1 suits small models)"
+        )
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
     if args.verbose:
         logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
         log.setLevel(logging.DEBUG)
@@ -724,6 +741,13 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="a kit without admitted.json: accept secure-aggregation peers' keys on first "
         "sight (otherwise such a client refuses secure rounds until a signed list arrives)",
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch threads for training (default 1: fastest for small models, and no "
+        "spin-waiting against other processes; raise it for a large model on an idle host)",
     )
     p.add_argument("--app", default=DEFAULT_APP, help="ClientApp import path")
     p.add_argument("--verbose", action="store_true", help="log each message's timings")
