@@ -46,22 +46,31 @@ from fedcore.deploy.provision import provision  # noqa: E402
 from fedcore.engines.processes import ProcessTree, free_port  # noqa: E402
 
 CLIENTS = 3
+#: ``--breakdown``: clients log each message's timings (receive, app, send) to their logs.
+VERBOSE = False
 
 
-def config(rounds: int, run_dir: Path) -> Config:
+def config(rounds: int, run_dir: Path, *, model: str = "cnn", secure: bool = False) -> Config:
+    """The issue's setup: the default CNN on the digits, 3 clients; plain or secure rounds."""
+    data: dict[str, object] = {"source": "digits", "partition": "iid"}
+    model_section: dict[str, object] = {"factory": "cnn"}
+    if model == "mlp":  # the earlier (issue 4) setup: a small MLP on synthetic features
+        data = {
+            "source": "synthetic",
+            "synthetic-examples": 600,
+            "partition": "iid",
+            "num-classes": 10,
+        }
+        model_section = {"factory": "mlp", "kwargs": {"hidden": 32}}
     return config_from_dict(
         {
             "run": {"seed": 1, "rounds": rounds, "clients": CLIENTS, "centralized-baseline": False},
-            "data": {
-                "source": "synthetic",
-                "synthetic-examples": 600,
-                "partition": "iid",
-                "num-classes": 10,
-            },
-            "model": {"factory": "mlp", "kwargs": {"hidden": 32}},
-            "train": {"local-epochs": 1, "batch-size": 16, "lr": 0.1},
+            "data": data,
+            "model": model_section,
+            "train": {"local-epochs": 1, "batch-size": 16},
             "strategy": {"min-train-clients": CLIENTS, "min-evaluate-clients": CLIENTS},
             "round": {"min-available-clients": CLIENTS},
+            "secagg": {"enabled": secure},
             "deploy": {"run-dir": str(run_dir)},
         }
     )
@@ -76,16 +85,19 @@ def _wait(proc: object, timeout: float, what: str) -> int:
         raise SystemExit(f"{what} did not finish within {timeout:.0f} s") from None
 
 
-def fedcore_arm(base: Path, rounds: int, fed: object, data: list[Path]) -> list[float]:
-    run_dir = base / "fedcore-run"
-    cfg = config(rounds, run_dir)
-    cfg_path = base / "fedcore.toml"
+def fedcore_arm(
+    base: Path, rounds: int, fed: object, data: list[Path], *, model: str, secure: bool
+) -> list[float]:
+    tag = "fedcore-secure" if secure else "fedcore"
+    run_dir = base / f"{tag}-run"
+    cfg = config(rounds, run_dir, model=model, secure=secure)
+    cfg_path = base / f"{tag}.toml"
     cfg_path.write_text(to_toml(cfg))
     port, local_port = free_port(), free_port()
     cli = [sys.executable, "-m", "fedcore.cli"]
     logs = base / "logs"
     with ProcessTree() as sup:
-        with open(logs / "fedcore-server.log", "wb") as f:
+        with open(logs / f"{tag}-server.log", "wb") as f:
             server = sup.start(
                 "server",
                 [
@@ -103,7 +115,7 @@ def fedcore_arm(base: Path, rounds: int, fed: object, data: list[Path]) -> list[
             )
         for i, path in enumerate(data):
             name = f"client-{i + 1}"
-            with open(logs / f"fedcore-{name}.log", "wb") as f:
+            with open(logs / f"{tag}-{name}.log", "wb") as f:
                 sup.start(
                     name,
                     [
@@ -118,6 +130,7 @@ def fedcore_arm(base: Path, rounds: int, fed: object, data: list[Path]) -> list[
                         "--config",
                         str(cfg_path),
                         "--once",
+                        *(["--verbose"] if VERBOSE else []),
                     ],
                     stdout=f,
                 )
@@ -163,7 +176,9 @@ def _flower_fab(cfg: Config) -> bytes:
     return build_fab_from_files(files)[0]
 
 
-def flower_arm(base: Path, rounds: int, fed: object, data: list[Path]) -> list[float]:
+def flower_arm(
+    base: Path, rounds: int, fed: object, data: list[Path], *, model: str
+) -> list[float]:
     import httpx
     from flwr.common.serde import fab_to_proto, user_config_to_proto
     from flwr.proto.control_pb2 import ListRunsRequest, RegisterNodeRequest, StartRunRequest
@@ -173,7 +188,7 @@ def flower_arm(base: Path, rounds: int, fed: object, data: list[Path]) -> list[f
     from fedcore.storage.keys import load_admitted_keys, public_key_pem
 
     run_dir = base / "flower-run"
-    cfg = config(rounds, run_dir)
+    cfg = config(rounds, run_dir, model=model)
     kit = fed.server_kit  # type: ignore[attr-defined]
     port = free_port()
     logs = base / "logs"
@@ -235,7 +250,7 @@ def flower_arm(base: Path, rounds: int, fed: object, data: list[Path]) -> list[f
                         "--auth-supernode-private-key",
                         str(ck / "identity.key"),
                         "--node-config",
-                        f"data-path='{path}'",
+                        f"data-path='{path}' allow-plain=true",
                         "--port",
                         str(free_port()),
                     ],
@@ -267,58 +282,84 @@ def flower_arm(base: Path, rounds: int, fed: object, data: list[Path]) -> list[f
     return [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
 
 
+def _round_stats(xs: list[float]) -> dict[str, float]:
+    return {"mean": round(statistics.mean(xs), 3), "median": round(statistics.median(xs), 3)}
+
+
 def main() -> None:
+    global VERBOSE
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fedcore-rounds", type=int, default=8)
     p.add_argument("--flower-rounds", type=int, default=4)
+    p.add_argument(
+        "--model", choices=("cnn", "mlp"), default="cnn", help="cnn: the default CNN (digits)"
+    )
+    p.add_argument(
+        "--arms",
+        default="fedcore,secure,flower",
+        help="comma-separated subset of fedcore (plain), secure (secure aggregation), flower",
+    )
+    p.add_argument(
+        "--breakdown", action="store_true", help="clients log per-message timings (implies --keep)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = p.parse_args()
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = sorted(set(arms) - {"fedcore", "secure", "flower"})
+    if bad or not arms:
+        p.error(f"--arms {args.arms!r}: use a subset of fedcore,secure,flower (bad: {bad})")
+    VERBOSE = args.breakdown
+    keep = args.keep or args.breakdown
     base = Path(tempfile.mkdtemp(prefix="fedcore-bench-deploy-"))
     (base / "logs").mkdir()
+    out: dict[str, object] = {}
     try:
         fed = provision(base / "fed", clients=CLIENTS)
-        data = carve(config(1, base), base / "data")
-        t = time.perf_counter()
-        fedcore = fedcore_arm(base, args.fedcore_rounds, fed, data)
-        t_fedcore = time.perf_counter() - t
-        print(
-            f"fedcore: rounds 2..{args.fedcore_rounds}: {[round(x, 2) for x in fedcore]} s "
-            f"(whole run incl. start-up {t_fedcore:.1f} s)",
-            flush=True,
-        )
-        t = time.perf_counter()
-        flower = flower_arm(base, args.flower_rounds, fed, data)
-        t_flower = time.perf_counter() - t
-        print(
-            f"flower:  rounds 2..{args.flower_rounds}: {[round(x, 2) for x in flower]} s "
-            f"(whole run incl. start-up {t_flower:.1f} s)",
-            flush=True,
-        )
+        data = carve(config(1, base, model=args.model), base / "data")
+        for arm in arms:
+            t = time.perf_counter()
+            if arm == "flower":
+                rounds, n = (
+                    flower_arm(base, args.flower_rounds, fed, data, model=args.model),
+                    args.flower_rounds,
+                )
+            else:
+                secure = arm == "secure"
+                rounds = fedcore_arm(
+                    base, args.fedcore_rounds, fed, data, model=args.model, secure=secure
+                )
+                n = args.fedcore_rounds
+            wall = time.perf_counter() - t
+            key = {"fedcore": "fedcore", "secure": "fedcore_secagg", "flower": "flower"}[arm]
+            print(
+                f"{key}: rounds 2..{n}: {[round(x, 2) for x in rounds]} s "
+                f"(whole run incl. start-up {wall:.1f} s)",
+                flush=True,
+            )
+            stats = _round_stats(rounds)
+            out[f"{key}_round_s"] = stats["mean"]
+            out[f"{key}_round_median_s"] = stats["median"]
+            out[f"{key}_rounds_s"] = [round(x, 3) for x in rounds]
+            out[f"{key}_run_s"] = round(wall, 1)
     finally:
-        if args.keep:
+        if keep:
             print(f"work directory kept: {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)
-    f_mean, s_mean = statistics.mean(fedcore), statistics.mean(flower)
-    print(
-        json.dumps(
-            {
-                "fedcore_round_s": round(f_mean, 3),
-                "flower_round_s": round(s_mean, 3),
-                "speedup": round(s_mean / f_mean, 1),
-                "fedcore_rounds_s": [round(x, 3) for x in fedcore],
-                "flower_rounds_s": [round(x, 3) for x in flower],
-                "fedcore_run_s": round(t_fedcore, 1),
-                "flower_run_s": round(t_flower, 1),
-                "clients": CLIENTS,
-                "tls": True,
-                "node_auth": True,
-                "cpus": os.cpu_count(),
-                "load_avg_1m": round(os.getloadavg()[0], 2),
-                "python": platform.python_version(),
-            }
-        )
+    if "fedcore_round_s" in out and "flower_round_s" in out:
+        out["speedup"] = round(float(out["flower_round_s"]) / float(out["fedcore_round_s"]), 1)  # type: ignore[arg-type]
+    out.update(
+        {
+            "model": args.model,
+            "clients": CLIENTS,
+            "tls": True,
+            "node_auth": True,
+            "cpus": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+            "python": platform.python_version(),
+        }
     )
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
