@@ -331,6 +331,13 @@ class StrategyConfig(Section):
         help="clients summed in float32 before a float64 flush (fedcore/core/aggregation.py)",
         rule=at_least(1),
     )
+    accumulation_threads: int = key(
+        1,
+        help="threads the server's weighted mean is split over (0 = one per core, at most "
+        "4); results are bit-identical for any number (docs/benchmarks.md)",
+        rule=at_least(0),
+        resume_may_change=True,
+    )
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,7 @@ def plain_exchange(cfg: Config) -> PlainExchange:
     s = cfg.strategy
     return PlainExchange(
         accumulation_block=s.accumulation_block,
+        accumulation_threads=s.accumulation_threads,
         max_examples=s.max_num_examples or None,
         max_reply_bytes=int(s.max_reply_mb * 2**20) or None,
     )

@@ -35,6 +35,7 @@ from flwr.serverapp import Grid
 from fedcore.core.aggregation import ArraySpec, WeightedMean, array_view, spec_of
 from fedcore.core.errors import AggregationError, ReplyError
 from fedcore.core.records import ARRAYS, METRICS, NUM_EXAMPLES, Rejection
+from fedcore.serverside.pools import aggregation_pool
 
 __all__ = [
     "Aggregate",
@@ -257,6 +258,9 @@ class PlainExchange:
     ----------
     accumulation_block : int (default: 32)
         Clients summed in float32 before a float64 flush (see ``fedcore.core.aggregation``).
+    accumulation_threads : int (default: 1)
+        Threads each reply's arithmetic is split over (0 = one per core, at most 4;
+        :func:`fedcore.serverside.pools.aggregation_pool`); the same bits for any number.
     max_examples : int, optional
         Replies claiming more than this many examples are rejected.
     max_reply_bytes : int, optional
@@ -271,10 +275,12 @@ class PlainExchange:
         self,
         *,
         accumulation_block: int = 32,
+        accumulation_threads: int = 1,
         max_examples: int | None = None,
         max_reply_bytes: int | None = None,
     ) -> None:
         self.accumulation_block = accumulation_block
+        self.pool = aggregation_pool(accumulation_threads)
         self.max_examples = max_examples
         self.max_reply_bytes = max_reply_bytes
 
@@ -325,9 +331,10 @@ class PlainExchange:
     ) -> Aggregate:
         """Validate each reply and fold it into the weighted means (no grid involved)."""
         summed = dict(summed or {})
-        acc = WeightedMean(spec_of(arrays), block=self.accumulation_block)
+        acc = WeightedMean(spec_of(arrays), block=self.accumulation_block, pool=self.pool)
         extra_acc = {
-            name: WeightedMean(spec, block=self.accumulation_block) for name, spec in summed.items()
+            name: WeightedMean(spec, block=self.accumulation_block, pool=self.pool)
+            for name, spec in summed.items()
         }
         expected = sorted({ARRAYS, *summed})
         limit = self.max_reply_bytes or 2 * _nbytes(arrays) + 2**20
