@@ -41,9 +41,14 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedcore.core.aggregation import WeightedMean, numpy_to_array, spec_of
 from fedcore.serverside.exchange import PlainExchange
+from fedcore.serverside.pools import aggregation_pool
 from fedcore.serverside.strategies import FedAvg
 
-KERNELS = ("flower", "fedcore", "fedcore-validated", "fedcore-fedavg")
+KERNELS = ("flower", "fedcore", "fedcore-1thread", "fedcore-validated", "fedcore-fedavg")
+
+#: Threads of fedcore's kernels (``--threads``; 0 = one per core, at most 4);
+#: "fedcore-1thread" is the same kernel on the calling thread alone.
+THREADS = 0
 
 
 def layout(params: int) -> dict[str, tuple[int, ...]]:
@@ -98,12 +103,13 @@ def kernel(name: str, replies: list[RecordDict], block: int) -> Callable[[], Arr
     """A zero-argument callable that aggregates ``replies`` once with kernel ``name``."""
     if name == "flower":
         return lambda: aggregate_arrayrecords(replies, "num-examples")
-    if name in ("fedcore", "fedcore-validated"):
+    if name in ("fedcore", "fedcore-1thread", "fedcore-validated"):
         finite = name == "fedcore-validated"
         spec = spec_of(replies[0]["arrays"])
+        pool = None if name == "fedcore-1thread" else aggregation_pool(THREADS)
 
         def run() -> ArrayRecord:
-            acc = WeightedMean(spec, block=block)
+            acc = WeightedMean(spec, block=block, pool=pool)
             for r in replies:
                 acc.add(r["arrays"], r["metrics"]["num-examples"], finite=finite)
             return acc.result()
@@ -112,7 +118,7 @@ def kernel(name: str, replies: list[RecordDict], block: int) -> Callable[[], Arr
     if name == "fedcore-fedavg":
         template, msgs = _as_messages(replies)
         strategy = FedAvg(seed=0)
-        exchange = PlainExchange(accumulation_block=block)
+        exchange = PlainExchange(accumulation_block=block, accumulation_threads=THREADS)
 
         def run_fedavg() -> ArrayRecord:
             agg = exchange.aggregate(msgs, arrays=template)
@@ -140,10 +146,10 @@ def time_kernels(
     for _ in range(reps):
         for name, fn in fns.items():
             gc.collect()
-            c0, t0 = time.thread_time(), time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()  # CPU of every thread
             fn()
             wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.thread_time() - c0)
+            cpu[name].append(time.process_time() - c0)
     return {
         name: {
             "wall_median_ms": 1e3 * statistics.median(wall[name]),
@@ -196,7 +202,7 @@ def measure_memory(clients: int, params: int, block: int) -> dict[str, dict[str,
     for name in KERNELS:
         proc = subprocess.run(
             [sys.executable, __file__, "--probe", name, "--clients", str(clients),
-             "--params", str(params), "--block", str(block)],
+             "--params", str(params), "--block", str(block), "--threads", str(THREADS)],
             capture_output=True, text=True, check=True,
         )
         out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -213,8 +219,14 @@ def main() -> None:
         "--block", type=int, default=WeightedMean({}).block,
         help="fedcore's accumulation block (default: WeightedMean's default)",
     )
+    p.add_argument(
+        "--threads", type=int, default=0,
+        help="threads of fedcore's kernel (0 = one per core, at most 4)",
+    )
     p.add_argument("--probe", choices=KERNELS, help=argparse.SUPPRESS)
     args = p.parse_args()
+    global THREADS
+    THREADS = args.threads
     if args.probe:
         print(json.dumps(memory_probe(args.probe, args.clients, args.params, args.block)))
         return
@@ -222,6 +234,7 @@ def main() -> None:
     replies = build_replies(args.clients, args.params)
     ref = kernel("flower", replies, args.block)()
     ours = kernel("fedcore", replies, args.block)()
+    one_thread = kernel("fedcore-1thread", replies, args.block)()
     validated = kernel("fedcore-validated", replies, args.block)()
     exact = _exact_mean(replies)
     timing = time_kernels(replies, args.reps, args.block)
@@ -239,6 +252,7 @@ def main() -> None:
         f"Python {platform.python_version()}",
         "torch_threads_default": torch.get_num_threads(),
         "block": args.block,
+        "threads": getattr(aggregation_pool(THREADS), "threads", 1),
         "timing": timing,
         "memory": memory,
         "flower_ms": flower,
@@ -246,6 +260,7 @@ def main() -> None:
         "fedcore_validated_ms": timing["fedcore-validated"]["wall_median_ms"],
         "fedcore_fedavg_ms": timing["fedcore-fedavg"]["wall_median_ms"],
         "speedup_vs_flower": flower / timing["fedcore"]["wall_median_ms"],
+        "speedup_vs_flower_1thread": flower / timing["fedcore-1thread"]["wall_median_ms"],
         "speedup_vs_flower_validated": flower / timing["fedcore-validated"]["wall_median_ms"],
         "speedup_vs_flower_fedavg": flower / timing["fedcore-fedavg"]["wall_median_ms"],
         "speedup_vs_flower_cpu": timing["flower"]["cpu_median_ms"]
@@ -260,6 +275,7 @@ def main() -> None:
         "validated_equals_unvalidated": all(
             ours[k].data == validated[k].data for k in ours
         ),
+        "threads_equal_one_thread": all(ours[k].data == one_thread[k].data for k in ours),
     }
     for name, t in timing.items():
         print(
