@@ -49,7 +49,11 @@ a node pulls a message in the few milliseconds between the sender's
 - an empty ``/v1/runtime/pull-messages`` (the ServerApp asking for replies) for
   up to :data:`HOLD_RUNTIME_PULL_S`, woken by a Fleet ``push-messages``;
 - a ``pull-object`` (either API) whose object is announced but not uploaded yet,
-  for up to :data:`HOLD_OBJECT_S`, woken by each ``push-object``.
+  for up to :data:`HOLD_OBJECT_S`, woken by each ``push-object``;
+- an empty ``/v1/runtime/acquire-task`` (SuperExec asking, every 0.1 s, whether
+  to start a ServerApp) for up to :data:`HOLD_TASK_S`, woken by a Control
+  ``start-run``: ten requests a second become one, on a SuperLink that serves
+  every round's requests on the same cores.
 
 Each retry replays the same request (same body, same signed headers) to the
 app, so authentication and every other check run again; the answer the client
@@ -78,6 +82,7 @@ __all__ = [
     "HOLD_FLEET_PULL_S",
     "HOLD_OBJECT_S",
     "HOLD_RUNTIME_PULL_S",
+    "HOLD_TASK_S",
     "LAST_ACTIVE_HEADER",
     "OPEN_PATH",
     "OPEN_TOKEN_ENV",
@@ -107,6 +112,8 @@ HOLD_FLEET_PULL_S = 3.0
 HOLD_RUNTIME_PULL_S = 0.5
 #: Longest hold of a ``pull-object`` whose object is not uploaded yet.
 HOLD_OBJECT_S = 5.0
+#: Longest hold of an empty ``acquire-task`` (SuperExec's poll for a ServerApp to start).
+HOLD_TASK_S = 1.0
 #: A held request asks the app again at least this often, woken or not.
 RECHECK_S = 0.25
 _FLEET_PULL = "/v1/fleet/pull-messages"
@@ -183,6 +190,7 @@ class ListenerGuard:
         self._wakes = {
             "/v1/runtime/push-messages": _Signal(),  # messages for nodes
             "/v1/fleet/push-messages": _Signal(),  # replies for the ServerApp
+            "/v1/control/start-run": _Signal(),  # a ServerApp to start
             **dict.fromkeys(_PUSH_OBJECTS, _Signal()),  # (one signal for both)
         }
         self._holds: dict[str, tuple[float, _Signal, Callable[[bytes], bool]]] = {
@@ -198,6 +206,11 @@ class ListenerGuard:
             ),
             **dict.fromkeys(
                 _PULL_OBJECTS, (HOLD_OBJECT_S, self._wakes[_PUSH_OBJECTS[0]], _not_uploaded)
+            ),
+            "/v1/runtime/acquire-task": (
+                HOLD_TASK_S,
+                self._wakes["/v1/control/start-run"],
+                _no_task,
             ),
         }
 
@@ -467,6 +480,17 @@ def _no_app_messages(content: bytes) -> bool:
     except Exception:  # noqa: BLE001 - not ours to judge: pass the answer on
         return False
     return not res.messages_list
+
+
+def _no_task(content: bytes) -> bool:
+    from flwr.proto.runtime_pb2 import AcquireTaskResponse  # pylint: disable=E0611
+
+    res = AcquireTaskResponse()
+    try:
+        res.ParseFromString(content)
+    except Exception:  # noqa: BLE001 - not ours to judge: pass the answer on
+        return False
+    return not res.HasField("task")
 
 
 def _not_uploaded(content: bytes) -> bool:

@@ -6,7 +6,10 @@ pulls, so every stage of every round waits up to 3 s after its last reply.
 push-then-pull loop with a short interval, and streams replies in push order
 as soon as each one (and every earlier one) has arrived, like
 :class:`~fedcore.engines.embedded.EmbeddedGrid`: aggregation order, and so the
-model, does not depend on which client answered first.
+model, does not depend on which client answered first. It sleeps only after a
+pull that brought nothing: behind ``fedcore server``'s guard an empty pull is
+already held until a client pushes (:mod:`fedcore.deploy.guard`), so replies
+are taken as they come, not on the next tick.
 """
 
 from __future__ import annotations
@@ -91,12 +94,14 @@ class PollingGrid(GridBase):
         arrived: dict[str, Message] = {}
         nxt = 0
         while True:
+            got = False
             if pending:
                 for reply in self.pull_messages(sorted(pending)):
                     mid = reply.metadata.reply_to_message_id
                     if mid in pending:
                         pending.discard(mid)
                         arrived[mid] = reply
+                        got = True
             while nxt < len(ids) and ids[nxt] in arrived:
                 yield arrived.pop(ids[nxt])
                 nxt += 1
@@ -108,4 +113,5 @@ class PollingGrid(GridBase):
                     if mid in arrived:
                         yield arrived.pop(mid)
                 return
-            time.sleep(self.interval)
+            if not got:  # replies that are flowing are pulled again at once
+                time.sleep(self.interval)
