@@ -17,10 +17,16 @@ over the run, of RSS and of PSS summed over every process of the run (sampled
 every 0.2 s with psutil; PSS counts a page shared by k processes 1/k in each).
 
 Scenario B (``--big-clients 1000``): one round with 1,000 virtual clients on the
-embedded engine (synthetic data, 20,000 examples, IID, the MLP).
+embedded engine (synthetic data, 20 examples per client, IID, the MLP, plain
+aggregation; ``--big-secagg``: with secure aggregation, as the config's default).
+Its JSON keys: ``round_1000_clients_s`` (the round itself, from ``metrics.json``),
+``wall_1000_clients_s``, ``peak_pss_1000_mib`` and ``peak_rss_1000_mib``.
+Scenario C (``--huge-clients 10000``, off by default: minutes): the same with
+10,000 clients, keys ``round_10000_clients_s`` and so on.
 
     python benchmarks/simulation_engines.py [--clients 10] [--rounds 3] [--big-clients 1000]
-                                            [--skip-ray] [--skip-big]
+                                            [--huge-clients 0] [--big-secagg]
+                                            [--skip-ray] [--skip-big] [--skip-small]
 
 The last line printed is one JSON object.
 """
@@ -53,14 +59,29 @@ def scenario_config(clients: int, rounds: int) -> Config:
     return cfg.replace(run={"clients": clients, "rounds": rounds, "centralized-baseline": False})
 
 
-def big_config(clients: int) -> Config:
-    """One round, ``clients`` IID clients of synthetic data, the MLP."""
+def big_config(clients: int, *, secagg: bool = False) -> Config:
+    """One round, ``clients`` IID clients of synthetic data, the MLP (plain by default)."""
     return load_config(ROOT / "simulations" / "default.toml").replace(
         run={"clients": clients, "rounds": 1, "centralized-baseline": False},
         data={"source": "synthetic", "synthetic-examples": 20 * clients, "partition": "iid"},
         model={"factory": "mlp"},
         train={"local-epochs": 1},
+        secagg={"enabled": secagg},
     )
+
+
+def many_clients(clients: int, work: Path, *, secagg: bool = False) -> dict[str, Any]:
+    """Scenario B/C: one round of ``clients`` clients; its figures under flat keys too."""
+    work.mkdir()
+    run = run_embedded_cli(big_config(clients, secagg=secagg), work)
+    suffix = f"{clients}_clients" + ("_secagg" if secagg else "")
+    return {
+        "run": {"clients": clients, "secagg": secagg, **run},
+        f"round_{suffix}_s": run["round_seconds"][0],
+        f"wall_{suffix}_s": run["seconds"],
+        f"peak_pss_{suffix}_mib".replace("_clients", ""): run["peak_pss_mib"],
+        f"peak_rss_{suffix}_mib".replace("_clients", ""): run["peak_rss_mib"],
+    }
 
 
 def _run_dir_summary(run_dir: Path) -> dict[str, Any]:
@@ -137,8 +158,11 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--big-clients", type=int, default=1000)
+    p.add_argument("--huge-clients", type=int, default=0, help="0: skip scenario C")
+    p.add_argument("--big-secagg", action="store_true", help="scenario B with secure aggregation")
     p.add_argument("--skip-ray", action="store_true")
     p.add_argument("--skip-big", action="store_true")
+    p.add_argument("--skip-small", action="store_true", help="skip scenario A")
     args = p.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -153,34 +177,42 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedcore-bench-") as tmp:
         work = Path(tmp)
         cfg = scenario_config(args.clients, args.rounds)
-        embedded = run_embedded_cli(cfg, work)
-        result["embedded"] = embedded
-        print(f"embedded: {embedded}", file=sys.stderr)
-        # the same with one executor (every client in the server process: one process)
-        single_work = work / "single"
-        single_work.mkdir()
-        single = run_embedded_cli(cfg.replace(engine={"workers": 1}), single_work)
-        result["embedded_single_executor"] = single
-        print(f"embedded, one executor: {single}", file=sys.stderr)
-        if not args.skip_ray:
-            ray = run_ray(cfg, work)
-            result["ray"] = ray
-            print(f"ray: {ray}", file=sys.stderr)
-            result["speedup"] = ray["seconds"] / embedded["seconds"]
-            result["memory_ratio"] = ray["peak_rss_mib"] / embedded["peak_rss_mib"]
-            result["memory_ratio_pss"] = ray["peak_pss_mib"] / embedded["peak_pss_mib"]
-            result["round_time_ratio"] = sum(ray["round_seconds"]) / sum(
-                embedded["round_seconds"]
-            )
-            result["speedup_single_executor"] = ray["seconds"] / single["seconds"]
-            result["memory_ratio_single_executor"] = ray["peak_rss_mib"] / single["peak_rss_mib"]
-        if not args.skip_big:
-            big_work = work / "big"
-            big_work.mkdir()
-            big = run_embedded_cli(big_config(args.big_clients), big_work)
-            result["big"] = {"clients": args.big_clients, **big}
-            print(f"big: {result['big']}", file=sys.stderr)
+        if not args.skip_small:
+            _small(args, cfg, work, result)
+        for label, n, secagg in (
+            ("big", 0 if args.skip_big else args.big_clients, False),
+            ("big_secagg", args.big_clients if args.big_secagg else 0, True),
+            ("huge", args.huge_clients, False),
+        ):
+            if n:
+                many = many_clients(n, work / label, secagg=secagg)
+                result[label] = many.pop("run")
+                result.update(many)
+                print(f"{label}: {result[label]}", file=sys.stderr)
     print(json.dumps(result))
+
+
+def _small(args: argparse.Namespace, cfg: Config, work: Path, result: dict[str, Any]) -> None:
+    """Scenario A: embedded (two executors, then one) and Ray, into ``result``."""
+    embedded = run_embedded_cli(cfg, work)
+    result["embedded"] = embedded
+    print(f"embedded: {embedded}", file=sys.stderr)
+    # the same with one executor (every client in the server process: one process)
+    single_work = work / "single"
+    single_work.mkdir()
+    single = run_embedded_cli(cfg.replace(engine={"workers": 1}), single_work)
+    result["embedded_single_executor"] = single
+    print(f"embedded, one executor: {single}", file=sys.stderr)
+    if not args.skip_ray:
+        ray = run_ray(cfg, work)
+        result["ray"] = ray
+        print(f"ray: {ray}", file=sys.stderr)
+        result["speedup"] = ray["seconds"] / embedded["seconds"]
+        result["memory_ratio"] = ray["peak_rss_mib"] / embedded["peak_rss_mib"]
+        result["memory_ratio_pss"] = ray["peak_pss_mib"] / embedded["peak_pss_mib"]
+        result["round_time_ratio"] = sum(ray["round_seconds"]) / sum(embedded["round_seconds"])
+        result["speedup_single_executor"] = ray["seconds"] / single["seconds"]
+        result["memory_ratio_single_executor"] = ray["peak_rss_mib"] / single["peak_rss_mib"]
 
 
 if __name__ == "__main__":
