@@ -151,7 +151,10 @@ def test_an_unknown_section_is_refused_with_a_near_miss_if_any():
 
 
 def test_an_unknown_key_gets_the_nearest_key_here_or_elsewhere():
-    run_keys = "baseline-epochs, centralized-baseline, clients, out-dir, rounds, seed"
+    run_keys = (
+        "baseline-epochs, centralized-baseline, clients, mlflow, mlflow-tracking-uri, "
+        "out-dir, rounds, seed, tensorboard"
+    )
     assert _refused({"run": {"roundz": 1}}) == (
         "config key 'run.roundz' has value 1: unknown key; did you mean 'run.rounds'? "
         f"[run] accepts {run_keys}"
