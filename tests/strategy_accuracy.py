@@ -22,13 +22,25 @@ from fedcore.storage.configfile import load_config
 
 from .conftest import ROOT
 
-__all__ = ["IID_ONLY", "LINEAR", "LINEAR_FIRST", "LINEAR_SECOND", "NONLINEAR", "accuracy"]
+__all__ = [
+    "IID_ONLY",
+    "LINEAR",
+    "LINEAR_FIRST",
+    "LINEAR_SECOND",
+    "NONLINEAR",
+    "TWINNED",
+    "accuracy",
+]
 
 LINEAR = [n for n in STRATEGIES if STRATEGIES.get(n).linear]
 NONLINEAR = [n for n in STRATEGIES if not STRATEGIES.get(n).linear]
 
 
 IID_ONLY = {"krum"}
+
+#: Linear strategies also run plain, to compare: the plain mean, and one with extra
+#: summed arrays (control variates) in the secure sum.
+TWINNED = frozenset({"fedavg", "scaffold"})
 
 #: The linear strategies, split over two test files (one per xdist worker).
 LINEAR_FIRST = LINEAR[: (len(LINEAR) + 1) // 2]

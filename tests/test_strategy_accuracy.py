@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from .strategy_accuracy import LINEAR, LINEAR_FIRST, LINEAR_SECOND, NONLINEAR, accuracy
+from .strategy_accuracy import LINEAR, LINEAR_FIRST, LINEAR_SECOND, NONLINEAR, TWINNED, accuracy
 
 pytestmark = pytest.mark.slow
 
@@ -19,6 +19,7 @@ def test_every_builtin_strategy_is_covered():
     assert "scaffold" in LINEAR
     assert set(NONLINEAR) == {"fedmedian", "fedtrimmedavg", "krum", "multikrum"}
     assert sorted(LINEAR_FIRST + LINEAR_SECOND) == sorted(LINEAR)
+    assert TWINNED <= set(LINEAR)
 
 
 @pytest.mark.parametrize("name", NONLINEAR)

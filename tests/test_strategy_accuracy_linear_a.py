@@ -1,5 +1,10 @@
 """Every built-in strategy trains the default digits setup: the first half of
-the linear ones, with secure aggregation on and off (>= 0.90, within 1.5 points).
+the linear ones, with secure aggregation on (>= 0.90); those in ``TWINNED`` also with
+it off, within 1.5 points. The others need no plain twin: the exchange, plain or
+secure, hands the strategy one aggregate (the same within the quantization bound:
+``tests/test_secagg_workers.py``), so a strategy cannot tell the two apart; FedAvg
+(the plain mean) and SCAFFOLD (extra summed arrays: the control variates) check it
+end to end.
 
 The runs are split over three files so that ``pytest -n 2 --dist loadfile`` can put
 them on both workers (they are the suite's longest file otherwise). The shared run
@@ -10,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from .strategy_accuracy import LINEAR_FIRST, accuracy
+from .strategy_accuracy import LINEAR_FIRST, TWINNED, accuracy
 
 pytestmark = pytest.mark.slow
 
@@ -18,6 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("name", LINEAR_FIRST)
 def test_linear_strategy_trains_with_secure_aggregation(tmp_path, name):
     secure = accuracy(tmp_path, name, True)
-    plain = accuracy(tmp_path, name, False)
     assert secure >= 0.90, f"{name}: {secure:.4f} with secure aggregation"
-    assert abs(secure - plain) <= 0.015, f"{name}: secure {secure:.4f} vs plain {plain:.4f}"
+    if name in TWINNED:
+        plain = accuracy(tmp_path, name, False)
+        assert abs(secure - plain) <= 0.015, f"{name}: secure {secure:.4f} vs plain {plain:.4f}"
