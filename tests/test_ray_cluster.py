@@ -3,13 +3,20 @@
 A head and a worker node, each a ``ray start --block`` with its own loopback address,
 ports and temp dir, run the ClientApps of one ``flwr run``; the final model matches the
 same run on the embedded engine.
+
+``python -m tests.test_ray_cluster cluster|local`` times the same run (on the cluster, or
+on Flower's single-node Ray) and prints one JSON line: the figures in docs/engines.md.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +79,7 @@ def test_the_fedcore_apps_run_on_a_head_and_a_worker_node_and_match_the_embedded
 
     assert result.completed, f"status {result.status}\n{result.output[-3000:]}"
     # ClientApp actors ran on both nodes (each node's own worker logs name them)
-    assert actors["head"] >= 1 and actors["worker-1"] >= 1, actors
+    assert actors == {"head": 1, "worker-1": 1}, actors  # one per CPU: 1 CPU a node
     # the run joined the cluster: Flower started no Ray of its own
     assert not any("raylet" in p.command for p in result.processes), result.processes
     raylets = [p for p in cluster.tree.seen() if p.command.split()[0].endswith("/raylet")]
@@ -95,3 +102,48 @@ def test_the_fedcore_apps_run_on_a_head_and_a_worker_node_and_match_the_embedded
     assert killed == [] and result.leftovers == ()
     assert [p for p in cluster.tree.seen() if p.running()] == []
     assert [p for p in result.processes if p.running()] == []
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _measure(mode: str) -> dict[str, object]:
+    """One timed run, ``mode`` "cluster" (head + worker node) or "local" (Flower's own Ray)."""
+    tmp = Path(tempfile.mkdtemp(prefix="fedcore-ray-cluster-"))
+    res: dict[str, object] = {"mode": mode, "load_before": _load()}
+    run_config = {**RUN, "run.out-dir": str(tmp / "runs")}
+    t0 = time.perf_counter()
+    if mode == "cluster":
+        with RayCluster(workers=1, cpus_per_node=1) as cluster:
+            res["cluster_start_s"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            result = run_flower_simulation(
+                ROOT, run_config=run_config, num_supernodes=4, ray_address=cluster.address
+            )
+            res["flwr_run_s"] = time.perf_counter() - t1
+            res["actors"] = {node.name: node.actors() for node in cluster.nodes}
+            t2 = time.perf_counter()
+            res["killed"] = cluster.stop()
+            res["stop_s"] = time.perf_counter() - t2
+            res["cluster_peak_rss_mb"] = cluster.tree.peak.rss / 2**20
+    else:
+        result = run_flower_simulation(ROOT, run_config=run_config, num_supernodes=4)
+        res["flwr_run_s"] = time.perf_counter() - t0
+    res["status"] = result.status
+    res["run_peak_rss_mb"] = result.peak.rss / 2**20
+    t3 = time.perf_counter()
+    reference = _model(_embedded_run(tmp / "embedded"))
+    res["embedded_s"] = time.perf_counter() - t3
+    (run_dir,) = list((tmp / "runs").iterdir())
+    model = _model(run_dir)
+    res["identical_to_embedded"] = all(np.array_equal(model[k], reference[k]) for k in model)
+    res["max_abs_diff"] = max(float(np.max(np.abs(model[k] - reference[k]))) for k in model)
+    res["load_after"] = _load()
+    shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
+if __name__ == "__main__":
+    figures = _measure(sys.argv[1] if len(sys.argv) > 1 else "cluster")
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}))

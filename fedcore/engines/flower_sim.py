@@ -21,6 +21,11 @@ and by default installs the app's dependencies with ``uv`` for every run.
 The apps (``server/app.py``, ``clients/app.py``) are unchanged: Flower fuses
 ``[tool.flwr.app.config]`` with ``run_config`` into the flat run config, and gives
 each virtual SuperNode ``partition-id``/``num-partitions`` in its node config.
+
+Scale-out: with ``ray_address`` the same run joins a running Ray cluster (Flower's
+Ray backend reads ``RAY_ADDRESS``) instead of starting a single-node Ray;
+:class:`RayCluster` starts one on this machine, a head and worker nodes, each a
+``ray start --block`` of its own (docs/engines.md, "A multi-node Ray cluster").
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -382,12 +388,13 @@ class RayNode:
         """Count the actors of ``class_name`` that ran on this node (from its worker logs).
 
         Every worker process a node's raylet starts logs to
-        ``<temp_dir>/session_*/logs/worker-<id>-<job>-<pid>.out``, whose first lines
-        name the actor it hosts (``:actor_name:ClientAppActor``); only this node's
-        workers write into its temp dir.
+        ``<temp_dir>/session_<time>/logs/worker-<id>-<job>-<pid>.out`` (``session_latest``
+        links to it and is skipped), whose first lines name the actor it hosts
+        (``:actor_name:ClientAppActor``); only this node's workers write into its temp dir.
         """
         count = 0
-        for log in self.temp_dir.glob("session_*/logs/worker-*.out"):
+        sessions = [d for d in self.temp_dir.glob("session_*") if not d.is_symlink()]
+        for log in (log for d in sessions for log in d.glob("logs/worker-*.out")):
             with log.open("r", encoding="utf-8", errors="replace") as f:
                 head = [f.readline() for _ in range(3)]
             if f"{_ACTOR_HEADER}{class_name}\n" in head:
@@ -524,11 +531,27 @@ class RayCluster:
                     self._procs.append(
                         self.tree.start(node.name, self._argv(node), env=env, stdout=log)
                     )
-                self._wait_started(node, self._procs[-1])
+                if node is self.nodes[0]:
+                    # The workers need only the head's GCS, which is up seconds before
+                    # the head's raylet and agents: they start meanwhile.
+                    self._wait_gcs(self._procs[0])
+            for node, proc in zip(self.nodes, self._procs, strict=True):
+                self._wait_started(node, proc)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _wait_gcs(self, head: subprocess.Popen[bytes]) -> None:
+        host, port = self.address.rsplit(":", 1)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline and head.poll() is None:
+            try:
+                socket.create_connection((host, int(port)), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        self._wait_started(self.nodes[0], head)  # names the failure (exit code, log)
 
     def _wait_started(self, node: RayNode, proc: subprocess.Popen[bytes]) -> None:
         # `ray start` prints this once the node's raylet has registered with the GCS.
