@@ -1,11 +1,12 @@
-"""The unchanged fedcore apps on a two-node Ray cluster (docs/engines.md, "Ray cluster").
+"""The unchanged fedcore apps on a two-node Ray cluster (docs/engines.md, multi-node Ray).
 
 A head and a worker node, each a ``ray start --block`` with its own loopback address,
 ports and temp dir, run the ClientApps of one ``flwr run``; the final model matches the
 same run on the embedded engine.
 
-``python -m tests.test_ray_cluster cluster|local`` times the same run (on the cluster, or
-on Flower's single-node Ray) and prints one JSON line: the figures in docs/engines.md.
+``python -m tests.test_ray_cluster cluster|local [secure]`` times the same run (on the
+cluster, or on Flower's single-node Ray) and prints one JSON line: the figures in
+docs/engines.md.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +49,10 @@ def _model(run_dir: Path) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
-def _embedded_run(out: Path) -> Path:
+def _embedded_run(out: Path, keys: Mapping[str, object] | None = None) -> Path:
     """The same run on fedcore's embedded engine (no Ray), as a user would start it."""
-    sets = [arg for key, value in RUN.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    items = (keys or RUN).items()
+    sets = [arg for key, value in items for arg in ("--set", f"{key}={json.dumps(value)}")]
     subprocess.run(
         [sys.executable, "-m", "fedcore.cli", "simulate", "--quiet", "--out", str(out), *sets],
         cwd=ROOT,
@@ -108,11 +111,12 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def _measure(mode: str) -> dict[str, object]:
+def _measure(mode: str, *, secure: bool = False) -> dict[str, object]:
     """One timed run, ``mode`` "cluster" (head + worker node) or "local" (Flower's own Ray)."""
     tmp = Path(tempfile.mkdtemp(prefix="fedcore-ray-cluster-"))
-    res: dict[str, object] = {"mode": mode, "load_before": _load()}
-    run_config = {**RUN, "run.out-dir": str(tmp / "runs")}
+    res: dict[str, object] = {"mode": mode, "secure": secure, "load_before": _load()}
+    keys = {**RUN, "secagg.enabled": secure}
+    run_config = {**keys, "run.out-dir": str(tmp / "runs")}
     t0 = time.perf_counter()
     if mode == "cluster":
         with RayCluster(workers=1, cpus_per_node=1) as cluster:
@@ -133,7 +137,7 @@ def _measure(mode: str) -> dict[str, object]:
     res["status"] = result.status
     res["run_peak_rss_mb"] = result.peak.rss / 2**20
     t3 = time.perf_counter()
-    reference = _model(_embedded_run(tmp / "embedded"))
+    reference = _model(_embedded_run(tmp / "embedded", keys))
     res["embedded_s"] = time.perf_counter() - t3
     (run_dir,) = list((tmp / "runs").iterdir())
     model = _model(run_dir)
@@ -144,6 +148,6 @@ def _measure(mode: str) -> dict[str, object]:
     return res
 
 
-if __name__ == "__main__":
-    figures = _measure(sys.argv[1] if len(sys.argv) > 1 else "cluster")
+if __name__ == "__main__":  # python -m tests.test_ray_cluster cluster|local [secure]
+    figures = _measure(sys.argv[1] if len(sys.argv) > 1 else "cluster", secure="secure" in sys.argv)
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}))
