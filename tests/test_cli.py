@@ -341,25 +341,8 @@ def test_deploy_local_refuses_a_bad_import_path_before_any_process(
     assert elapsed < 5 * 3, elapsed  # < 5 s alone; the suite shares 2 cores
 
 
-@pytest.mark.slow
-def test_deploy_local_imports_a_model_beside_its_config_from_another_cwd(tmp_path: Path) -> None:
-    config = _user_project(tmp_path)
-    out = tmp_path / "run"
-    r = _fedcore(
-        "deploy-local",
-        str(config),
-        "--clients",
-        "2",
-        "--out",
-        str(out),
-        "--quiet",
-        cwd=tmp_path / "elsewhere",
-        timeout=300,
-    )
-    assert r.returncode == 0, (r.stdout, r.stderr)
-    rows = _rows(out)
-    assert len(rows) == 1 and int(rows[0]["clients"]) == 2, rows
-    assert not re.search(r"round \d+/\d+", r.stdout), r.stdout
+# deploy-local with a model module beside its config, from another cwd, trains:
+# tests/test_deploy_local.py::test_sigterm_stops_every_process (one federation for both).
 
 
 # ------------------------------------------------------------------ a kit started twice

@@ -56,11 +56,35 @@ def test_deploy_config_fixes_clients_classes_and_run_dir(tmp_path: Path) -> None
     assert cfg.deploy.run_dir == str(tmp_path / "run")
 
 
+USER_MODELS_PY = """\
+import math
+
+import torch.nn as nn
+
+
+def make_model(input_shape, num_classes, hidden=16):
+    inputs = int(math.prod(input_shape))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+    )
+"""
+
+
 @pytest.mark.slow
 def test_sigterm_stops_every_process(tmp_path: Path) -> None:
-    cfg_path = tmp_path / "config.toml"
+    """SIGTERM stops every process; the run also shows that a user's model module beside
+    the config is found by the server and every client, started from another directory
+    (issue 10: deploy-local could not import what simulate accepted)."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    (project / "mymodels.py").write_text(USER_MODELS_PY)
+    cfg_path = project / "config.toml"
     # 2 clients: the plain exchange (secure aggregation needs >= 3)
-    cfg_path.write_text(to_toml(_cfg(rounds=200).replace(secagg={"enabled": False})))
+    cfg = _cfg(rounds=200).replace(
+        secagg={"enabled": False}, model={"factory": "mymodels:make_model"}
+    )
+    cfg_path.write_text(to_toml(cfg))
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [
@@ -74,6 +98,7 @@ def test_sigterm_stops_every_process(tmp_path: Path) -> None:
             str(run_dir),
             str(cfg_path),
         ],
+        cwd=elsewhere,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -95,7 +120,8 @@ def test_sigterm_stops_every_process(tmp_path: Path) -> None:
         assert proc.returncode != 0
         time.sleep(1)
         assert _procs_mentioning(tmp) == [], out
-        assert len(json.loads((run_dir / "metrics.json").read_text())) < 200
+        rows = json.loads((run_dir / "metrics.json").read_text())
+        assert 0 < len(rows) < 200 and rows[0]["clients"] == 2, rows  # the user's model trained
     finally:
         stop([proc], tmp)
     assert not Path(tmp).exists()  # an interrupted run leaves no key material behind
