@@ -1,17 +1,21 @@
-"""The guard's held pulls (long polling): an empty pull waits for a push, then answers."""
+"""The guard's held pulls (long polling) and the client's torch threads (issue 11)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from typing import Any
 
+import pytest
 from flwr.proto.fleet_pb2 import PullMessagesResponse  # pylint: disable=E0611
 from flwr.proto.message_pb2 import (
     PullObjectResponse,  # pylint: disable=E0611
 )
 
+from fedcore.core.errors import DeploymentError
 from fedcore.deploy import guard as guard_module
 from fedcore.deploy.guard import ListenerGuard, fleet_routes
+from fedcore.deploy.node import cmd_client, register
 
 LOCAL = 9093
 
@@ -140,3 +144,14 @@ def test_a_hold_ends_at_its_limit_with_the_apps_empty_answer(monkeypatch: Any) -
     # an error answer (or a path that is not a pull) goes back at once, asked once
     assert asyncio.run(_request(guard, "/v1/fleet/get-run"))[0] == 409
     assert link.asked["/v1/fleet/get-run"] == 1
+
+
+def test_client_torch_threads_must_be_positive() -> None:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(
+        ["client", "--server", "127.0.0.1:1", "--data", "x.npz", "--torch-threads", "0"]
+    )
+    with pytest.raises(DeploymentError, match="--torch-threads must be >= 1, got 0"):
+        cmd_client(args)
+    assert parser.parse_args(["client", "--server", "h:1", "--data", "x"]).torch_threads == 1

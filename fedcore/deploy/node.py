@@ -593,11 +593,11 @@ def run_node(
 
 def cmd_client(args: argparse.Namespace) -> int:
     """``fedcore client``."""
-    install_signal_handlers()
     if args.torch_threads < 1:
         raise DeploymentError(
             f"--torch-threads must be >= 1, got {args.torch_threads} (1 suits small models)"
         )
+    install_signal_handlers()
     import torch
 
     torch.set_num_threads(args.torch_threads)
