@@ -260,22 +260,32 @@ class _RoundPrinter:
         self.out = out
         self.seen = 0
         self.drops_seen = 0
+        self.rows_before = 0  # rows the previous poll saw
 
-    def poll(self) -> None:
+    def poll(self, *, final: bool = False) -> None:
+        """Print new drops, then new rows; a row only once a later poll (or ``final``) sees it.
+
+        The ServerApp writes a round's ``metrics.json`` row just before that round's
+        drops, so a row is held back one poll for its drops to be printed above it.
+        """
         from fedcore.runtime.diagnostics import format_drop, read_dropped
         from fedcore.serverside.rundir import format_round
 
+        try:
+            rows = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            rows = None
         drops = read_dropped(self.path.parent)  # why each client was dropped, as it happens
         for entry in drops[self.drops_seen :]:
             self.out(format_drop(entry))
         self.drops_seen = max(self.drops_seen, len(drops))
-        try:
-            rows = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
+        if rows is None:
             return
-        for row in rows[self.seen :]:
+        upto = len(rows) if final else min(len(rows), self.rows_before)
+        for row in rows[self.seen : upto]:
             self.out(format_round(row, self.rounds))  # user metrics included
-        self.seen = len(rows)
+        self.seen = max(self.seen, upto)
+        self.rows_before = len(rows)
 
 
 def run_server(
@@ -475,7 +485,7 @@ def _follow(
                 out(f"  admitted keys not reloaded: {exc}")
         status, sub_status, details = flower.run_status(control, run_id)
         if status == "finished":
-            printer.poll()
+            printer.poll(final=True)
             # e.g. "failed: ServerApp failed with exception: no round trained: ..."
             return sub_status if sub_status == "completed" else f"{sub_status}: {details}"
         time.sleep(0.3)
