@@ -150,4 +150,8 @@ def _measure(mode: str, *, secure: bool = False) -> dict[str, object]:
 
 if __name__ == "__main__":  # python -m tests.test_ray_cluster cluster|local [secure]
     figures = _measure(sys.argv[1] if len(sys.argv) > 1 else "cluster", secure="secure" in sys.argv)
-    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}))
+    print(
+        json.dumps(
+            {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in figures.items()}
+        )
+    )
