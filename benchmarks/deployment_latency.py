@@ -1,24 +1,32 @@
-"""Seconds per round of a real loopback deployment: fedcore vs stock Flower, 3 clients.
+"""Seconds per round of a real loopback deployment: fedcore (plain, secure) vs stock Flower.
 
-Both arms: the same model (MLP, 32 hidden units), the same synthetic data split
+All arms: 3 clients, the default CNN on the digits (``--model mlp``: the issue-4
+setup, an MLP with 32 hidden units on synthetic features), the same data split
 into one .npz per client, TLS with the same provisioned certificate, node
 authentication with the same provisioned identities, every party a separate
 process on 127.0.0.1.
 
-- fedcore: ``fedcore server`` (Flower's SuperLink behind the listener guard,
-  fedcore's ServerApp pulling every 50 ms) + ``fedcore client`` x 3
-  (ClientApp in-process, 20 ms - 0.25 s polling);
-- Flower: ``flower-superlink`` + ``flower-supernode`` x 3 (default isolation:
-  SuperExec starts one ``flwr-clientapp`` process per message) running a stock
-  ServerApp (``benchmarks/flower_serverapp.py``: Flower's ``FedAvg.start`` on its
+- ``fedcore``: ``fedcore server`` (Flower's SuperLink behind the listener guard,
+  which holds empty pulls until a push; fedcore's ServerApp) + ``fedcore client``
+  x 3 (ClientApp in-process, one torch thread), plain rounds;
+- ``secure``: the same with secure aggregation (training and evaluation);
+- ``flower``: ``flower-superlink`` + ``flower-supernode`` x 3 (default isolation:
+  SuperExec starts one ``flwr-clientapp`` process per message, node config
+  ``allow-plain=true``) running a stock ServerApp
+  (``benchmarks/flower_serverapp.py``: Flower's ``FedAvg.start`` on its
   ``HttpGrid``) and the fedcore ClientApp.
 
 A round is measured from the end of one round's central evaluation to the end
 of the next one's; round 1 (start-up, clients joining) is left out.
 
-    python benchmarks/deployment_latency.py [--fedcore-rounds 8] [--flower-rounds 4]
+    python benchmarks/deployment_latency.py [--arms fedcore,secure,flower]
+        [--fedcore-rounds 8] [--flower-rounds 4] [--model cnn|mlp] [--breakdown] [--keep]
 
-Last line: one JSON object with ``fedcore_round_s`` and ``flower_round_s``.
+``--breakdown`` keeps the work directory; each client's log then has one line per
+message: waited (since its last reply), receive, app, send.
+
+Last line: one JSON object with ``fedcore_round_s``, ``fedcore_secagg_round_s``
+and ``flower_round_s`` (means; ``*_median_s`` and each round beside them).
 """
 
 from __future__ import annotations
