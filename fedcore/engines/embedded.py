@@ -31,7 +31,8 @@ A client whose train/evaluate function fails replies with
 :data:`~fedcore.flower_adapter.USER_CODE_ERROR` and the user's traceback.
 
 Messages cross the process boundary as Flower's own protobuf bytes
-(:func:`fedcore.flower_adapter.message_to_bytes`), never pickled. Replies come
+(:func:`fedcore.flower_adapter.message_to_bytes`), never pickled; executor 0, in
+this process, is handed the message objects themselves. Replies come
 back to the ServerApp in the order the messages were pushed (streamed: each one
 is yielded as soon as every earlier one has arrived), which keeps aggregation
 order, and therefore the model, deterministic.
