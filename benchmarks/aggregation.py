@@ -46,9 +46,9 @@ from fedcore.serverside.strategies import FedAvg
 
 KERNELS = ("flower", "fedcore", "fedcore-1thread", "fedcore-validated", "fedcore-fedavg")
 
-#: Threads of fedcore's kernels (``--threads``; 0 = one per core, at most 4);
-#: "fedcore-1thread" is the same kernel on the calling thread alone.
-THREADS = 0
+#: Threads of fedcore's kernels (``--threads``: the server's default, 1; 0 = one per
+#: core, at most 4); "fedcore-1thread" is the same kernel on the calling thread alone.
+THREADS = 1
 
 
 def layout(params: int) -> dict[str, tuple[int, ...]]:
@@ -220,8 +220,9 @@ def main() -> None:
         help="fedcore's accumulation block (default: WeightedMean's default)",
     )
     p.add_argument(
-        "--threads", type=int, default=0,
-        help="threads of fedcore's kernel (0 = one per core, at most 4)",
+        "--threads", type=int, default=1,
+        help="threads of fedcore's kernel (default 1, as strategy.accumulation-threads; "
+        "0 = one per core, at most 4)",
     )
     p.add_argument("--probe", choices=KERNELS, help=argparse.SUPPRESS)
     args = p.parse_args()
