@@ -216,3 +216,34 @@ def test_configured_cap_replaces_the_default(grid):
     assert f"exceed the {3 * 2**20}-byte limit (strategy.max-reply-mb" in _size_reason(over)
     default = _train(grid, PlainExchange(), {f"reply-bytes-{pid}": _uint8_count(5 * 2**19)}, model)
     assert "strategy.max-reply-mb" in _size_reason(default)
+
+
+def test_a_superlink_error_for_a_departed_client_is_charged_to_that_client():
+    """The SuperLink answers a message to a client that went away with an error of its own
+    (from node id 1): the plain exchange names the client, and does not also count it as
+    never replying (issue 10: drops name the client)."""
+    from flwr.app import ConfigRecord, Error, Message, RecordDict
+
+    from fedcore.flower_adapter import set_message_id
+    from fedcore.serverside.exchange import observed, timeouts
+
+    sent = []
+    for node in (1000, 1001):
+        m = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
+        set_message_id(m, f"{node:032x}")
+        sent.append(m)
+    # what the SuperLink writes: an error from its own node id, answering client 1001's message
+    stand_in = Message(RecordDict(), dst_node_id=1, message_type="train")
+    set_message_id(stand_in, sent[1].metadata.message_id)
+    from_superlink = Message(Error(0, "Node Unavailable"), reply_to=stand_in)
+    assert from_superlink.metadata.src_node_id == 1
+
+    class Quiet:
+        def reply_received(self, *_):
+            pass
+
+    seen: set[int] = set()
+    got = list(observed([from_superlink], Quiet(), 1, "train", seen, sent))
+    assert [m.metadata.src_node_id for m in got] == [1001]
+    assert got[0].error.reason == "Node Unavailable"
+    assert [r.node_id for r in timeouts(sent, seen, "train", 60)] == [1000]  # only the silent one

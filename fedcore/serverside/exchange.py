@@ -193,10 +193,27 @@ def num_examples_of(
 
 
 def observed(
-    replies: Iterable[Message], progress: Progress, server_round: int, stage: str, seen: set[int]
+    replies: Iterable[Message],
+    progress: Progress,
+    server_round: int,
+    stage: str,
+    seen: set[int],
+    sent: Sequence[Message] = (),
 ) -> Iterator[Message]:
-    """Yield ``replies``, recording each sender in ``seen`` and reporting progress."""
+    """Yield ``replies``, recording each sender in ``seen`` and reporting progress.
+
+    An error reply the SuperLink wrote itself for a client that went away ("Node
+    Unavailable") comes from the SuperLink's node id; it is re-addressed to the client
+    of the message it answers (one of ``sent``), so the drop names that client and the
+    client is not also reported as never replying.
+    """
+    by_id = {m.metadata.message_id: m for m in sent}
+    clients = {m.metadata.dst_node_id for m in sent}
     for msg in replies:
+        if msg.has_error() and clients and msg.metadata.src_node_id not in clients:
+            original = by_id.get(msg.metadata.reply_to_message_id)
+            if original is not None:
+                msg = Message(msg.error, reply_to=original)
         seen.add(msg.metadata.src_node_id)
         progress.reply_received(server_round, stage)
         yield msg
@@ -302,7 +319,7 @@ class PlainExchange:
         seen: set[int] = set()
         replies = grid.send_and_receive(messages, timeout=timeout)
         agg = self.aggregate(
-            observed(replies, progress, server_round, "train", seen),
+            observed(replies, progress, server_round, "train", seen, messages),
             arrays=arrays,
             summed=summed or {},
             individual=individual,
@@ -420,7 +437,9 @@ class PlainExchange:
         progress.stage_started(server_round, "evaluate", len(messages))
         seen: set[int] = set()
         replies = grid.send_and_receive(messages, timeout=timeout)
-        ev = self.aggregate_evaluate(observed(replies, progress, server_round, "evaluate", seen))
+        ev = self.aggregate_evaluate(
+            observed(replies, progress, server_round, "evaluate", seen, messages)
+        )
         late = timeouts(messages, seen, "evaluate", timeout)
         if not late:
             return ev
