@@ -75,7 +75,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from fedcore.flower_adapter import fleet_routes
+from fedcore.flower_adapter import (
+    fleet_routes,
+    no_app_messages,
+    no_messages,
+    no_task,
+    object_not_uploaded,
+)
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
@@ -197,20 +203,20 @@ class ListenerGuard:
             _FLEET_PULL: (
                 HOLD_FLEET_PULL_S,
                 self._wakes["/v1/runtime/push-messages"],
-                _no_messages,
+                no_messages,
             ),
             _RUNTIME_PULL: (
                 HOLD_RUNTIME_PULL_S,
                 self._wakes["/v1/fleet/push-messages"],
-                _no_app_messages,
+                no_app_messages,
             ),
             **dict.fromkeys(
-                _PULL_OBJECTS, (HOLD_OBJECT_S, self._wakes[_PUSH_OBJECTS[0]], _not_uploaded)
+                _PULL_OBJECTS, (HOLD_OBJECT_S, self._wakes[_PUSH_OBJECTS[0]], object_not_uploaded)
             ),
             "/v1/runtime/acquire-task": (
                 HOLD_TASK_S,
                 self._wakes["/v1/control/start-run"],
-                _no_task,
+                no_task,
             ),
         }
 
@@ -458,50 +464,6 @@ class _Armed:
         finally:
             for w in waits:
                 w.cancel()
-
-
-def _no_messages(content: bytes) -> bool:
-    from flwr.proto.fleet_pb2 import PullMessagesResponse  # pylint: disable=E0611
-
-    res = PullMessagesResponse()
-    try:
-        res.ParseFromString(content)
-    except Exception:  # noqa: BLE001 - not ours to judge: pass the answer on
-        return False
-    return not res.messages_list and not res.HasField("reconnect")
-
-
-def _no_app_messages(content: bytes) -> bool:
-    from flwr.proto.runtime_pb2 import PullAppMessagesResponse  # pylint: disable=E0611
-
-    res = PullAppMessagesResponse()
-    try:
-        res.ParseFromString(content)
-    except Exception:  # noqa: BLE001 - not ours to judge: pass the answer on
-        return False
-    return not res.messages_list
-
-
-def _no_task(content: bytes) -> bool:
-    from flwr.proto.runtime_pb2 import AcquireTaskResponse  # pylint: disable=E0611
-
-    res = AcquireTaskResponse()
-    try:
-        res.ParseFromString(content)
-    except Exception:  # noqa: BLE001 - not ours to judge: pass the answer on
-        return False
-    return not res.HasField("task")
-
-
-def _not_uploaded(content: bytes) -> bool:
-    from flwr.proto.message_pb2 import PullObjectResponse  # pylint: disable=E0611
-
-    res = PullObjectResponse()
-    try:
-        res.ParseFromString(content)
-    except Exception:  # noqa: BLE001 - not ours to judge: pass the answer on
-        return False
-    return res.object_found and not res.object_available
 
 
 def _content_length(scope: Scope) -> int | None:
