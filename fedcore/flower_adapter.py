@@ -545,49 +545,43 @@ def fleet_routes() -> frozenset[str]:
 
 
 # -- answers the listener guard holds (fedcore.deploy.guard): read, never changed --
+def _parsed(response_type: Any, content: bytes) -> Any:
+    """``content`` parsed as ``response_type``; None if it is not one (not ours to judge)."""
+    res = response_type()
+    try:
+        res.ParseFromString(content)
+    except Exception:  # noqa: BLE001 - not ours to judge: pass the answer on
+        return None
+    return res
+
+
 def no_messages(content: bytes) -> bool:
     """Whether a Fleet ``PullMessagesResponse`` (bytes) carries no message and no reconnect."""
     from flwr.proto.fleet_pb2 import PullMessagesResponse  # pylint: disable=E0611
 
-    res = PullMessagesResponse()
-    try:
-        res.ParseFromString(content)
-    except Exception:  # noqa: BLE001 - not ours to judge: pass the answer on
-        return False
-    return not res.messages_list and not res.HasField("reconnect")
+    res = _parsed(PullMessagesResponse, content)
+    return res is not None and not res.messages_list and not res.HasField("reconnect")
 
 
 def no_app_messages(content: bytes) -> bool:
     """Whether a Runtime ``PullAppMessagesResponse`` (bytes) carries no message."""
     from flwr.proto.runtime_pb2 import PullAppMessagesResponse  # pylint: disable=E0611
 
-    res = PullAppMessagesResponse()
-    try:
-        res.ParseFromString(content)
-    except Exception:  # noqa: BLE001 - not ours to judge: pass the answer on
-        return False
-    return not res.messages_list
+    res = _parsed(PullAppMessagesResponse, content)
+    return res is not None and not res.messages_list
 
 
 def no_task(content: bytes) -> bool:
     """Whether a Runtime ``AcquireTaskResponse`` (bytes) carries no task."""
     from flwr.proto.runtime_pb2 import AcquireTaskResponse  # pylint: disable=E0611
 
-    res = AcquireTaskResponse()
-    try:
-        res.ParseFromString(content)
-    except Exception:  # noqa: BLE001 - not ours to judge: pass the answer on
-        return False
-    return not res.HasField("task")
+    res = _parsed(AcquireTaskResponse, content)
+    return res is not None and not res.HasField("task")
 
 
 def object_not_uploaded(content: bytes) -> bool:
     """Whether a ``PullObjectResponse`` (bytes) names an object announced but not uploaded yet."""
     from flwr.proto.message_pb2 import PullObjectResponse  # pylint: disable=E0611
 
-    res = PullObjectResponse()
-    try:
-        res.ParseFromString(content)
-    except Exception:  # noqa: BLE001 - not ours to judge: pass the answer on
-        return False
-    return res.object_found and not res.object_available
+    res = _parsed(PullObjectResponse, content)
+    return res is not None and res.object_found and not res.object_available

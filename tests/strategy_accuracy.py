@@ -30,6 +30,7 @@ __all__ = [
     "NONLINEAR",
     "TWINNED",
     "accuracy",
+    "check_linear",
 ]
 
 LINEAR = [n for n in STRATEGIES if STRATEGIES.get(n).linear]
@@ -69,3 +70,13 @@ def accuracy(tmp_path, name: str, secagg: bool) -> float:
     rows = json.loads((run_dir / "metrics.json").read_text())
     assert len(rows) == 20 and all(r["clients"] == 10 for r in rows), rows[-1]
     return float(rows[-1]["test_accuracy"])
+
+
+def check_linear(tmp_path, name: str) -> None:
+    """A linear strategy with secure aggregation: >= 0.90; a ``TWINNED`` one also within
+    1.5 points of its plain run."""
+    secure = accuracy(tmp_path, name, True)
+    assert secure >= 0.90, f"{name}: {secure:.4f} with secure aggregation"
+    if name in TWINNED:
+        plain = accuracy(tmp_path, name, False)
+        assert abs(secure - plain) <= 0.015, f"{name}: secure {secure:.4f} vs plain {plain:.4f}"

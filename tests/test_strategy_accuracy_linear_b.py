@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import pytest
 
-from .strategy_accuracy import LINEAR_SECOND, TWINNED, accuracy
+from .strategy_accuracy import LINEAR_SECOND, check_linear
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("name", LINEAR_SECOND)
 def test_linear_strategy_trains_with_secure_aggregation(tmp_path, name):
-    secure = accuracy(tmp_path, name, True)
-    assert secure >= 0.90, f"{name}: {secure:.4f} with secure aggregation"
-    if name in TWINNED:
-        plain = accuracy(tmp_path, name, False)
-        assert abs(secure - plain) <= 0.015, f"{name}: secure {secure:.4f} vs plain {plain:.4f}"
+    check_linear(tmp_path, name)

@@ -49,8 +49,12 @@ class Registry(Generic[T]):
         return iter(sorted(self._items))
 
 
-def import_object(path: str, *, key: str) -> Any:
-    """Import ``"package.module:attribute"``; a failure names the config ``key``."""
+def import_object(path: str, *, key: str, where: str = "") -> Any:
+    """Import ``"package.module:attribute"``; a failure names the config ``key``.
+
+    ``where`` (e.g. "it is looked up beside the config file") is added to the message
+    of a module that cannot be imported.
+    """
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(key, path, "must be an import path of the form 'package.module:name'")
@@ -58,7 +62,10 @@ def import_object(path: str, *, key: str) -> Any:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
         raise ConfigError(
-            key, path, f"module '{module_name}' cannot be imported ({type(exc).__name__}: {exc})"
+            key,
+            path,
+            f"module '{module_name}' cannot be imported ({type(exc).__name__}: {exc})"
+            + (f"; {where}" if where else ""),
         ) from exc
     obj: Any = module
     for part in attr.split("."):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcore.core.errors import ConfigError
+from fedcore.core.registry import import_object
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -73,19 +74,12 @@ def load_client_app(path: str, *, flag: str, config_path: Path | None = None) ->
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(flag, path, "must be 'module:attribute', e.g. --client-app my_client:app")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
-        raise ConfigError(
-            flag,
-            path,
-            f"module '{module_name}' cannot be imported ({type(exc).__name__}: {exc}); it is "
-            f"looked up beside the config file and in the working directory "
-            f"({_where(config_path)}), then on sys.path",
-        ) from exc
-    app = getattr(module, attr, None)
-    if app is None:
-        raise ConfigError(flag, path, f"module '{module_name}' has no attribute '{attr}'")
+    app = import_object(
+        path,
+        key=flag,
+        where=f"it is looked up beside the config file and in the working directory "
+        f"({_where(config_path)}), then on sys.path",
+    )
     if not isinstance(app, ClientApp):
         raise ConfigError(
             flag,
