@@ -47,6 +47,7 @@ restores the caller's setting afterwards.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import io
@@ -197,6 +198,32 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+@dataclass
+class _Slot:
+    """One template array as the kernel reads it (its last validated ``.npy`` header)."""
+
+    name: str
+    spec: ArraySpec
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    count: int
+    blocks: bool  # summed in float32 blocks (float16/32) rather than in float64
+    header: bytes | None = None
+    payload: int = -1  # header + data bytes of a payload with that header
+
+    @classmethod
+    def of(cls, name: str, spec: ArraySpec) -> _Slot:
+        dtype = _dtype(spec.dtype)
+        return cls(
+            name,
+            spec,
+            spec.shape,
+            dtype,
+            math.prod(spec.shape),
+            dtype.kind == "f" and dtype.itemsize <= 4,
+        )
+
+
 class WeightedMean:
     """Accumulates ``n_i * theta_i`` reply by reply; :meth:`result` divides by ``sum n_i``.
 
@@ -248,7 +275,10 @@ class WeightedMean:
         self._acc: dict[str, torch.Tensor] = {}
         self._in_block = 0  # clients in the current block sums
         self._done = False
-        self._magnitude: dict[str, float] = {}
+        # Worker lanes' slices of the last replies, not waited for yet: the lanes run
+        # behind the calling thread, which goes on to check the next reply meanwhile.
+        self._lagging: collections.deque[list[_Future]] = collections.deque()
+        self._slots = [_Slot.of(name, spec) for name, spec in self.template.items()]
 
     def check(self, arrays: ArrayRecord, *, finite: bool = True) -> dict[str, np.ndarray]:
         """Views of ``arrays`` if they match the template; else ``AggregationError``.
@@ -257,36 +287,66 @@ class WeightedMean:
         data (a float32 sum: NaN/Inf always survive it; only a non-finite sum is
         re-checked element-wise, so a finite array that overflows is not refused).
         """
+        flat = self._read(arrays)
+        if finite:
+            with _one_thread():
+                self._magnitudes(flat)
+        return {slot.name: view.reshape(slot.shape) for slot, view in flat}
+
+    def _read(self, arrays: ArrayRecord) -> list[tuple[_Slot, np.ndarray]]:
+        """Each template array's flat read-only view in ``arrays``, checked; template order.
+
+        Every client sends the same ``.npy`` header for an array, so a payload that
+        starts with the header last validated for that name and has its length is
+        viewed without parsing it again (the full path, :func:`array_view`, took a
+        third of the per-reply Python work at 50 x 1M parameters).
+        """
         if arrays.keys() != self.template.keys():
             missing = sorted(set(self.template) - set(arrays.keys()))
             extra = sorted(set(arrays.keys()) - set(self.template))
             raise AggregationError(
                 f"array keys differ from the model: missing {missing}, extra {extra}"
             )
-        views: dict[str, np.ndarray] = {}
-        for name, spec in self.template.items():
-            view = array_view(arrays[name])
-            if view.shape != spec.shape or view.dtype != _dtype(spec.dtype):
-                raise AggregationError(
-                    f"array '{name}' is {view.dtype}{list(view.shape)}, "
-                    f"the model has {spec.dtype}{list(spec.shape)}"
-                )
-            views[name] = view
-        self._magnitude = {}
-        if finite:
-            floats = [(n, v) for n, v in views.items() if v.dtype.kind == "f" and v.size]
-            with _one_thread():
-                parts = _run_sliced(
-                    [(v.size, _slice_magnitude(_as_tensor(v).view(-1))) for _, v in floats],
-                    self.pool,
-                )
-            for (name, _), found in zip(floats, parts, strict=True):
-                # not max(): max([1.0, nan]) is 1.0, and a NaN in any slice must count
-                magnitude = float(np.max(found))
-                if not np.isfinite(magnitude):
-                    raise AggregationError(f"array '{name}' contains NaN or Inf")
-                self._magnitude[name] = magnitude
-        return views
+        out: list[tuple[_Slot, np.ndarray]] = []
+        for slot in self._slots:
+            arr = arrays[slot.name]
+            data = arr.data
+            header = slot.header
+            if (
+                header is not None
+                and type(data) is bytes
+                and len(data) == slot.payload
+                and data.startswith(header)
+            ):
+                view = np.frombuffer(data, dtype=slot.dtype, count=slot.count, offset=len(header))
+            else:
+                full = array_view(arr)
+                if full.shape != slot.shape or full.dtype != slot.dtype:
+                    raise AggregationError(
+                        f"array '{slot.name}' is {full.dtype}{list(full.shape)}, "
+                        f"the model has {slot.spec.dtype}{list(slot.spec.shape)}"
+                    )
+                if type(data) is bytes:
+                    slot.header = data[: len(data) - full.nbytes]
+                    slot.payload = len(data)
+                view = full.reshape(-1)
+            out.append((slot, view))
+        return out
+
+    def _magnitudes(self, flat: Sequence[tuple[_Slot, np.ndarray]]) -> dict[str, float]:
+        """``max |x|`` of each float array, refusing NaN and Inf."""
+        floats = [(slot.name, v) for slot, v in flat if v.dtype.kind == "f" and v.size]
+        parts = _run_sliced(
+            [(v.size, _slice_magnitude(_as_tensor(v), v.size)) for _, v in floats], self.pool
+        )
+        magnitude: dict[str, float] = {}
+        for (name, _), found in zip(floats, parts, strict=True):
+            # not max(): max([1.0, nan]) is 1.0, and a NaN in any slice must count
+            value = float(np.max(found))
+            if not np.isfinite(value):
+                raise AggregationError(f"array '{name}' contains NaN or Inf")
+            magnitude[name] = value
+        return magnitude
 
     def add(self, arrays: ArrayRecord, weight: float, *, finite: bool = True) -> None:
         """Add one client's arrays with weight ``n_i``; validated before anything changes.
@@ -297,42 +357,59 @@ class WeightedMean:
             raise AggregationError(f"weight must be a positive finite number, got {weight!r}")
         if self._done:
             raise AggregationError("cannot add to an accumulator whose result was taken")
-        views = self.check(arrays, finite=finite)
+        flat = self._read(arrays)
         w = float(weight)
         first = self._in_block == 0  # the block sums start from this client's products
         closing = self._in_block + 1 >= self.block  # ... or end with them (flush)
-        jobs: list[tuple[int, _SliceJob]] = []
-        for name, view in views.items():
-            t = _as_tensor(view).view(-1)
-            if not _in_blocks(view):
-                jobs.append((t.numel(), self._float64_job(name, t, w)))
-                continue
-            # A contribution that could overflow a float32 block goes to float64,
-            # and the block takes a zero in its place (its bookkeeping stays exact).
-            # Both steps of one array run in one job, in this order, on each slice.
-            steps: list[_SliceJob] = []
-            wb = w
-            if self._magnitude.get(name, 0.0) * w * self.block > _F32_SAFE:
-                steps.append(self._float64_job(name, t, w))
-                wb = 0.0
-            blk = self._blk.get(name)
-            if blk is None:
-                blk = self._blk[name] = torch.empty(t.numel(), dtype=torch.float32)
-            if not closing:
-                steps.append(_block_job(blk, t, wb, first))
-            else:
-                acc = self._acc.get(name)
-                flush: Callable[..., Any] = np.add
-                if acc is None:  # the first flush copies (float32 -> float64 is exact)
-                    acc = self._acc[name] = torch.empty(t.numel(), dtype=torch.float64)
-                    flush = _copy
-                steps.append(_flush_job(blk, acc, t, wb, first, flush))
-            jobs.append((t.numel(), steps[0] if len(steps) == 1 else _in_order(steps)))
-        with _one_thread():
-            _run_sliced(jobs, self.pool)
+        handed: list[_Future] = []
+        n_threads = torch.get_num_threads()
+        if n_threads != 1:
+            torch.set_num_threads(1)
+        try:
+            magnitude = self._magnitudes(flat) if finite else {}
+            jobs: list[tuple[int, _SliceJob]] = []
+            for slot, view in flat:
+                name, size = slot.name, slot.count
+                t = _as_tensor(view)
+                if not slot.blocks:
+                    jobs.append((size, self._float64_job(name, t, w)))
+                    continue
+                # A contribution that could overflow a float32 block goes to float64,
+                # and the block takes a zero in its place (its bookkeeping stays exact).
+                # Both steps of one array run in one job, in this order, on each slice.
+                steps: list[_SliceJob] = []
+                wb = w
+                if magnitude.get(name, 0.0) * w * self.block > _F32_SAFE:
+                    steps.append(self._float64_job(name, t, w))
+                    wb = 0.0
+                blk = self._blk.get(name)
+                if blk is None:
+                    blk = self._blk[name] = torch.empty(size, dtype=torch.float32)
+                if not closing:
+                    steps.append(_block_job(blk, t, wb, first, size))
+                else:
+                    acc = self._acc.get(name)
+                    flush: Callable[..., Any] = np.add
+                    if acc is None:  # the first flush copies (float32 -> float64 is exact)
+                        acc = self._acc[name] = torch.empty(size, dtype=torch.float64)
+                        flush = _copy
+                    steps.append(_flush_job(blk, acc, t, wb, first, flush))
+                jobs.append((size, steps[0] if len(steps) == 1 else _in_order(steps)))
+            _run_sliced(jobs, self.pool, deferred=handed)
+        finally:
+            self._lagging.append(handed)
+            if n_threads != 1:
+                torch.set_num_threads(n_threads)
         self.total_weight += w
         self.count += 1
         self._in_block = 0 if closing else self._in_block + 1
+        while len(self._lagging) > _MAX_LAG:
+            _wait_all(self._lagging.popleft())
+
+    def _catch_up(self) -> None:
+        """Wait until the worker lanes have added every reply handed to them."""
+        while self._lagging:
+            _wait_all(self._lagging.popleft())
 
     def _float64_job(self, name: str, t: torch.Tensor, w: float) -> _SliceJob:
         acc = self._acc.get(name)
@@ -352,6 +429,7 @@ class WeightedMean:
             raise AggregationError("result() was already taken from this accumulator")
         if self.count == 0:
             raise AggregationError("no contributions to average")
+        self._catch_up()
         total = self.total_weight
         out: dict[str, Array] = {}
         for name, spec in self.template.items():
@@ -389,6 +467,15 @@ _CHUNK = 1 << 16
 #: Arrays below this many elements are not split over threads (the split costs more).
 _PARALLEL_MIN = 1 << 18
 
+#: The calling thread's slice of a split array, relative to a worker lane's 1.0
+#: (it also does the replies' Python work; 0.5 measured fastest of 0.25-1.0, see
+#: docs/benchmarks.md).
+_CALLER_SHARE = 0.5
+
+#: Replies a worker lane may still be adding when the next one is handed over;
+#: the oldest is waited for beyond that (each one waited for keeps its arrays alive).
+_MAX_LAG = 2
+
 #: ``job(lo, hi)`` does one array's work on elements ``[lo, hi)``; returns anything.
 _SliceJob = Callable[[int, int], Any]
 
@@ -398,32 +485,57 @@ class _Future(Protocol):
 
 
 class SlicePool(Protocol):
-    """What :class:`WeightedMean` needs of a thread pool (``concurrent.futures`` has it).
+    """What :class:`WeightedMean` needs of a thread pool: ``threads - 1`` ordered lanes.
 
-    ``threads`` counts the calling thread: a pool of ``threads - 1`` workers, e.g.
-    :func:`fedcore.serverside.pools.aggregation_pool`.
+    ``threads`` counts the calling thread; lanes are numbered 1 to ``threads - 1``
+    and each runs what it is given in submission order, one job at a time (e.g.
+    :func:`fedcore.serverside.pools.aggregation_pool`: one worker thread per lane).
     """
 
     threads: int
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any) -> _Future:
-        """Run ``fn(*args)`` on a worker thread; its ``result()`` re-raises."""
+    def submit(self, lane: int, fn: Callable[..., Any], /, *args: Any) -> _Future:
+        """Run ``fn(*args)`` on lane ``lane`` after its earlier jobs; ``result()`` re-raises."""
         ...
 
 
-def _slices(size: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous ``[lo, hi)`` ranges covering ``size``, cut at ``_CHUNK`` multiples."""
+def _slices(size: int, shares: Sequence[float]) -> list[tuple[int, int]]:
+    """Contiguous ``[lo, hi)`` ranges covering ``size`` in proportion to ``shares``.
+
+    Cuts fall on ``_CHUNK`` multiples; a range may be empty (then it is dropped
+    by the caller).
+    """
     chunks = -(-size // _CHUNK)
-    cuts = [min(size, (i * chunks // parts) * _CHUNK) for i in range(parts)] + [size]
-    return [(lo, hi) for lo, hi in itertools.pairwise(cuts) if hi > lo]
+    total = float(sum(shares))
+    bounds = list(itertools.accumulate(shares))
+    cuts = [0] + [min(size, round(chunks * b / total) * _CHUNK) for b in bounds[:-1]] + [size]
+    return list(itertools.pairwise(cuts))
 
 
-def _run_sliced(jobs: Sequence[tuple[int, _SliceJob]], pool: SlicePool | None) -> list[list[Any]]:
+def _shares(threads: int) -> list[float]:
+    """The calling thread's share of a split array, then each worker lane's.
+
+    The calling thread also does every reply's Python work (checks, views, the
+    small arrays), about 0.1 ms per reply against 0.24 ms of arithmetic for 1M
+    float32 (docs/benchmarks.md), so it takes a smaller slice.
+    """
+    return [_CALLER_SHARE] + [1.0] * (threads - 1)
+
+
+def _run_sliced(
+    jobs: Sequence[tuple[int, _SliceJob]],
+    pool: SlicePool | None,
+    *,
+    deferred: list[_Future] | None = None,
+) -> list[list[Any]]:
     """Run each ``(size, job)`` over slices of its range; per job, the slices' results.
 
-    Large arrays are split into ``pool.threads`` slices that run at once (torch and numpy
-    release the GIL in their loops); small ones run whole, in this thread. Each
-    element gets the same operations whatever the split.
+    Large arrays are split over the calling thread and ``pool.threads - 1`` worker
+    lanes (torch and numpy release the GIL in their loops); small ones run whole,
+    in this thread. Each element gets the same operations whatever the split, and
+    a lane runs its slices in the order they were given, so a slice of reply k+1
+    never overtakes reply k's. With ``deferred`` the lanes' futures are appended
+    to it instead of waited for (their slices' results are then not returned).
     """
     out: list[list[Any]] = [[] for _ in jobs]
     threads = pool.threads if pool is not None else 1
@@ -432,20 +544,33 @@ def _run_sliced(jobs: Sequence[tuple[int, _SliceJob]], pool: SlicePool | None) -
     mine: list[tuple[int, int, int]] = []
     for i in split:
         size, job = jobs[i]
-        first, *rest = _slices(size, threads)
+        first, *rest = _slices(size, _shares(threads))
         mine.append((i, *first))
         assert pool is not None
-        futures.extend((i, pool.submit(job, lo, hi)) for lo, hi in rest)
+        futures.extend(
+            (i, pool.submit(lane, job, lo, hi))
+            for lane, (lo, hi) in enumerate(rest, start=1)
+            if hi > lo
+        )
     try:
         for i, (size, job) in enumerate(jobs):
             if i not in split:
                 out[i].append(job(0, size))
         for i, lo, hi in mine:
-            out[i].append(jobs[i][1](lo, hi))
+            if hi > lo:
+                out[i].append(jobs[i][1](lo, hi))
     finally:
-        for i, future in futures:
-            out[i].append(future.result())  # re-raises a slice's exception
+        if deferred is not None:
+            deferred.extend(f for _, f in futures)
+        else:
+            for i, future in futures:
+                out[i].append(future.result())  # re-raises a slice's exception
     return out
+
+
+def _wait_all(futures: Iterable[_Future]) -> None:
+    for future in futures:
+        future.result()  # re-raises a slice's exception
 
 
 def _in_order(steps: Sequence[_SliceJob]) -> _SliceJob:
@@ -456,12 +581,18 @@ def _in_order(steps: Sequence[_SliceJob]) -> _SliceJob:
     return job
 
 
-def _slice_magnitude(t: torch.Tensor) -> _SliceJob:
-    return lambda lo, hi: _magnitude(t[lo:hi])
+def _slice_magnitude(t: torch.Tensor, size: int) -> _SliceJob:
+    return lambda lo, hi: _magnitude(t if hi - lo == size else t[lo:hi])
 
 
-def _block_job(blk: torch.Tensor, t: torch.Tensor, w: float, first: bool) -> _SliceJob:
-    return lambda lo, hi: _block_add(blk[lo:hi], t[lo:hi], w, first)
+def _block_job(blk: torch.Tensor, t: torch.Tensor, w: float, first: bool, size: int) -> _SliceJob:
+    def job(lo: int, hi: int) -> None:
+        if hi - lo == size:  # the whole array (slicing a tensor costs ~1 us)
+            _block_add(blk, t, w, first)
+        else:
+            _block_add(blk[lo:hi], t[lo:hi], w, first)
+
+    return job
 
 
 def _flush_job(
@@ -499,11 +630,6 @@ def _divide_job(
             np.divide(acc_np[lo:hi], total, out=flat[lo:hi], casting="same_kind")
 
     return job
-
-
-def _in_blocks(view: np.ndarray) -> bool:
-    """Whether an array is summed in float32 blocks (float16/float32) or in float64."""
-    return view.dtype.kind == "f" and view.dtype.itemsize <= 4
 
 
 def _copy(_: np.ndarray, src: np.ndarray, *, out: np.ndarray) -> None:

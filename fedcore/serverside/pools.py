@@ -7,25 +7,71 @@ process (the threads are daemon-like: ``concurrent.futures`` joins them at exit)
 >>> pool = aggregation_pool(2)
 >>> pool.threads, aggregation_pool(2) is pool, aggregation_pool(1)
 (2, True, None)
+>>> pool.submit(1, sum, [1, 2, 3]).result()
+6
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 __all__ = ["AggregationPool", "aggregation_pool", "default_threads"]
 
 
-class AggregationPool(ThreadPoolExecutor):
-    """A ``ThreadPoolExecutor`` of ``threads - 1`` workers; the caller's thread is the last."""
+def _one_torch_thread() -> None:
+    """A lane's torch ops run on that lane's thread alone (no intra-op threads).
+
+    torch keeps its intra-op thread count per thread once a thread has used it; a
+    lane's count is set here, at its start, so it never spins OpenMP workers
+    against the other lanes (docs/benchmarks.md).
+    """
+    import torch
+
+    torch.set_num_threads(1)
+
+
+class AggregationPool:
+    """``threads - 1`` ordered lanes, one worker thread each; the caller's thread is the last.
+
+    A lane runs its jobs one at a time in submission order, which
+    :class:`~fedcore.core.aggregation.WeightedMean` relies on to hand a lane reply
+    k+1's slice while reply k's is still being added.
+    """
 
     def __init__(self, threads: int) -> None:
         if threads < 2:
             raise ValueError(f"an aggregation pool needs >= 2 threads, got {threads}")
-        super().__init__(max_workers=threads - 1, thread_name_prefix="fedcore-agg")
+        import torch
+
         self.threads = threads
+        before = torch.get_num_threads()
+        self._lanes = [
+            ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix=f"fedcore-agg-{lane}",
+                initializer=_one_torch_thread,
+            )
+            for lane in range(1, threads)
+        ]
+        # start every lane now (its initializer runs before its first job) ...
+        for lane in self._lanes:
+            lane.submit(int).result()
+        # ... then restore torch's default for threads that start later, which the
+        # lanes' set_num_threads(1) changed (this thread's own count is unchanged)
+        torch.set_num_threads(before)
+
+    def submit(self, lane: int, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` on lane ``lane`` (1 to ``threads - 1``) after its earlier jobs."""
+        return self._lanes[lane - 1].submit(fn, *args)
+
+    def shutdown(self) -> None:
+        """Stop the lanes after their queued jobs."""
+        for lane in self._lanes:
+            lane.shutdown()
 
 
 def default_threads() -> int:
