@@ -21,9 +21,11 @@ from flwr.clientapp import ClientApp
 
 from fedcore.clientside.handlers import handle_evaluate, handle_train
 from fedcore.clientside.policy import plain_round_mod
+from fedcore.clientside.wire import packed_arrays_mod
 from fedcore.secagg.handler import handle_secagg
 
-app = ClientApp()
+# packed arrays (deployment, fedcore.core.packing) are unpacked before every handler
+app = ClientApp(mods=[packed_arrays_mod])
 
 
 @app.train(mods=[plain_round_mod])

@@ -163,6 +163,24 @@ def error_reply(
     return Message(Error(code, reason), reply_to=message)
 
 
+def replace_with_error(message: Message, reason: str) -> None:
+    """Turn a received reply into an error reply of its sender (its content dropped).
+
+    A reply whose content cannot be read (e.g. malformed packed arrays) is then
+    reported like any failed client; Flower's ``Message`` refuses an error beside
+    content, so the content is removed from its private slot first.
+    """
+    message.__dict__["_content"] = None
+    message.error = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason)
+
+
+def in_memory_grid(grid: Grid) -> bool:
+    """Whether ``grid`` is Flower's in-memory simulation grid (Ray engine)."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)
+
+
 def set_task_identity(
     *, run_id: int | None = None, node_id: int | None = None, task_id: int | None = None
 ) -> None:

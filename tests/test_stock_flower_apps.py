@@ -204,10 +204,13 @@ def test_the_fab_ships_the_client_app_and_the_app_keys_at_the_top(tmp_path, monk
     assert {"server/app.py", "clients/app.py"} <= names
     app = project["tool"]["flwr"]["app"]
     assert app["components"]["clientapp"] == "quickstart_client:app"
-    assert flatten_dict(app["config"]) == to_flat(cfg)  # batch-size at the top, as Flower reads it
+    # batch-size at the top, as Flower reads it; the arrays as Flower sends them (not packed)
+    assert flatten_dict(app["config"]) == to_flat(cfg.replace(deploy={"pack-arrays": False}))
+    assert app["config"]["deploy"]["pack-arrays"] is False
     with zipfile.ZipFile(io.BytesIO(build_fab(cfg))) as z:  # default: fedcore's own
         default = tomllib.loads(z.read("pyproject.toml").decode())
     assert default["tool"]["flwr"]["app"]["components"]["clientapp"] == "clients.app:app"
+    assert default["tool"]["flwr"]["app"]["config"]["deploy"]["pack-arrays"] is True
 
 
 # ------------------------------------------------- fedcore's ClientApp, stock server

@@ -393,7 +393,9 @@ class DeployConfig(Section):
     ``run-dir`` is the exact run directory when the engine gives the ServerApp no
     ``run-dir`` node config (Flower's deployment engine never does); empty means
     ``<run.out-dir>/<timestamp>``. ``poll-interval`` is how often the ServerApp
-    pulls for replies (Flower's own grid waits 3 s between pulls).
+    pulls for replies (Flower's own grid waits 3 s between pulls). ``pack-arrays``
+    sends a message's arrays as one object instead of two per array
+    (:mod:`fedcore.core.packing`; a ClientApp other than fedcore's must leave it off).
     """
 
     section = "deploy"
@@ -412,6 +414,12 @@ class DeployConfig(Section):
     resume: bool = key(
         False,
         help="continue the run in run-dir from its checkpoint (fedcore server --resume)",
+        resume_may_change=True,
+    )
+    pack_arrays: bool = key(
+        True,
+        help="send each record of arrays as one packed object in deployment (fedcore's "
+        "ClientApp unpacks it; fedcore server --client-app turns it off for other ClientApps)",
         resume_may_change=True,
     )
 

@@ -60,6 +60,7 @@ from fedcore import flower_adapter as flower
 from fedcore.clientside.policy import ALLOW_PLAIN, CLIENT_CONFIG, client_config_file
 from fedcore.clientside.state import STATE_DIR
 from fedcore.core.errors import ConfigError, DataError, DeploymentError, UserCodeError
+from fedcore.core.packing import PackingError, pack_content, unpack_content
 from fedcore.core.registry import import_object
 from fedcore.deploy.files import check_kit_dir
 from fedcore.engines.processes import install_signal_handlers
@@ -473,6 +474,19 @@ class _Worker:
         t_recv = time.perf_counter()
         message = self.session.receive(tree, run_id)
         flower.set_task_identity(run_id=run_id, node_id=node_id, task_id=1)
+        # fedcore's server packs a message's arrays into one object (fedcore.core.packing);
+        # the ClientApp gets them unpacked, whatever app it is, and the reply goes back packed
+        packed = False
+        if message.has_content():
+            try:
+                content, packed = unpack_content(message.content)
+            except PackingError as exc:
+                log.error("the server's message cannot be read: %s", exc)
+                self.session.send(flower.error_reply(message, f"malformed message: {exc}"), 0.0)
+                self.replied_at = time.perf_counter()
+                return True
+            if packed:
+                message.content = content
         if self.checked:
             from fedcore.clientside.preflight import ModelMismatch, check_message
 
@@ -484,6 +498,8 @@ class _Worker:
                 raise
         t0 = time.perf_counter()
         reply = _handle(self.app, message, self.contexts[run_id])
+        if packed and reply.has_content():
+            reply.content = pack_content(reply.content)
         t1 = time.perf_counter()
         self.session.send(reply, t1 - t0)
         t2 = time.perf_counter()

@@ -95,11 +95,14 @@ def build_fab(cfg: Config, *, client_app: str | None = None) -> bytes:
     client use the fedcore installed on their machine. ``client_app``
     (``"module:attr"``, ``fedcore server --client-app``) replaces fedcore's ClientApp:
     its sources travel in the bundle and stock ``flower-supernode``s run it
-    (``fedcore client`` always runs its own).
+    (``fedcore client`` always runs its own); it reads the arrays as Flower sends
+    them, so ``deploy.pack-arrays`` is turned off.
     """
     from fedcore.runtime.configfile import client_app_sources
 
     user_files = client_app_sources(client_app, flag="--client-app") if client_app else {}
+    if client_app:
+        cfg = cfg.replace(deploy={"pack-arrays": False})
     clash = sorted(set(user_files) & set(_app_files()))
     if clash:
         raise DeploymentError(

@@ -216,18 +216,21 @@ def initial_model(cfg: Config, test: Dataset) -> torch.nn.Module:
     return build_model(cfg.model, input_shape=test.input_shape, num_classes=test.num_classes)
 
 
-def fast_polling(grid: Grid, interval: float) -> Grid:
+def fast_polling(grid: Grid, interval: float, *, pack: bool = False) -> Grid:
     """``grid`` wrapped in a :class:`PollingGrid`, unless it already streams its replies.
 
     A grid whose class sets ``streams_replies = True`` (fedcore's embedded grid, a
     ``PollingGrid``) yields each reply as soon as it arrives; Flower's deployment
-    grid sleeps 3 s between pulls and gets wrapped.
+    grid sleeps 3 s between pulls and gets wrapped. ``pack``: a network grid's
+    messages carry their arrays packed (``deploy.pack-arrays``; Flower's in-memory
+    simulation grid moves no bytes, so it never packs).
     """
+    from fedcore import flower_adapter as flower
     from fedcore.engines.polling import PollingGrid
 
     if getattr(type(grid), "streams_replies", False):
         return grid
-    return PollingGrid(grid, interval=interval)
+    return PollingGrid(grid, interval=interval, pack=pack and not flower.in_memory_grid(grid))
 
 
 def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -> RunSummary:
@@ -253,7 +256,7 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
         run_dir = Path(cfg.deploy.run_dir)
     else:
         run_dir = default_run_dir(cfg)
-    grid = fast_polling(grid, cfg.deploy.poll_interval)
+    grid = fast_polling(grid, cfg.deploy.poll_interval, pack=cfg.deploy.pack_arrays)
     progress = bool(node_config.get("progress", False))
     resume = bool(node_config.get("resume", cfg.deploy.resume))
 
