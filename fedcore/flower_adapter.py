@@ -603,3 +603,19 @@ def object_not_uploaded(content: bytes) -> bool:
 
     res = _parsed(PullObjectResponse, content)
     return res is not None and res.object_found and not res.object_available
+
+
+def requested_object_id(body: bytes) -> str | None:
+    """The object id a ``pull-object`` request (bytes, either API) asks for; None if unreadable."""
+    from flwr.proto.message_pb2 import PullObjectRequest  # pylint: disable=E0611
+
+    req = _parsed(PullObjectRequest, body)
+    return (req.object_id or None) if req is not None else None
+
+
+def pushed_object_id(body: bytes) -> str | None:
+    """The object id a ``push-object`` request (bytes, either API) uploads; None if unreadable."""
+    from flwr.proto.message_pb2 import PushObjectRequest  # pylint: disable=E0611
+
+    req = _parsed(PushObjectRequest, body)
+    return (req.object_id or None) if req is not None else None

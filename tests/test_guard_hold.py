@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 from flwr.proto.fleet_pb2 import PullMessagesResponse  # pylint: disable=E0611
-from flwr.proto.message_pb2 import (
-    PullObjectResponse,  # pylint: disable=E0611
+from flwr.proto.message_pb2 import (  # pylint: disable=E0611
+    PullObjectRequest,
+    PullObjectResponse,
+    PushObjectRequest,
 )
 
 from fedcore.core.errors import DeploymentError
@@ -134,6 +136,7 @@ def test_an_object_not_uploaded_yet_is_held_until_its_push(monkeypatch: Any) -> 
 
 def test_a_hold_ends_at_its_limit_with_the_apps_empty_answer(monkeypatch: Any) -> None:
     monkeypatch.setattr(guard_module, "RECHECK_S", 0.01)
+    monkeypatch.setattr(guard_module, "RECHECK_WOKEN_S", 0.01)
     link = FakeLink()
     guard = _guard(link)
     path = "/v1/fleet/pull-messages"
@@ -144,6 +147,85 @@ def test_a_hold_ends_at_its_limit_with_the_apps_empty_answer(monkeypatch: Any) -
     # an error answer (or a path that is not a pull) goes back at once, asked once
     assert asyncio.run(_request(guard, "/v1/fleet/get-run"))[0] == 409
     assert link.asked["/v1/fleet/get-run"] == 1
+
+
+class ObjectLink:
+    """A SuperLink's object store: ``pull-object`` answers once that id was pushed."""
+
+    def __init__(self) -> None:
+        self.uploaded: set[str] = set()
+        self.asked: dict[str, int] = {}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        body = (await receive())["body"]
+        if scope["path"].endswith("push-object"):
+            self.uploaded.add(PushObjectRequest.FromString(body).object_id)
+            out = b""
+        else:
+            oid = PullObjectRequest.FromString(body).object_id
+            self.asked[oid] = self.asked.get(oid, 0) + 1
+            out = PullObjectResponse(
+                object_found=True, object_available=oid in self.uploaded, object_content=b"x"
+            ).SerializeToString()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": out})
+
+
+def _object_request(guard: ListenerGuard, path: str, body: bytes) -> Any:
+    async def call() -> int:
+        sent: list[dict[str, Any]] = []
+        done = asyncio.Event()
+        first = True
+
+        async def receive() -> dict[str, Any]:
+            nonlocal first
+            if first:
+                first = False
+                return {"type": "http.request", "body": body, "more_body": False}
+            await done.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(msg: dict[str, Any]) -> None:
+            sent.append(msg)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": path,
+            "server": ("127.0.0.1", LOCAL),
+            "client": ("127.0.0.1", 50000),
+            "headers": [],
+        }
+        await guard(scope, receive, send)
+        done.set()
+        return int(sent[0]["status"])
+
+    return call()
+
+
+def test_a_held_object_pull_is_asked_again_only_when_its_own_object_is_pushed(
+    monkeypatch: Any,
+) -> None:
+    monkeypatch.setattr(guard_module, "RECHECK_S", 30.0)  # only a push can wake it in time
+    link = ObjectLink()
+    guard = ListenerGuard(link, local_port=LOCAL, public_paths=fleet_routes())  # type: ignore[arg-type]
+    pull = PullObjectRequest(object_id="a").SerializeToString()
+
+    async def scenario() -> None:
+        held = asyncio.ensure_future(_object_request(guard, "/v1/fleet/pull-object", pull))
+        await asyncio.sleep(0.05)
+        for other in ("b", "c", "d"):  # the other objects of the message
+            push = PushObjectRequest(object_id=other, object_content=b"x").SerializeToString()
+            assert await _object_request(guard, "/v1/runtime/push-object", push) == 200
+        await asyncio.sleep(0.05)
+        assert not held.done()
+        push = PushObjectRequest(object_id="a", object_content=b"x").SerializeToString()
+        await _object_request(guard, "/v1/runtime/push-object", push)
+        assert await asyncio.wait_for(held, timeout=10) == 200
+
+    asyncio.run(scenario())
+    assert link.asked["a"] == 2  # once held, once woken by its own push (not by b, c, d)
+    assert guard._object_waits == {}  # nothing left behind
 
 
 def test_client_torch_threads_must_be_positive() -> None:

@@ -49,7 +49,8 @@ a node pulls a message in the few milliseconds between the sender's
 - an empty ``/v1/runtime/pull-messages`` (the ServerApp asking for replies) for
   up to :data:`HOLD_RUNTIME_PULL_S`, woken by a Fleet ``push-messages``;
 - a ``pull-object`` (either API) whose object is announced but not uploaded yet,
-  for up to :data:`HOLD_OBJECT_S`, woken by each ``push-object``;
+  for up to :data:`HOLD_OBJECT_S`, woken by the ``push-object`` of that object id
+  (by any push when either request cannot be read);
 - an empty ``/v1/runtime/acquire-task`` (SuperExec asking, every 0.1 s, whether
   to start a ServerApp) for up to :data:`HOLD_TASK_S`, woken by a Control
   ``start-run``: ten requests a second become one, on a SuperLink that serves
@@ -81,6 +82,8 @@ from fedcore.flower_adapter import (
     no_messages,
     no_task,
     object_not_uploaded,
+    pushed_object_id,
+    requested_object_id,
 )
 
 __all__ = [
@@ -122,6 +125,11 @@ HOLD_OBJECT_S = 5.0
 HOLD_TASK_S = 1.0
 #: A held request asks the app again at least this often, woken or not.
 RECHECK_S = 0.25
+#: ... except a node's pull for messages and SuperExec's ``acquire-task``: only a
+#: push through this guard answers them, and it always wakes them, so the app is
+#: asked again only this often (each ask costs the SuperLink ~5-10 ms of CPU, and
+#: at 0.25 s three idle nodes and SuperExec made ~16 asks a second: docs/benchmarks.md).
+RECHECK_WOKEN_S = 1.0
 _FLEET_PULL = "/v1/fleet/pull-messages"
 _RUNTIME_PULL = "/v1/runtime/pull-messages"
 _PULL_OBJECTS = ("/v1/fleet/pull-object", "/v1/runtime/pull-object")
@@ -199,24 +207,38 @@ class ListenerGuard:
             "/v1/control/start-run": _Signal(),  # a ServerApp to start
             **dict.fromkeys(_PUSH_OBJECTS, _Signal()),  # (one signal for both)
         }
-        self._holds: dict[str, tuple[float, _Signal, Callable[[bytes], bool]]] = {
+        #: object id -> (what wakes the pulls held for it, how many are held)
+        self._object_waits: dict[str, tuple[_Signal, int]] = {}
+        #: path -> (longest hold, what wakes it, "the answer is empty", seconds between asks)
+        self._holds: dict[
+            str, tuple[float, _Signal, Callable[[bytes], bool], Callable[[], float]]
+        ] = {
             _FLEET_PULL: (
                 HOLD_FLEET_PULL_S,
                 self._wakes["/v1/runtime/push-messages"],
                 no_messages,
+                lambda: RECHECK_WOKEN_S,
             ),
             _RUNTIME_PULL: (
                 HOLD_RUNTIME_PULL_S,
                 self._wakes["/v1/fleet/push-messages"],
                 no_app_messages,
+                lambda: RECHECK_S,
             ),
             **dict.fromkeys(
-                _PULL_OBJECTS, (HOLD_OBJECT_S, self._wakes[_PUSH_OBJECTS[0]], object_not_uploaded)
+                _PULL_OBJECTS,
+                (
+                    HOLD_OBJECT_S,
+                    self._wakes[_PUSH_OBJECTS[0]],
+                    object_not_uploaded,
+                    lambda: RECHECK_S,
+                ),
             ),
             "/v1/runtime/acquire-task": (
                 HOLD_TASK_S,
                 self._wakes["/v1/control/start-run"],
                 no_task,
+                lambda: RECHECK_WOKEN_S,
             ),
         }
 
@@ -324,6 +346,8 @@ class ListenerGuard:
         received = 0
         refused = False
         started = False
+        path = scope.get("path", "")
+        pushed: bytearray | None = bytearray() if path in _PUSH_OBJECTS else None
 
         async def capped_receive() -> MutableMapping[str, Any]:
             nonlocal received, refused
@@ -332,6 +356,8 @@ class ListenerGuard:
             message = await receive()
             if message.get("type") == "http.request":
                 received += len(message.get("body", b""))
+                if pushed is not None and received <= limit:
+                    pushed.extend(message.get("body", b""))  # its object id wakes its pulls
                 if received > limit:
                     refused = True
                     self._log_too_large(scope, f"sent more than {limit} bytes")
@@ -348,7 +374,9 @@ class ListenerGuard:
                 started = True
                 self._track(scope, message)
                 if 200 <= int(message.get("status", 0)) < 300:
-                    wake = self._wakes.get(scope.get("path", ""))
+                    if pushed is not None:
+                        self._object_pushed(pushed_object_id(bytes(pushed)))
+                    wake = self._wakes.get(path)
                     if wake is not None:
                         wake.fire()
             await send(message)
@@ -364,10 +392,10 @@ class ListenerGuard:
         scope: Scope,
         receive: Receive,
         send: Send,
-        hold: tuple[float, _Signal, Callable[[bytes], bool]],
+        hold: tuple[float, _Signal, Callable[[bytes], bool], Callable[[], float]],
     ) -> None:
         """Serve a pull, asking the app again while its answer is empty (module docstring)."""
-        longest, wake, empty = hold
+        longest, wake, empty, recheck = hold
         body = bytearray()
         while True:  # the whole request first: each retry replays it
             message = await receive()
@@ -376,6 +404,41 @@ class ListenerGuard:
             body += message.get("body", b"")
             if not message.get("more_body", False):
                 break
+        oid = requested_object_id(bytes(body)) if scope.get("path") in _PULL_OBJECTS else None
+        if oid is not None:  # woken only by that object's push (not by every push-object)
+            signal, held = self._object_waits.get(oid, (_Signal(), 0))
+            self._object_waits[oid] = (signal, held + 1)
+            wake = signal
+        try:
+            await self._hold(scope, send, bytes(body), receive, longest, wake, empty, recheck())
+        finally:
+            if oid is not None:
+                signal, held = self._object_waits[oid]
+                if held > 1:
+                    self._object_waits[oid] = (signal, held - 1)
+                else:
+                    del self._object_waits[oid]
+
+    def _object_pushed(self, oid: str | None) -> None:
+        """Wake the pulls held for ``oid`` (every held object pull if it is unknown)."""
+        if oid is None:
+            for signal, _ in self._object_waits.values():
+                signal.fire()
+        elif oid in self._object_waits:
+            self._object_waits[oid][0].fire()
+
+    async def _hold(
+        self,
+        scope: Scope,
+        send: Send,
+        body: bytes,
+        receive: Receive,
+        longest: float,
+        wake: _Signal,
+        empty: Callable[[bytes], bool],
+        recheck: float,
+    ) -> None:
+        """Ask the app until its answer is not empty, the hold ends or the peer leaves."""
         gone = asyncio.Event()
 
         async def watch() -> None:
@@ -388,13 +451,13 @@ class ListenerGuard:
         try:
             while True:
                 woken = wake.armed()
-                answer = await self._ask(scope, bytes(body), gone)
+                answer = await self._ask(scope, body, gone)
                 left = deadline - time.monotonic()
                 status = int(answer[0].get("status", 0)) if answer else 0
                 content = b"".join(m.get("body", b"") for m in answer[1:])
                 if left <= 0 or gone.is_set() or status != 200 or not empty(content):
                     break
-                await woken.wait_for(min(left, RECHECK_S), gone)
+                await woken.wait_for(min(left, recheck), gone)
             if not gone.is_set():
                 for message in answer:
                     await send(message)
