@@ -1,6 +1,7 @@
 """The embedded engine's fast paths give the results of the slow ones (issue 11):
 loading the global model from the ``.npy`` payloads in place, executor 0's messages
-passed as objects, and the cyclic GC frozen only while forked workers run."""
+passed as objects, the cyclic GC frozen only while forked workers run; and (second
+pass) the cached data split, the cached path resolution and the plot drawn last."""
 
 from __future__ import annotations
 
@@ -98,3 +99,107 @@ def test_executor_zero_replies_and_gc_is_unfrozen_after_close():
     for r in replies:
         assert r.content["arrays"]["w"].numpy().tolist() == [0.0, 1.0, 2.0]
     assert gc.get_freeze_count() == frozen
+
+
+# ----------------------------------------------- second pass (issue 11): start-up and end
+def _tiny_config():
+    from fedcore.core.config import config_from_dict
+
+    return config_from_dict(
+        {
+            "run": {"seed": 3, "rounds": 1, "clients": 2, "centralized-baseline": False},
+            "data": {"source": "synthetic", "synthetic-examples": 80, "partition": "iid"},
+            "model": {"factory": "mlp", "kwargs": {"hidden": 4}},
+            "train": {"local-epochs": 1},
+            "strategy": {"min-train-clients": 2, "min-evaluate-clients": 2},
+            "round": {"min-available-clients": 2},
+            "secagg": {"enabled": False},
+            "engine": {"workers": 1},
+        }
+    )
+
+
+def test_the_cached_split_is_the_split_that_clients_read():
+    from fedcore.clientside.data import (
+        cached_simulation_split,
+        client_data,
+        simulation_split,
+        split_local,
+    )
+    from fedcore.core.seeds import derive_seed
+
+    cfg = _tiny_config()
+    cached = cached_simulation_split(cfg.data, seed=3, num_clients=2)
+    fresh = simulation_split(cfg.data, seed=3, num_clients=2)
+    assert cached is cached_simulation_split(cfg.data, seed=3, num_clients=2)
+    for a, b in ((cached.train, fresh.train), (cached.test, fresh.test)):
+        assert a.x.tobytes() == b.x.tobytes() and a.y.tobytes() == b.y.tobytes()
+    assert [p.tolist() for p in cached.parts] == [p.tolist() for p in fresh.parts]
+    own = client_data(cfg.data, seed=3, partition_id=1, num_partitions=2)
+    slow = split_local(
+        fresh.train.subset(fresh.parts[1]), cfg.data.val_fraction, seed=derive_seed(3, "client", 1)
+    )
+    assert own.train.x.tobytes() == slow.train.x.tobytes()
+    assert own.val.y.tobytes() == slow.val.y.tobytes()
+
+
+def test_client_config_file_resolves_a_relative_path_anew_and_errors_are_unchanged(
+    tmp_path, monkeypatch
+):
+    from fedcore.clientside.policy import client_config_file
+    from fedcore.core.config import to_toml
+    from fedcore.core.errors import ConfigError
+
+    cfg = _tiny_config()
+    for sub, lr in (("a", 0.01), ("b", 0.02)):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "client.toml").write_text(to_toml(cfg.replace(train={"lr": lr})))
+    absolute = tmp_path / "a" / "client.toml"
+    assert client_config_file(absolute).train.lr == 0.01
+    assert client_config_file(str(absolute)).train.lr == 0.01  # (the cached resolution)
+    for sub, lr in (("a", 0.01), ("b", 0.02), ("a", 0.01)):
+        monkeypatch.chdir(tmp_path / sub)
+        assert client_config_file("client.toml").train.lr == lr
+    with pytest.raises(ConfigError, match="cannot be read"):
+        client_config_file(tmp_path / "missing.toml")
+
+
+def test_fedcore_simulate_writes_the_plot_after_the_engine_and_serve_can_leave_it(
+    tmp_path, monkeypatch
+):
+    import fedcore.engines.embedded as embedded
+    from fedcore.cli import main
+    from fedcore.core.config import to_flat, to_toml
+    from server.app import app as server_app
+
+    cfg = _tiny_config()
+    left = tmp_path / "left"
+    embedded.run_embedded(
+        server_app,
+        client_app="clients.app:app",
+        run_config=to_flat(cfg),
+        num_clients=2,
+        workers=1,
+        server_node_config={"run-dir": str(left), "plot": False},
+    )
+    assert (left / "summary.json").is_file() and (left / "model.safetensors").is_file()
+    assert not (left / "plot.png").exists()  # left to the caller
+
+    closed: list[bool] = []
+    original = embedded.EmbeddedGrid.close
+    monkeypatch.setattr(
+        embedded.EmbeddedGrid,
+        "close",
+        lambda self, *a, **k: (original(self, *a, **k), closed.append(True))[0],
+    )
+    import fedcore.serverside.rundir as rundir
+
+    drawn = rundir.write_plot
+    monkeypatch.setattr(
+        rundir, "write_plot", lambda *a, **k: (closed == [True] or pytest.fail(), drawn(*a, **k))
+    )
+    config = tmp_path / "tiny.toml"
+    config.write_text(to_toml(cfg))
+    assert main(["simulate", str(config), "--out", str(tmp_path / "cli"), "--quiet"]) == 0
+    assert (tmp_path / "cli" / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert closed == [True]  # drawn once, after the executors stopped

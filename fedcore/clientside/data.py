@@ -34,6 +34,7 @@ __all__ = [
     "ENCODE_HINT",
     "ClientData",
     "Dataset",
+    "cached_simulation_split",
     "client_data",
     "label_warnings",
     "load_dataset",
@@ -328,6 +329,17 @@ def simulation_split(cfg: DataConfig, *, seed: int, num_clients: int) -> Simulat
 @functools.lru_cache(maxsize=4)
 def _cached_split(cfg: DataConfig, seed: int, num_clients: int) -> SimulationSplit:
     return simulation_split(cfg, seed=seed, num_clients=num_clients)
+
+
+def cached_simulation_split(cfg: DataConfig, *, seed: int, num_clients: int) -> SimulationSplit:
+    """:func:`simulation_split`, computed once per process (what :func:`client_data` reads).
+
+    ``fedcore simulate``'s preflight calls it before the engine forks its worker
+    processes, which then share the loaded data with the server instead of loading
+    and splitting it again inside round 1 (the 1,000-client round: ~0.1 s, measured,
+    and the copies' memory). Treat the arrays as read-only.
+    """
+    return _cached_split(cfg, seed, num_clients)
 
 
 def split_local(data: Dataset, val_fraction: float, seed: int) -> ClientData:

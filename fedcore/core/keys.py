@@ -281,8 +281,7 @@ class _IdentifierOrImportPath(Rule):
 
     def allowed(self, kind: type) -> str:
         return (
-            f"must be a built-in name ({self.where}) or an import path "
-            f"'package.module:{self.what}'"
+            f"must be a built-in name ({self.where}) or an import path 'package.module:{self.what}'"
         )
 
 

@@ -17,15 +17,19 @@ def _where(config_path: Path | None) -> str:
     return " and ".join(dict.fromkeys(places))
 
 
-def preflight(cfg: Config, *, config_path: Path | None = None) -> None:
+def preflight(cfg: Config, *, config_path: Path | None = None, keep_data: bool = False) -> None:
     """Check the strategy, the data, the partitions, the model and the loops; raise why not.
 
     Import paths (``model.factory``, ``model.train-fn``, ``model.evaluate-fn``, a
     strategy ``module:Class``) are resolved as every fedcore process resolves them
     (:func:`fedcore.runtime.configfile.importable`: the config file's directory,
     then the working directory); a failure names the key and where it looked.
+
+    ``keep_data``: the split stays cached in this process for its simulation clients
+    (:func:`~fedcore.clientside.data.cached_simulation_split`; ``fedcore simulate``,
+    whose forked workers then share it).
     """
-    from fedcore.clientside.data import simulation_split
+    from fedcore.clientside.data import cached_simulation_split, simulation_split
     from fedcore.clientside.models import build_model
     from fedcore.clientside.training import resolve_loops
     from fedcore.runtime.serve import build_strategy
@@ -39,7 +43,9 @@ def preflight(cfg: Config, *, config_path: Path | None = None) -> None:
         )
     try:
         build_strategy(cfg)  # its options, and whether secure aggregation allows it
-        split = simulation_split(cfg.data, seed=cfg.run.seed, num_clients=cfg.run.clients)
+        split = (cached_simulation_split if keep_data else simulation_split)(
+            cfg.data, seed=cfg.run.seed, num_clients=cfg.run.clients
+        )
         build_model(
             cfg.model, input_shape=split.test.input_shape, num_classes=split.test.num_classes
         )

@@ -3,9 +3,11 @@
 :func:`serve` is what the ServerApp's ``main`` calls on every engine. The
 server's ``node_config`` may carry ``run-dir`` (where to write) and
 ``progress`` (print a line per round; progress bars when stderr is a terminal),
-``quiet`` (no per-round lines). Flower's deployment engine gives a ServerApp
-no node config: there the run goes to ``deploy.run-dir`` if set (``fedcore
-server`` sets it), else to ``<run.out-dir>/<timestamp>``, reported through logging.
+``quiet`` (no per-round lines) and ``plot`` (default true; false: a run that
+completes leaves ``plot.png`` to its caller, see :func:`serve`). Flower's
+deployment engine gives a ServerApp no node config: there the run goes to
+``deploy.run-dir`` if set (``fedcore server`` sets it), else to
+``<run.out-dir>/<timestamp>``, reported through logging.
 
 On every grid but fedcore's embedded one, the ServerApp drives its own
 push/pull loop (:class:`~fedcore.engines.polling.PollingGrid`, every
@@ -246,6 +248,12 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
     that require secure aggregation asked for plain rounds) writes its run directory
     and then raises :class:`~fedcore.core.errors.RoundFailedError` saying why, so
     ``fedcore simulate`` and ``fedcore server`` exit non-zero.
+
+    With ``node_config["plot"]`` false, a run that completes (or ends in that
+    ``RoundFailedError``) writes everything but ``plot.png``: ``fedcore simulate``
+    draws it from ``metrics.json`` once its executors have stopped (matplotlib and
+    the drawing add ~28 MiB to this process, measured, which with a worker process
+    still alive was the run's peak memory). A run that fails otherwise draws it here.
     """
     t0 = time.perf_counter()
     cfg = config_from_flat(context.run_config)
@@ -344,7 +352,9 @@ def serve(grid: Grid, context: Context, *, observers: Sequence[Observer] = ()) -
     except BaseException:  # summary.json and plot.png however the run ends
         _finish(loggers, run_dir, observer.rows, cfg, t0, plot=True)
         raise
-    summary_json = _finish(loggers, run_dir, observer.rows, cfg, t0, plot=True)
+    summary_json = _finish(
+        loggers, run_dir, observer.rows, cfg, t0, plot=bool(node_config.get("plot", True))
+    )
     atomic_write(
         run_dir / "model.safetensors", arrays_to_safetensors(final, {"rounds": cfg.run.rounds})
     )
