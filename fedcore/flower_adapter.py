@@ -132,6 +132,39 @@ def message_to_bytes(message: Message) -> bytes:
     return bytes(message_to_proto(message).SerializeToString())
 
 
+class MessageEncoder:
+    """:func:`message_to_bytes` for the messages of one push, each shared content encoded once.
+
+    A round's messages to many clients share one ``RecordDict`` (the model) and differ
+    only in their metadata. Flower's protobuf ``Message`` is its metadata field (1)
+    followed by its content field (2), so the bytes are the metadata's encoding
+    followed by the content's, computed once per content object: byte for byte what
+    :func:`message_to_bytes` returns (the 1,000-client round encoded the same model
+    for each of the worker's 500 messages: ~7% of the server process, py-spy).
+    Use one encoder per push, while the contents are not changed.
+    """
+
+    def __init__(self) -> None:
+        from flwr.common.serde import recorddict_to_proto
+
+        self._to_proto = recorddict_to_proto
+        self._contents: dict[int, tuple[RecordDict, bytes]] = {}
+
+    def __call__(self, message: Message) -> bytes:
+        """The bytes of ``message``."""
+        from flwr.common.serde import metadata_to_proto
+
+        if message.has_error() or not message.has_content():
+            return message_to_bytes(message)
+        content = message.content
+        hit = self._contents.get(id(content))
+        if hit is None or hit[0] is not content:  # (the object itself is kept: ids are reused)
+            hit = (content, _ProtoMessage(content=self._to_proto(content)).SerializeToString())
+            self._contents[id(content)] = hit
+        head = _ProtoMessage(metadata=metadata_to_proto(message.metadata)).SerializeToString()
+        return head + hit[1]
+
+
 def message_from_bytes(data: bytes) -> Message:
     """The :class:`~flwr.app.Message` that :func:`message_to_bytes` encoded."""
     proto = _ProtoMessage()

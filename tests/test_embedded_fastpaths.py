@@ -203,3 +203,25 @@ def test_fedcore_simulate_writes_the_plot_after_the_engine_and_serve_can_leave_i
     assert main(["simulate", str(config), "--out", str(tmp_path / "cli"), "--quiet"]) == 0
     assert (tmp_path / "cli" / "plot.png").read_bytes()[:4] == b"\x89PNG"
     assert closed == [True]  # drawn once, after the executors stopped
+
+
+def test_one_push_encodes_a_shared_content_once_and_the_bytes_are_flowers() -> None:
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedcore.flower_adapter import MessageEncoder, error_reply, message_to_bytes, set_message_id
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+    arrays = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32)), "b": Array(np.ones(2))})
+    shared = RecordDict({"arrays": arrays, "config": ConfigRecord({"lr": 0.1})})
+    other = RecordDict({"arrays": arrays, "config": ConfigRecord({"lr": 0.2})})
+    encode = MessageEncoder()
+    messages = [Message(shared, dst_node_id=10 + i, message_type="train") for i in range(3)]
+    messages.append(Message(other, dst_node_id=20, message_type="train"))
+    for i, msg in enumerate(messages):
+        set_message_id(msg, f"m{i}")
+    messages.append(error_reply(messages[0], "boom"))
+    for msg in messages:  # byte for byte Flower's encoding, metadata and content alike
+        assert encode(msg) == message_to_bytes(msg)
+    assert len(encode._contents) == 2  # the shared content was encoded once

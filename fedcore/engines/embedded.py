@@ -52,7 +52,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -63,10 +63,11 @@ from flwr.app import Context, Message, RecordDict
 from fedcore.clientside.policy import CLIENT_CONFIG
 from fedcore.core.errors import UserCodeError
 from fedcore.core.registry import import_object
-from fedcore.engines.processes import die_with_parent
+from fedcore.engines.processes import die_with_parent, one_malloc_arena
 from fedcore.flower_adapter import (
     SUPERLINK_NODE_ID,
     GridBase,
+    MessageEncoder,
     empty_run,
     error_reply,
     message_from_bytes,
@@ -289,12 +290,12 @@ class _Worker:
             except (OSError, ValueError):
                 return
 
-    def send(self, msg: Message) -> None:
+    def send(self, msg: Message, encode: Callable[[Message], bytes] = message_to_bytes) -> None:
         """Hand ``msg`` to this executor (as bytes to a process, as it is to executor 0)."""
         if self.hand is not None:
             self.hand.inbox.put(msg)
         else:
-            self.outbox.put(message_to_bytes(msg))
+            self.outbox.put(encode(msg))
 
     def receive(self, data: bytes) -> Message:
         """The reply that ``data``, read from this executor's pipe, brings or announces."""
@@ -435,6 +436,7 @@ class EmbeddedGrid(GridBase):
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         """Hand each message to the worker that owns its destination node."""
         ids: list[str] = []
+        encode = MessageEncoder()  # the round's shared model encoded once, not per message
         for msg in messages:
             node = msg.metadata.dst_node_id
             partition = node - _NODE_ID_BASE
@@ -443,7 +445,7 @@ class EmbeddedGrid(GridBase):
             msg_id = uuid4().hex
             set_message_id(msg, msg_id)
             worker = self._workers[partition % len(self._workers)]
-            worker.send(msg)
+            worker.send(msg, encode)
             worker.pending.append(msg_id)
             self._owner[msg_id] = worker
             self._messages[msg_id] = msg
@@ -579,6 +581,7 @@ def run_embedded(
     module docstring); default: the clients use ``run_config``.
     """
     set_task_identity(run_id=run_id, node_id=SUPERLINK_NODE_ID, task_id=1)
+    one_malloc_arena()  # before the executors' threads and processes start
     with EmbeddedGrid(
         client_app=client_app,
         run_config=run_config,
