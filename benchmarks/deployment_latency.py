@@ -20,10 +20,17 @@ A round is measured from the end of one round's central evaluation to the end
 of the next one's; round 1 (start-up, clients joining) is left out.
 
     python benchmarks/deployment_latency.py [--arms fedcore,secure,flower]
-        [--fedcore-rounds 8] [--flower-rounds 4] [--model cnn|mlp] [--breakdown] [--keep]
+        [--fedcore-rounds 8] [--flower-rounds 4] [--model cnn|mlp] [--breakdown]
+        [--requests] [--keep]
 
 ``--breakdown`` keeps the work directory; each client's log then has one line per
 message: waited (since its last reply), receive, app, send.
+
+``--requests`` has the fedcore arms' guard log every request the SuperLink serves
+(``FEDCORE_GUARD_STATS``, :mod:`fedcore.deploy.superlink`) and prints, per API
+route, the requests per round and the asks of the app per round (a held pull asks
+again when woken), with their median seconds, over rounds 2..N (JSON key
+``*_requests_per_round``).
 
 Last line: one JSON object with ``fedcore_round_s``, ``fedcore_secagg_round_s``
 and ``flower_round_s`` (means; ``*_median_s`` and each round beside them).
@@ -56,6 +63,8 @@ from fedcore.engines.processes import ProcessTree, free_port  # noqa: E402
 CLIENTS = 3
 #: ``--breakdown``: clients log each message's timings (receive, app, send) to their logs.
 VERBOSE = False
+#: ``--requests``: the fedcore arms' guard logs each request (``*_requests_per_round``).
+REQUESTS = False
 
 
 def config(rounds: int, run_dir: Path, *, model: str = "cnn", secure: bool = False) -> Config:
@@ -105,6 +114,7 @@ def fedcore_arm(
     cli = [sys.executable, "-m", "fedcore.cli"]
     logs = base / "logs"
     with ProcessTree() as sup:
+        stats = logs / f"{tag}-requests.txt"
         with open(logs / f"{tag}-server.log", "wb") as f:
             server = sup.start(
                 "server",
@@ -119,6 +129,7 @@ def fedcore_arm(
                     str(local_port),
                     str(cfg_path),
                 ],
+                env={"FEDCORE_GUARD_STATS": str(stats)} if REQUESTS else None,
                 stdout=f,
             )
         for i, path in enumerate(data):
@@ -147,6 +158,29 @@ def fedcore_arm(
         raise SystemExit(f"fedcore server failed; see {logs}")
     rows = json.loads((run_dir / "metrics.json").read_text())
     return [float(r["seconds"]) for r in rows[1:]]
+
+
+def request_table(path: Path, rounds: list[float]) -> dict[str, dict[str, float]]:
+    """Per route: requests and asks per round, and their median seconds, over ``rounds``.
+
+    The window is the last ``sum(rounds)`` seconds before the run's last reply
+    (its last Fleet ``push-messages``), i.e. rounds 2..N.
+    """
+    lines = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+    rows = [(float(t), route, kind, float(sec)) for t, route, kind, sec in lines]
+    end = max(t for t, route, _, _ in rows if route == "/v1/fleet/push-messages")
+    start = end - sum(rounds)
+    table: dict[str, dict[str, float]] = {}
+    for route in sorted({r for _, r, _, _ in rows}):
+        entry: dict[str, float] = {}
+        for kind in ("request", "ask"):
+            xs = [sec for t, r, k, sec in rows if r == route and k == kind and start < t <= end]
+            if xs:
+                entry[f"{kind}s"] = round(len(xs) / len(rounds), 1)
+                entry[f"{kind}_median_ms"] = round(1000 * statistics.median(xs), 1)
+        if entry:
+            table[route] = entry
+    return table
 
 
 def _flower_fab(cfg: Config) -> bytes:
@@ -295,7 +329,7 @@ def _round_stats(xs: list[float]) -> dict[str, float]:
 
 
 def main() -> None:
-    global VERBOSE
+    global VERBOSE, REQUESTS
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fedcore-rounds", type=int, default=8)
     p.add_argument("--flower-rounds", type=int, default=4)
@@ -310,6 +344,9 @@ def main() -> None:
     p.add_argument(
         "--breakdown", action="store_true", help="clients log per-message timings (implies --keep)"
     )
+    p.add_argument(
+        "--requests", action="store_true", help="count the SuperLink's requests per round"
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = p.parse_args()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -317,6 +354,7 @@ def main() -> None:
     if bad or not arms:
         p.error(f"--arms {args.arms!r}: use a subset of fedcore,secure,flower (bad: {bad})")
     VERBOSE = args.breakdown
+    REQUESTS = args.requests
     keep = args.keep or args.breakdown
     base = Path(tempfile.mkdtemp(prefix="fedcore-bench-deploy-"))
     (base / "logs").mkdir()
@@ -349,6 +387,13 @@ def main() -> None:
             out[f"{key}_round_median_s"] = stats["median"]
             out[f"{key}_rounds_s"] = [round(x, 3) for x in rounds]
             out[f"{key}_run_s"] = round(wall, 1)
+            if REQUESTS and arm != "flower":
+                tag = "fedcore-secure" if arm == "secure" else "fedcore"
+                table = request_table(base / "logs" / f"{tag}-requests.txt", rounds)
+                out[f"{key}_requests_per_round"] = table
+                print(f"{key}: SuperLink requests per round (rounds 2..{n}):", flush=True)
+                for route, entry in table.items():
+                    print(f"  {route:40s} {entry}", flush=True)
     finally:
         if keep:
             print(f"work directory kept: {base}")

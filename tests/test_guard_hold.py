@@ -237,3 +237,26 @@ def test_client_torch_threads_must_be_positive() -> None:
     with pytest.raises(DeploymentError, match="--torch-threads must be >= 1, got 0"):
         cmd_client(args)
     assert parser.parse_args(["client", "--server", "h:1", "--data", "x"]).torch_threads == 1
+
+
+def test_the_guard_reports_each_request_and_each_ask_of_the_app(monkeypatch: Any) -> None:
+    monkeypatch.setattr(guard_module, "RECHECK_S", 30.0)
+    seen: list[tuple[str, str]] = []
+    link = FakeLink()
+    guard = ListenerGuard(
+        link,  # type: ignore[arg-type]
+        local_port=LOCAL,
+        public_paths=fleet_routes(),
+        stats=lambda path, kind, seconds: seen.append((path, kind)) if seconds >= 0 else None,
+    )
+
+    async def scenario() -> None:
+        pull = asyncio.ensure_future(_request(guard, "/v1/fleet/pull-messages"))
+        await asyncio.sleep(0.05)
+        await _request(guard, "/v1/runtime/push-messages")
+        await asyncio.wait_for(pull, timeout=10)
+
+    asyncio.run(scenario())
+    held = [k for p, k in seen if p == "/v1/fleet/pull-messages"]
+    assert held == ["ask", "ask", "request"]  # held once, woken once: two asks, one request
+    assert ("/v1/runtime/push-messages", "request") in seen

@@ -60,6 +60,12 @@ Each retry replays the same request (same body, same signed headers) to the
 app, so authentication and every other check run again; the answer the client
 gets is the app's own. A peer that disconnects stops its hold.
 
+**Request statistics** (``stats``; ``fedcore server`` passes one when its
+environment has ``FEDCORE_GUARD_STATS=FILE``): each request served is reported as
+``(path, "request", seconds)`` and, for the held routes, each time the app is asked
+(a held request asks it again when woken) as ``(path, "ask", seconds)``; ``benchmarks/deployment_latency.py
+--requests`` counts them per round.
+
 The decision uses the addresses of the accepted TCP connection (the ASGI
 ``server`` and ``client`` of the scope, filled in by uvicorn from the socket,
 with proxy headers off), not anything the peer sends.
@@ -176,6 +182,9 @@ class ListenerGuard:
         without one the open endpoint refuses everyone.
     max_request_bytes : int (default: 64 MiB)
         Largest request body served; larger ones get 413.
+    stats : callable, optional
+        ``stats(path, "request" | "ask", seconds)`` for each request served and each
+        ask of the app (module docstring).
 
     """
 
@@ -188,6 +197,7 @@ class ListenerGuard:
         start_open: bool = True,
         open_token: bytes | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        stats: Callable[[str, str, float], None] | None = None,
     ) -> None:
         if open_token is not None and len(open_token) < 16:
             raise ValueError("open_token must be at least 16 random bytes")
@@ -199,6 +209,7 @@ class ListenerGuard:
         self.open = start_open
         self.open_token = open_token
         self.max_request_bytes = max_request_bytes
+        self.stats = stats
         self._last_active: dict[bytes, float] = {}  # public key header -> time.monotonic()
         #: what wakes held requests: path of a successful request -> the waiters it wakes
         self._wakes = {
@@ -316,7 +327,12 @@ class ListenerGuard:
             await _respond(send, 503, {"detail": "starting: admitted keys not registered yet"})
             return
         if ok and scope["type"] == "http":
+            if self.stats is None:
+                await self._limited(scope, receive, send)
+                return
+            t0 = time.perf_counter()
             await self._limited(scope, receive, send)
+            self.stats(str(scope.get("path")), "request", time.perf_counter() - t0)
             return
         if ok:
             await self.app(scope, receive, send)
@@ -480,7 +496,10 @@ class ListenerGuard:
         async def keep(message: MutableMapping[str, Any]) -> None:
             answer.append(message)
 
+        t0 = time.perf_counter()
         await self.app(scope, replay, keep)
+        if self.stats is not None:
+            self.stats(str(scope.get("path")), "ask", time.perf_counter() - t0)
         return answer
 
     def _log_too_large(self, scope: Scope, what: str) -> None:

@@ -17,7 +17,10 @@ ServerApp) with these differences:
 4. uvicorn trusts no proxy headers, so the peer address is the socket's;
 5. the ServerApp's node config (empty under Flower's deployment engine) holds
    ``admitted-list``: the server kit's signed ``admitted.json``, which the
-   ServerApp relays to clients.
+   ServerApp relays to clients;
+6. with ``FEDCORE_GUARD_STATS=FILE`` in its environment, the guard appends one line
+   per request served and per ask of the app to ``FILE``: ``UNIX_TIME PATH
+   request|ask SECONDS`` (``benchmarks/deployment_latency.py --requests``).
 
 It relies on two private helpers of ``flwr.superlink.cli.flower_superlink``
 (``_parse_superlink_lifespan_config`` and ``SuperLinkLifespan``), reached through
@@ -31,10 +34,14 @@ import argparse
 import os
 import socket
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["main", "superlink_argv"]
+__all__ = ["GUARD_STATS_ENV", "main", "superlink_argv"]
+
+#: Environment variable naming the file the guard's request statistics go to.
+GUARD_STATS_ENV = "FEDCORE_GUARD_STATS"
 
 
 def superlink_argv(
@@ -75,6 +82,18 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual stack
     sock.bind((host, port))
     return sock
+
+
+def _stats_file(path: str) -> Callable[[str, str, float], None] | None:
+    """A writer of the guard's statistics to ``path`` (appended, a line each); None if empty."""
+    if not path:
+        return None
+    out = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open while serving
+
+    def write(route: str, kind: str, seconds: float) -> None:
+        out.write(f"{time.time():.4f} {route} {kind} {seconds:.5f}\n")
+
+    return write
 
 
 def _open_token() -> bytes:
@@ -143,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         start_open=False,
         open_token=token,
         max_request_bytes=args.max_request_bytes,
+        stats=_stats_file(os.environ.get(GUARD_STATS_ENV, "")),
     )
     sockets = [_listen(str(host), int(port)), _listen("127.0.0.1", args.local_port)]
     server = uvicorn.Server(
