@@ -63,8 +63,8 @@ gets is the app's own. A peer that disconnects stops its hold.
 **Request statistics** (``stats``; ``fedcore server`` passes one when its
 environment has ``FEDCORE_GUARD_STATS=FILE``): each request served is reported as
 ``(path, "request", seconds)`` and, for the held routes, each time the app is asked
-(a held request asks it again when woken) as ``(path, "ask", seconds)``; ``benchmarks/deployment_latency.py
---requests`` counts them per round.
+(a held request asks it again when woken) as ``(path, "ask", seconds)``;
+``benchmarks/deployment_latency.py --requests`` counts them per round.
 
 The decision uses the addresses of the accepted TCP connection (the ASGI
 ``server`` and ``client`` of the scope, filled in by uvicorn from the socket,
