@@ -21,6 +21,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from fedcore.core.aggregation import (
+    ArraySpec,
     WeightedMean,
     array_view,
     numpy_to_array,
@@ -210,6 +211,29 @@ def test_malformed_payloads_are_refused_with_what_was_found():
     complex_ = numpy_to_array(np.zeros(2, np.complex64))
     with pytest.raises(AggregationError, match="unsupported array layout or dtype complex64"):
         array_view(complex_)
+
+
+def test_a_later_reply_is_checked_as_fully_as_the_first_one():
+    """The header fast path (a header seen before is not parsed again) keeps every check."""
+    good = numpy_to_array(np.ones(4, np.float32)).data
+    acc = WeightedMean({"w": ArraySpec((4,), "float32")})
+    acc.add(ArrayRecord({"w": _payload(good)}), 1)  # validated in full: its header is known now
+    for bad, why in (
+        (good + b"\0" * 4, "array payload has 20 bytes, header says 16"),  # known header, longer
+        (good[:-4], "array payload has 12 bytes, header says 16"),  # known header, shorter
+        (numpy_to_array(np.ones(5, np.float32)).data, "array 'w' is float32[5]"),
+        (numpy_to_array(np.ones(4, np.float64)).data, "array 'w' is float64[4]"),
+        # the same total length as a good payload, another header: never taken for it
+        (numpy_to_array(np.ones((2, 2), np.float32)).data, "array 'w' is float32[2, 2]"),
+        (numpy_to_array(np.ones(4, np.int32)).data, "array 'w' is int32[4]"),
+    ):
+        with pytest.raises(AggregationError, match=re.escape(why)):
+            acc.add(ArrayRecord({"w": _payload(bad)}), 1)
+    nan = numpy_to_array(np.array([1, np.nan, 1, 1], np.float32)).data  # the known header
+    with pytest.raises(AggregationError, match="contains NaN or Inf"):
+        acc.add(ArrayRecord({"w": _payload(nan)}), 1)
+    acc.add(ArrayRecord({"w": _payload(numpy_to_array(np.full(4, 3, np.float32)).data)}), 1)
+    assert acc.count == 2 and acc.result()["w"].numpy().tolist() == [2.0, 2.0, 2.0, 2.0]
 
 
 def test_integer_buffers_of_every_width_are_weighted_then_rounded():
