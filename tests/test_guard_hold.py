@@ -57,8 +57,8 @@ class FakeLink:
         await send({"type": "http.response.body", "body": out})
 
 
-def _request(guard: ListenerGuard, path: str) -> tuple[int, bytes]:
-    """``path`` over the local listener, as a coroutine returning (status, body)."""
+def _request(guard: ListenerGuard, path: str, body: bytes = b"signed request") -> tuple[int, bytes]:
+    """``path`` with ``body`` over the local listener, as a coroutine returning (status, body)."""
 
     async def call() -> tuple[int, bytes]:
         sent: list[dict[str, Any]] = []
@@ -69,7 +69,7 @@ def _request(guard: ListenerGuard, path: str) -> tuple[int, bytes]:
             nonlocal first
             if first:
                 first = False
-                return {"type": "http.request", "body": b"signed request", "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             await done.wait()
             return {"type": "http.disconnect"}
 
@@ -171,38 +171,6 @@ class ObjectLink:
         await send({"type": "http.response.body", "body": out})
 
 
-def _object_request(guard: ListenerGuard, path: str, body: bytes) -> Any:
-    async def call() -> int:
-        sent: list[dict[str, Any]] = []
-        done = asyncio.Event()
-        first = True
-
-        async def receive() -> dict[str, Any]:
-            nonlocal first
-            if first:
-                first = False
-                return {"type": "http.request", "body": body, "more_body": False}
-            await done.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(msg: dict[str, Any]) -> None:
-            sent.append(msg)
-
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": path,
-            "server": ("127.0.0.1", LOCAL),
-            "client": ("127.0.0.1", 50000),
-            "headers": [],
-        }
-        await guard(scope, receive, send)
-        done.set()
-        return int(sent[0]["status"])
-
-    return call()
-
-
 def test_a_held_object_pull_is_asked_again_only_when_its_own_object_is_pushed(
     monkeypatch: Any,
 ) -> None:
@@ -212,16 +180,16 @@ def test_a_held_object_pull_is_asked_again_only_when_its_own_object_is_pushed(
     pull = PullObjectRequest(object_id="a").SerializeToString()
 
     async def scenario() -> None:
-        held = asyncio.ensure_future(_object_request(guard, "/v1/fleet/pull-object", pull))
+        held = asyncio.ensure_future(_request(guard, "/v1/fleet/pull-object", pull))
         await asyncio.sleep(0.05)
         for other in ("b", "c", "d"):  # the other objects of the message
             push = PushObjectRequest(object_id=other, object_content=b"x").SerializeToString()
-            assert await _object_request(guard, "/v1/runtime/push-object", push) == 200
+            assert (await _request(guard, "/v1/runtime/push-object", push))[0] == 200
         await asyncio.sleep(0.05)
         assert not held.done()
         push = PushObjectRequest(object_id="a", object_content=b"x").SerializeToString()
-        await _object_request(guard, "/v1/runtime/push-object", push)
-        assert await asyncio.wait_for(held, timeout=10) == 200
+        await _request(guard, "/v1/runtime/push-object", push)
+        assert (await asyncio.wait_for(held, timeout=10))[0] == 200
 
     asyncio.run(scenario())
     assert link.asked["a"] == 2  # once held, once woken by its own push (not by b, c, d)
