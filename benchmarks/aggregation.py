@@ -39,7 +39,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedcore.core.aggregation import WeightedMean, numpy_to_array, spec_of
+from fedcore.core.aggregation import WeightedMean, array_view, numpy_to_array, spec_of
 from fedcore.serverside.exchange import PlainExchange
 from fedcore.serverside.pools import aggregation_pool
 from fedcore.serverside.strategies import FedAvg
@@ -134,9 +134,7 @@ def max_abs_diff(a: ArrayRecord, b: ArrayRecord) -> float:
     return max(float(np.max(np.abs(a[k].numpy() - b[k].numpy()))) for k in a)
 
 
-def time_kernels(
-    replies: list[RecordDict], reps: int, block: int
-) -> dict[str, dict[str, float]]:
+def time_kernels(replies: list[RecordDict], reps: int, block: int) -> dict[str, dict[str, float]]:
     """Interleaved repetitions (so every kernel sees the same machine load)."""
     fns = {name: kernel(name, replies, block) for name in KERNELS}
     for fn in fns.values():  # warm up: imports, first-touch of the replies
@@ -201,9 +199,23 @@ def measure_memory(clients: int, params: int, block: int) -> dict[str, dict[str,
     out = {}
     for name in KERNELS:
         proc = subprocess.run(
-            [sys.executable, __file__, "--probe", name, "--clients", str(clients),
-             "--params", str(params), "--block", str(block), "--threads", str(THREADS)],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                __file__,
+                "--probe",
+                name,
+                "--clients",
+                str(clients),
+                "--params",
+                str(params),
+                "--block",
+                str(block),
+                "--threads",
+                str(THREADS),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
@@ -216,11 +228,15 @@ def main() -> None:
     p.add_argument("--params", type=int, default=1_000_000)
     p.add_argument("--reps", type=int, default=9)
     p.add_argument(
-        "--block", type=int, default=WeightedMean({}).block,
+        "--block",
+        type=int,
+        default=WeightedMean({}).block,
         help="fedcore's accumulation block (default: WeightedMean's default)",
     )
     p.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="threads of fedcore's kernel (default 1, as strategy.accumulation-threads; "
         "0 = one per core, at most 4)",
     )
@@ -239,6 +255,7 @@ def main() -> None:
     validated = kernel("fedcore-validated", replies, args.block)()
     exact = _exact_mean(replies)
     timing = time_kernels(replies, args.reps, args.block)
+    floor = bare_adds(replies, args.reps)
     memory = measure_memory(args.clients, args.params, args.block)
     del replies
     gc.collect()
@@ -273,10 +290,9 @@ def main() -> None:
             "flower": max_abs_diff(ref, exact),
             "fedcore": max_abs_diff(ours, exact),
         },
-        "validated_equals_unvalidated": all(
-            ours[k].data == validated[k].data for k in ours
-        ),
+        "validated_equals_unvalidated": all(ours[k].data == validated[k].data for k in ours),
         "threads_equal_one_thread": all(ours[k].data == one_thread[k].data for k in ours),
+        **floor,
     }
     for name, t in timing.items():
         print(
@@ -286,6 +302,55 @@ def main() -> None:
             file=sys.stderr,
         )
     print(json.dumps(result))
+
+
+def bare_adds(replies: list[RecordDict], reps: int) -> dict[str, float]:
+    """The floor under any kernel: ``blk += n_i * theta_i`` over the largest array, nothing else.
+
+    One thread, and two threads each owning half of the array with no synchronisation
+    between replies (median ms over ``reps``): no checks, no float64 flush, no result.
+    """
+    import threading
+
+    name = max(replies[0]["arrays"], key=lambda k: replies[0]["arrays"][k].numpy().size)
+    views = [
+        (
+            torch.from_numpy(array_view(r["arrays"][name]).reshape(-1)),
+            float(r["metrics"]["num-examples"]),
+        )
+        for r in replies
+    ]
+    blk = torch.empty(views[0][0].numel(), dtype=torch.float32)
+
+    def adds(lo: int, hi: int) -> None:
+        b = blk[lo:hi]
+        for t, w in views:
+            b.add_(t[lo:hi], alpha=w)
+
+    def two() -> None:
+        half = blk.numel() // 2
+        other = threading.Thread(target=adds, args=(half, blk.numel()))
+        other.start()
+        adds(0, half)
+        other.join()
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out: dict[str, float] = {}
+        for label, fn in (
+            ("bare_add_1thread_ms", lambda: adds(0, blk.numel())),
+            ("bare_add_2threads_ms", two),
+        ):
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append(1000 * (time.perf_counter() - t0))
+            out[label] = statistics.median(times)
+        return out
+    finally:
+        torch.set_num_threads(n)
 
 
 def _exact_mean(replies: list[RecordDict]) -> ArrayRecord:
