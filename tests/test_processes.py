@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -109,3 +110,39 @@ def test_free_port_can_be_bound() -> None:
     port = free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+_FRAGMENTED_HEAP = textwrap.dedent(
+    """
+    import json, sys
+    from fedcore.engines.processes import FreedMemory
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    freed = FreedMemory(min_busy=0.5)
+    # 96 MiB in 16 KiB malloc'ed blocks; every other one is freed, so the free memory
+    # is in holes inside the heap that glibc does not return on its own
+    blocks = [bytes(16384) for _ in range(6_000)]
+    keep = blocks[1::2]
+    del blocks
+    before = rss()
+    small = freed.after(0.2)  # below min_busy: no trim yet
+    after_small = rss()
+    trimmed = freed.after(0.3)  # adds up to min_busy
+    print(json.dumps({"before": before, "after_small": after_small, "after": rss(),
+                      "small": small, "trimmed": trimmed, "kept": len(keep)}))
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc_trim")
+def test_freed_memory_returns_the_holes_of_the_heap_once_enough_work_has_added_up() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _FRAGMENTED_HEAP], capture_output=True, text=True, check=True
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["small"] is False and got["trimmed"] is True
+    assert got["after_small"] > got["before"] - 5  # nothing was released by the first call
+    assert got["after"] < got["before"] - 25, got  # ~48 MiB of holes released

@@ -63,7 +63,7 @@ from flwr.app import Context, Message, RecordDict
 from fedcore.clientside.policy import CLIENT_CONFIG
 from fedcore.core.errors import UserCodeError
 from fedcore.core.registry import import_object
-from fedcore.engines.processes import die_with_parent, one_malloc_arena
+from fedcore.engines.processes import FreedMemory, die_with_parent, one_malloc_arena
 from fedcore.flower_adapter import (
     SUPERLINK_NODE_ID,
     GridBase,
@@ -145,6 +145,7 @@ def _worker_main(
         )
         for p in partitions
     }
+    freed = FreedMemory()
     conn.send_bytes(b"ready")
     while True:
         if hand is not None:
@@ -161,6 +162,7 @@ def _worker_main(
         context = contexts[msg.metadata.dst_node_id]
         if not in_process:  # (replies take their identity from the message they answer)
             set_task_identity(node_id=context.node_id)
+        started = time.perf_counter()
         try:
             reply = app(msg, context)
         except UserCodeError as exc:  # the user's loop: its own message and frames
@@ -176,6 +178,7 @@ def _worker_main(
                 conn.send_bytes(message_to_bytes(reply))
         except OSError:  # the grid was closed while this client ran
             return
+        freed.after(time.perf_counter() - started)  # (what the client freed leaves the peak)
 
 
 #: Executor 0's notice on its pipe: its next reply is in ``_Hand.replies``.

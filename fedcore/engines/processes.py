@@ -42,6 +42,7 @@ from typing import IO, Any
 import psutil
 
 __all__ = [
+    "FreedMemory",
     "MemorySample",
     "ProcessTree",
     "SeenProcess",
@@ -111,6 +112,43 @@ def one_malloc_arena() -> None:
         ctypes.CDLL(None).mallopt(-8, 1)  # M_ARENA_MAX (malloc.h)
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         pass
+
+
+class FreedMemory:
+    """Hands the pages a process has freed back to the kernel after the work that freed them.
+
+    glibc keeps freed memory inside its heap for reuse; only what is free at the
+    heap's top is returned on its own. A client's training and the messages it
+    decodes leave free holes in the middle that stay resident (and so count in
+    the run's RSS and PSS) until ``malloc_trim`` releases them. The embedded engine
+    calls :meth:`after` after each reply in every executor: measured on 10 clients
+    x 3 rounds (``benchmarks/simulation_engines.py``), the run's peak PSS fell from
+    306-318 to 295-300 MiB; one trim takes 0.01-3 ms (median ~0.05 ms). It trims
+    only after ``min_busy`` seconds of work, so that its cost stays a few percent
+    of the work's (1,000 clients of a few ms each are trimmed about every
+    ``min_busy`` seconds). Nothing happens where glibc's ``malloc_trim`` is missing.
+    """
+
+    def __init__(self, min_busy: float = 0.02) -> None:
+        self.min_busy = min_busy
+        self._busy = 0.0
+        self._trim: Callable[[int], int] | None = None
+        if sys.platform == "linux":
+            try:
+                import ctypes
+
+                self._trim = ctypes.CDLL(None).malloc_trim
+            except (OSError, AttributeError):  # pragma: no cover - not glibc
+                pass
+
+    def after(self, busy: float) -> bool:
+        """Count ``busy`` seconds of work; trim once ``min_busy`` has added up. Whether it did."""
+        self._busy += busy
+        if self._trim is None or self._busy < self.min_busy:
+            return False
+        self._trim(0)
+        self._busy = 0.0
+        return True
 
 
 def die_with_parent(parent_pid: int) -> None:
