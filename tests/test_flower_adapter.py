@@ -163,3 +163,85 @@ def test_superlink_app_is_flowers_app_with_our_arguments(monkeypatch: pytest.Mon
     )
     assert type(app).__name__ == "FastAPI" and callable(app)  # served, not run, here
     assert config.ssl_keyfile is None and config.ssl_certfile is None
+
+
+def _layered_app(tasks: dict[str, object]) -> object:
+    """A Starlette app with two ``BaseHTTPMiddleware`` layers, as Flower's SuperLink stacks them."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    class ReadsBody(BaseHTTPMiddleware):  # like ProtobufTranslationMiddleware
+        async def dispatch(self, request, call_next):  # type: ignore[no-untyped-def]
+            request.state.parsed = (await request.body()).upper()
+            if request.headers.get("x-key") == "good":  # (the refused request's is not kept)
+                tasks[request.url.path] = asyncio.current_task()
+            response = await call_next(request)
+            response.headers["x-seen"] = "yes"
+            return response
+
+    async def refuse(request, call_next):  # type: ignore[no-untyped-def]  # like NodeAuth
+        if request.headers.get("x-key") != "good":
+            raise HTTPException(401, "bad key")
+        return await call_next(request)
+
+    async def translate(request, call_next):  # type: ignore[no-untyped-def]  # error layer
+        try:
+            return await call_next(request)
+        except HTTPException as exc:
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    async def fleet(request):  # type: ignore[no-untyped-def]
+        tasks["fleet endpoint"] = asyncio.current_task()
+        return Response(request.state.parsed + await request.body(), status_code=201)
+
+    async def stream(request):  # type: ignore[no-untyped-def]
+        tasks["stream"] = asyncio.current_task()
+        return StreamingResponse(iter([b"a", b"b", b"c"]))
+
+    return Starlette(
+        routes=[
+            Route("/v1/fleet/x", fleet, methods=["POST"]),
+            Route("/v1/control/logs", stream, methods=["POST"]),
+        ],
+        middleware=[
+            Middleware(BaseHTTPMiddleware, dispatch=translate),
+            Middleware(ReadsBody),
+            Middleware(BaseHTTPMiddleware, dispatch=refuse),
+        ],
+    )
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_the_lean_layers_answer_as_starlettes_and_in_the_requests_own_task(lean: bool) -> None:
+    """``superlink_app``'s middleware rewrite: the same answers (body read by a layer and
+    again by the handler, headers a layer adds, a layer's refusal turned into an error
+    reply by an outer one, a stream on another path), and on Fleet paths the handler
+    runs in the dispatching task (Starlette's layer starts a task per layer)."""
+    from starlette.testclient import TestClient
+
+    tasks: dict[str, object] = {}
+    app = _layered_app(tasks)
+    if lean:
+        flower_adapter._lean_middleware(app)  # noqa: SLF001 - the rewrite under test
+    with TestClient(app) as client:
+        ok = client.post("/v1/fleet/x", content=b"abc", headers={"x-key": "good"})
+        refused = client.post("/v1/fleet/x", content=b"abc", headers={"x-key": "bad"})
+        streamed = client.post("/v1/control/logs", headers={"x-key": "good"})
+    assert (ok.status_code, ok.content, ok.headers["x-seen"]) == (201, b"ABCabc", "yes")
+    assert int(ok.headers["content-length"]) == 6
+    assert (refused.status_code, refused.json()) == (401, {"detail": "bad key"})
+    assert (streamed.status_code, streamed.content, streamed.headers["x-seen"]) == (
+        200,
+        b"abc",
+        "yes",
+    )
+    assert (tasks["fleet endpoint"] is tasks["/v1/fleet/x"]) is lean
+    assert tasks["stream"] is not tasks["/v1/control/logs"]  # Starlette's layers
+    with pytest.raises(RuntimeError, match="already served"):
+        flower_adapter._lean_middleware(app)  # noqa: SLF001

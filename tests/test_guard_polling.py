@@ -4,6 +4,7 @@ and the fast-polling grid."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -360,18 +362,15 @@ def test_oversized_requests_get_413_and_are_logged(served_token, caplog) -> None
 # -- the real SuperLink process -------------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
-def test_the_superlink_opens_only_with_its_token_which_no_child_inherits(tmp_path) -> None:
+@contextlib.contextmanager
+def _real_superlink(tmp_path: Path, clients: int = 1) -> Iterator[dict[str, Any]]:
     """`python -m fedcore.deploy.superlink` as `fedcore server` starts it, over TLS on loopback."""
-    import psutil
-
     from fedcore.deploy.guard import OPEN_TOKEN_ENV
     from fedcore.deploy.provision import provision
     from fedcore.engines.processes import free_port
-    from tests.procs import procs_mentioning, stop
+    from tests.procs import stop
 
-    fed = provision(tmp_path / "fed", clients=1)
+    fed = provision(tmp_path / "fed", clients=clients)
     public, local = free_port(), free_port()
     token = secrets.token_bytes(32)
     marker = f"fedcore-guard-test-{secrets.token_hex(4)}"
@@ -395,11 +394,6 @@ def test_the_superlink_opens_only_with_its_token_which_no_child_inherits(tmp_pat
             argv, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
         )
     ca = str(fed.server_kit / "ca.pem")
-
-    def post(port: int, path: str, **kwargs: Any) -> int:
-        url = f"https://127.0.0.1:{port}{path}"
-        return httpx.post(url, verify=ca, timeout=10, **kwargs).status_code
-
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -411,6 +405,34 @@ def test_the_superlink_opens_only_with_its_token_which_no_child_inherits(tmp_pat
                 pass
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.2)
+        yield {
+            "proc": proc,
+            "public": public,
+            "local": local,
+            "token": token,
+            "ca": ca,
+            "fed": fed,
+            "log": log_path,
+        }
+    finally:
+        stop([proc], marker)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_the_superlink_opens_only_with_its_token_which_no_child_inherits(tmp_path) -> None:
+    import psutil
+
+    from fedcore.deploy.guard import OPEN_TOKEN_ENV
+    from tests.procs import procs_mentioning
+
+    with _real_superlink(tmp_path) as sl:
+        proc, public, local, token = sl["proc"], sl["public"], sl["local"], sl["token"]
+
+        def post(port: int, path: str, **kwargs: Any) -> int:
+            url = f"https://127.0.0.1:{port}{path}"
+            return httpx.post(url, verify=sl["ca"], timeout=10, **kwargs).status_code
+
         fleet = "/v1/fleet/pull-messages"
         assert post(local, OPEN_PATH) == 403
         assert post(local, OPEN_PATH, headers={OPEN_TOKEN_HEADER: secrets.token_hex(32)}) == 403
@@ -425,6 +447,93 @@ def test_the_superlink_opens_only_with_its_token_which_no_child_inherits(tmp_pat
             assert OPEN_TOKEN_ENV not in child.environ(), child.cmdline()
         assert procs_mentioning(token.hex(), pids=True) == [proc.pid]  # its own exec env only
         assert token.hex() not in " ".join(psutil.Process(proc.pid).cmdline())
-    finally:
-        stop([proc], marker)
-    assert token.hex() not in log_path.read_text(errors="replace")
+    assert token.hex() not in sl["log"].read_text(errors="replace")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_node_authentication_holds_on_the_superlinks_lean_middleware_path(tmp_path) -> None:
+    """A network attacker against Flower's node authentication, which fedcore's SuperLink
+    runs without Starlette's per-layer task (``flower_adapter._lean_middleware``): requests
+    unsigned, signed by a key no node registered, signed by the node's key over another
+    time, or signed by a second admitted node while naming the first one's id are all
+    refused; the node's own signed request is answered, its protobuf body read by the
+    translation layer and again by the handler."""
+    from base64 import b64encode
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.common.constant import TIMESTAMP_HEADER
+    from flwr.proto.fleet_pb2 import PullMessagesRequest
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+    from flwr.supercore.date import now
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+
+    from fedcore import flower_adapter as flower
+    from fedcore.deploy.node import FleetSession
+    from fedcore.deploy.server import Admission
+    from fedcore.storage.keys import load_identity_key
+
+    with _real_superlink(tmp_path, clients=2) as sl:
+        fed, public, ca = sl["fed"], sl["public"], sl["ca"]
+        opened = httpx.post(
+            f"https://127.0.0.1:{sl['local']}{OPEN_PATH}",
+            headers={OPEN_TOKEN_HEADER: sl["token"].hex()},
+            verify=ca,
+            timeout=10,
+        )
+        assert opened.status_code == 200
+        # the nodes' keys registered as `fedcore server` does, over the Control API (whose
+        # requests keep Starlette's own middleware layers: it streams)
+        control = flower.control_client(
+            f"127.0.0.1:{sl['local']}", ca_pem=(fed.server_kit / "ca.pem").read_bytes()
+        )
+        changes = Admission(control, fed.server_kit / "admitted.json").sync()
+        assert changes == ["admitted client-1", "admitted client-2"], changes
+        kit = fed.client_kit("client-1")
+        session = FleetSession(
+            f"127.0.0.1:{public}",
+            ca_pem=(kit / "ca.pem").read_bytes(),
+            key_path=kit / "identity.key",
+        )
+        node_id = session.connect(wait=30)
+        own = load_identity_key(kit / "identity.key")
+
+        def pull(
+            key: ec.EllipticCurvePrivateKey | None, node: int = node_id, stamp: str = ""
+        ) -> int:
+            """Flower's signed headers (NodeAuthHttpInterceptor's), from ``key``, over ``stamp``."""
+            headers = {"content-type": "application/protobuf"}
+            if key is not None:
+                timestamp = now().isoformat()
+                headers[FLEET_HTTP_PUBLIC_KEY_HEADER] = b64encode(
+                    public_key_to_bytes(key.public_key())
+                ).decode()
+                headers[TIMESTAMP_HEADER] = timestamp
+                headers[FLEET_HTTP_SIGNATURE_HEADER] = b64encode(
+                    sign_message(key, (stamp or timestamp).encode("ascii"))
+                ).decode()
+            body = PullMessagesRequest(node=Node(node_id=node)).SerializeToString()
+            url = f"https://127.0.0.1:{public}/v1/fleet/pull-messages"
+            return httpx.post(url, content=body, headers=headers, verify=ca, timeout=10).status_code
+
+        try:
+            assert pull(own) == 200
+            assert pull(None) == 401
+            assert pull(ec.generate_private_key(ec.SECP384R1())) == 401
+            assert pull(own, stamp="2020-01-01T00:00:00+00:00") == 401
+            # a second admitted node, registered, naming the first one's node id
+            kit2 = fed.client_kit("client-2")
+            other = FleetSession(
+                f"127.0.0.1:{public}",
+                ca_pem=(kit2 / "ca.pem").read_bytes(),
+                key_path=kit2 / "identity.key",
+            )
+            other_id = other.connect(wait=30)
+            other_key = load_identity_key(kit2 / "identity.key")
+            assert other_id != node_id
+            assert pull(other_key, other_id) == 200
+            assert pull(other_key, node_id) == 401
+            other.close()
+        finally:
+            session.close()
