@@ -567,7 +567,9 @@ def _lean_middleware(app: Any) -> None:
     translation, protobuf translation, node authentication, event logs, the Control
     API's checks). Each one runs the rest of the stack in a new task and passes its
     response through a memory stream: profiled (py-spy, 3 clients, plain rounds),
-    the layers took ~30% of the SuperLink's event loop. On Fleet and ServerAppIo
+    that machinery was the largest item in the SuperLink process (14-18% of its
+    samples each for the layers and their ``call_next`` tasks; a plain round 0.74-1.14
+    -> 0.52-0.78 s without it, docs/benchmarks.md). On Fleet and ServerAppIo
     paths the same ``dispatch`` functions now run in order with a ``call_next``
     that awaits the rest of the stack in the same task and hands back its complete
     response; everything else (the Control API's streams) keeps Starlette's own
