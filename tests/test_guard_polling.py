@@ -490,14 +490,17 @@ def test_node_authentication_holds_on_the_superlinks_lean_middleware_path(tmp_pa
         )
         changes = Admission(control, fed.server_kit / "admitted.json").sync()
         assert changes == ["admitted client-1", "admitted client-2"], changes
-        kit = fed.client_kit("client-1")
-        session = FleetSession(
-            f"127.0.0.1:{public}",
-            ca_pem=(kit / "ca.pem").read_bytes(),
-            key_path=kit / "identity.key",
-        )
-        node_id = session.connect(wait=30)
-        own = load_identity_key(kit / "identity.key")
+        sessions: list[FleetSession] = []
+
+        def join(name: str) -> tuple[int, ec.EllipticCurvePrivateKey]:
+            """Connect as fedcore client does with kit ``name``: its node id and key."""
+            kit = fed.client_kit(name)
+            key_path = kit / "identity.key"
+            ca_pem = (kit / "ca.pem").read_bytes()
+            sessions.append(FleetSession(f"127.0.0.1:{public}", ca_pem=ca_pem, key_path=key_path))
+            return sessions[-1].connect(wait=30), load_identity_key(key_path)
+
+        node_id, own = join("client-1")
 
         def pull(
             key: ec.EllipticCurvePrivateKey | None, node: int = node_id, stamp: str = ""
@@ -523,17 +526,10 @@ def test_node_authentication_holds_on_the_superlinks_lean_middleware_path(tmp_pa
             assert pull(ec.generate_private_key(ec.SECP384R1())) == 401
             assert pull(own, stamp="2020-01-01T00:00:00+00:00") == 401
             # a second admitted node, registered, naming the first one's node id
-            kit2 = fed.client_kit("client-2")
-            other = FleetSession(
-                f"127.0.0.1:{public}",
-                ca_pem=(kit2 / "ca.pem").read_bytes(),
-                key_path=kit2 / "identity.key",
-            )
-            other_id = other.connect(wait=30)
-            other_key = load_identity_key(kit2 / "identity.key")
+            other_id, other_key = join("client-2")
             assert other_id != node_id
             assert pull(other_key, other_id) == 200
             assert pull(other_key, node_id) == 401
-            other.close()
         finally:
-            session.close()
+            for session in sessions:
+                session.close()
