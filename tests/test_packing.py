@@ -17,6 +17,7 @@ from fedcore.clientside.models import cnn
 from fedcore.clientside.wire import packed_arrays_mod
 from fedcore.core.aggregation import numpy_to_array
 from fedcore.core.packing import (
+    INLINE_MAX_BYTES,
     PACKED_KEY,
     PACKED_STYPE,
     PackingError,
@@ -73,8 +74,9 @@ def test_round_trip_is_bit_exact_in_the_records_order() -> None:
 
 
 def test_what_is_not_worth_or_able_to_pack_is_left_alone() -> None:
-    one = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(3, np.float32))})})
-    assert pack_content(one) is one  # a single array: nothing to gain
+    big = np.ones(INLINE_MAX_BYTES // 4 + 1, np.float32)
+    one = RecordDict({"arrays": ArrayRecord({"w": Array(big)})})
+    assert pack_content(one) is one  # a single large array: as many objects either way
     odd = Array(dtype="float32", shape=(1,), stype="torch.raw", data=b"\x00" * 4)
     foreign = RecordDict({"arrays": ArrayRecord({"w": odd, "b": odd})})
     assert pack_content(foreign) is foreign  # not .npy payloads: sent as Flower would
@@ -83,14 +85,30 @@ def test_what_is_not_worth_or_able_to_pack_is_left_alone() -> None:
     assert unpack_content(metrics) == (metrics, False)
 
 
-def test_the_default_cnn_message_is_6_objects_instead_of_20() -> None:
+def test_a_small_record_travels_inline_and_a_large_one_as_a_chunked_array() -> None:
+    small = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(3, np.float32))})})
+    inline = pack_content(small)
+    assert isinstance(inline["arrays"], ConfigRecord)  # one object instead of three
+    assert list(inline["arrays"].keys()) == [PACKED_KEY]
+    half = INLINE_MAX_BYTES // 8 + 1  # two float32 arrays: a blob just over the bound
+    rec = ArrayRecord({k: Array(np.full(half, i, np.float32)) for i, k in enumerate("ab")})
+    large = pack_content(RecordDict({"arrays": rec}))
+    assert isinstance(large["arrays"], ArrayRecord)
+    assert large["arrays"][PACKED_KEY].stype == PACKED_STYPE
+    for packed, original in ((inline, small["arrays"]), (large, rec)):
+        back, was_packed = unpack_content(packed)
+        assert was_packed
+        assert [a.data for a in back["arrays"].values()] == [a.data for a in original.values()]
+
+
+def test_the_default_cnn_message_is_4_objects_instead_of_20() -> None:
     model = cnn(input_shape=(1, 8, 8), num_classes=10)
     rec = ArrayRecord({k: Array(v.detach().numpy()) for k, v in model.state_dict().items()})
     content = RecordDict({"arrays": rec, "config": ConfigRecord({"lr": 0.1})})
     plain = Message(content, dst_node_id=5, message_type="train")
     packed = Message(pack_content(content), dst_node_id=5, message_type="train")
     assert len(get_all_nested_objects(plain)) == 20
-    assert len(get_all_nested_objects(packed)) == 6
+    assert len(get_all_nested_objects(packed)) == 4  # message, dict, packed arrays, config
 
 
 @pytest.mark.parametrize(
@@ -128,6 +146,24 @@ def test_a_blob_whose_offsets_overrun_or_overlap_is_refused() -> None:
         bad = len(text).to_bytes(8, "little") + text + good[8 + size :]
         with pytest.raises(PackingError, match="malformed"):
             unpack_content(_packed(bad))
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        lambda blob: ConfigRecord({PACKED_KEY: blob, "x": 1}),  # another key beside it
+        lambda blob: ConfigRecord({PACKED_KEY: "not bytes"}),
+        lambda blob: ConfigRecord({PACKED_KEY: [blob, blob]}),
+        lambda blob: ConfigRecord({PACKED_KEY: b"garbage!"}),
+    ],
+)
+def test_a_malformed_inline_packed_record_is_refused(record: Any) -> None:
+    blob = safetensors.numpy.save(
+        {"w": np.ones(2, np.float32)}, metadata={"fedcore.order": '["w"]'}
+    )
+    unpack_content(RecordDict({"arrays": ConfigRecord({PACKED_KEY: blob})}))  # the good one
+    with pytest.raises(PackingError, match="exactly one|malformed"):
+        unpack_content(RecordDict({"arrays": record(blob)}))
 
 
 def test_a_packed_record_with_other_keys_or_stype_is_refused() -> None:
