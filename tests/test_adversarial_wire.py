@@ -28,6 +28,7 @@ from fedcore.core.packing import PACKED_KEY, PACKED_STYPE
 from fedcore.deploy import guard as guard_module
 from fedcore.deploy.guard import ListenerGuard, fleet_routes
 from fedcore.deploy.node import _Worker
+from tests.asgi import post
 
 LOCAL, PUBLIC = 9093, 9092
 SIGNED = b"x-node-signature"
@@ -60,32 +61,16 @@ class AuthLink:
 
 
 async def _call(guard: ListenerGuard, path: str, body: bytes, *, signed: bool) -> int:
-    sent: list[dict[str, Any]] = []
-    done = asyncio.Event()
-    first = True
-
-    async def receive() -> dict[str, Any]:
-        nonlocal first
-        if first:
-            first = False
-            return {"type": "http.request", "body": body, "more_body": False}
-        await done.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(msg: dict[str, Any]) -> None:
-        sent.append(msg)
-
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": path,
-        "server": ("127.0.0.1", PUBLIC if path.startswith("/v1/fleet") else LOCAL),
-        "client": ("203.0.113.7" if path.startswith("/v1/fleet") else "127.0.0.1", 50000),
-        "headers": [(SIGNED, b"sig")] if signed else [],
-    }
-    await guard(scope, receive, send)
-    done.set()
-    return int(sent[0]["status"])
+    fleet = path.startswith("/v1/fleet")
+    status, _ = await post(
+        guard,
+        path,
+        body,
+        server=("127.0.0.1", PUBLIC if fleet else LOCAL),
+        client=("203.0.113.7" if fleet else "127.0.0.1", 50000),
+        headers=[(SIGNED, b"sig")] if signed else [],
+    )
+    return status
 
 
 def test_an_unauthenticated_peer_cannot_hold_wake_or_leave_state_in_the_guard(

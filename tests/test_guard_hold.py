@@ -18,6 +18,7 @@ from fedcore.core.errors import DeploymentError
 from fedcore.deploy import guard as guard_module
 from fedcore.deploy.guard import ListenerGuard, fleet_routes
 from fedcore.deploy.node import cmd_client, register
+from tests.asgi import post
 
 LOCAL = 9093
 
@@ -57,38 +58,9 @@ class FakeLink:
         await send({"type": "http.response.body", "body": out})
 
 
-def _request(guard: ListenerGuard, path: str, body: bytes = b"signed request") -> tuple[int, bytes]:
+def _request(guard: ListenerGuard, path: str, body: bytes = b"signed request") -> Any:
     """``path`` with ``body`` over the local listener, as a coroutine returning (status, body)."""
-
-    async def call() -> tuple[int, bytes]:
-        sent: list[dict[str, Any]] = []
-        done = asyncio.Event()
-        first = True
-
-        async def receive() -> dict[str, Any]:
-            nonlocal first
-            if first:
-                first = False
-                return {"type": "http.request", "body": body, "more_body": False}
-            await done.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(msg: dict[str, Any]) -> None:
-            sent.append(msg)
-
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": path,
-            "server": ("127.0.0.1", LOCAL),
-            "client": ("127.0.0.1", 50000),
-            "headers": [],
-        }
-        await guard(scope, receive, send)
-        done.set()
-        return int(sent[0]["status"]), b"".join(m.get("body", b"") for m in sent[1:])
-
-    return call()  # type: ignore[return-value]
+    return post(guard, path, body, server=("127.0.0.1", LOCAL), client=("127.0.0.1", 50000))
 
 
 def _guard(link: FakeLink) -> ListenerGuard:
