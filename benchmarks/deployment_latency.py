@@ -58,6 +58,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 from fedcore.core.config import Config, config_from_dict, to_dict, to_toml  # noqa: E402
 from fedcore.deploy.local import carve  # noqa: E402
 from fedcore.deploy.provision import provision  # noqa: E402
+from fedcore.deploy.superlink import GUARD_STATS_ENV  # noqa: E402
 from fedcore.engines.processes import ProcessTree, free_port  # noqa: E402
 
 CLIENTS = 3
@@ -102,10 +103,15 @@ def _wait(proc: object, timeout: float, what: str) -> int:
         raise SystemExit(f"{what} did not finish within {timeout:.0f} s") from None
 
 
+def _tag(secure: bool) -> str:
+    """The file-name prefix of a fedcore arm's run, logs and request statistics."""
+    return "fedcore-secure" if secure else "fedcore"
+
+
 def fedcore_arm(
     base: Path, rounds: int, fed: object, data: list[Path], *, model: str, secure: bool
 ) -> list[float]:
-    tag = "fedcore-secure" if secure else "fedcore"
+    tag = _tag(secure)
     run_dir = base / f"{tag}-run"
     cfg = config(rounds, run_dir, model=model, secure=secure)
     cfg_path = base / f"{tag}.toml"
@@ -129,7 +135,7 @@ def fedcore_arm(
                     str(local_port),
                     str(cfg_path),
                 ],
-                env={"FEDCORE_GUARD_STATS": str(stats)} if REQUESTS else None,
+                env={GUARD_STATS_ENV: str(stats)} if REQUESTS else None,
                 stdout=f,
             )
         for i, path in enumerate(data):
@@ -388,8 +394,8 @@ def main() -> None:
             out[f"{key}_rounds_s"] = [round(x, 3) for x in rounds]
             out[f"{key}_run_s"] = round(wall, 1)
             if REQUESTS and arm != "flower":
-                tag = "fedcore-secure" if arm == "secure" else "fedcore"
-                table = request_table(base / "logs" / f"{tag}-requests.txt", rounds)
+                stats_file = base / "logs" / f"{_tag(arm == 'secure')}-requests.txt"
+                table = request_table(stats_file, rounds)
                 out[f"{key}_requests_per_round"] = table
                 print(f"{key}: SuperLink requests per round (rounds 2..{n}):", flush=True)
                 for route, entry in table.items():

@@ -593,19 +593,21 @@ class _LeanHTTPMiddleware:
     """A ``BaseHTTPMiddleware`` layer whose ``call_next`` runs in the request's own task."""
 
     def __init__(self, app: Any, *, layer: type, args: Any, kwargs: Any) -> None:
+        from starlette.middleware.base import _CachedRequest  # noqa: PLC2701 - pinned
+        from starlette.responses import Response
+
         self.app = app
         self.layer = layer(app, *args, **kwargs)  # Starlette's own, for other paths
         self.dispatch = self.layer.dispatch_func
+        # replays the body a dispatch function reads to the rest of the stack
+        self._request = _CachedRequest
+        self._response = Response
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(_UNARY_PREFIXES):
             await self.layer(scope, receive, send)
             return
-        from starlette.middleware.base import _CachedRequest  # noqa: PLC2701 - pinned
-        from starlette.responses import Response
-
-        # the body a dispatch function reads is replayed to the rest of the stack
-        request = _CachedRequest(scope, receive)
+        request = self._request(scope, receive)
 
         async def call_next(_: Any) -> Any:
             start: dict[str, Any] | None = None
@@ -621,7 +623,7 @@ class _LeanHTTPMiddleware:
             await self.app(scope, request.wrapped_receive, keep)
             if start is None:
                 raise RuntimeError("No response returned.")
-            response = Response(b"".join(body), status_code=start["status"])
+            response = self._response(b"".join(body), status_code=start["status"])
             response.raw_headers = list(start["headers"])
             return response
 
