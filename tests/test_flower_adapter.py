@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import datetime
 from pathlib import Path
 
 import flwr
@@ -245,3 +246,144 @@ def test_the_lean_layers_answer_as_starlettes_and_in_the_requests_own_task(lean:
     assert tasks["stream"] is not tasks["/v1/control/logs"]  # Starlette's layers
     with pytest.raises(RuntimeError, match="already served"):
         flower_adapter._lean_middleware(app)  # noqa: SLF001
+
+
+# -- node authentication: one signed timestamp per window, verified once (issue 11) --
+def _signed_headers_verify(headers: dict[str, str], key: object) -> bool:
+    """Whether ``headers`` carry ``key``'s public key and its valid signature of their timestamp."""
+    from base64 import b64decode
+
+    from flwr.common.constant import TIMESTAMP_HEADER
+    from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+    from flwr.supercore.primitives.asymmetric import (
+        bytes_to_public_key,
+        public_key_to_bytes,
+        verify_signature,
+    )
+
+    public = b64decode(headers[FLEET_HTTP_PUBLIC_KEY_HEADER])
+    assert public == public_key_to_bytes(key.public_key())  # type: ignore[attr-defined]
+    signature = b64decode(headers[FLEET_HTTP_SIGNATURE_HEADER])
+    stamp = headers[TIMESTAMP_HEADER].encode("ascii")
+    return bool(verify_signature(bytes_to_public_key(public), stamp, signature))
+
+
+def test_a_node_signs_one_timestamp_per_reuse_window_with_flowers_headers() -> None:
+    """The client's interceptor sends Flower's three node-auth headers, valid for its key;
+    the same ones until ``reuse_s`` has passed by the wall clock, fresh ones after that or
+    when the clock goes back; and adds them to the request as Flower's does."""
+    import httpx
+    from flwr.common.constant import TIMESTAMP_HEADER
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    key = flower_adapter.new_node_key()
+    clock = [1000.0]
+    signer = flower_adapter._NodeAuthInterceptor(key, reuse_s=10.0, clock=lambda: clock[0])
+    first = signer.headers()
+    assert _signed_headers_verify(first, key)
+    clock[0] += 9.99
+    assert signer.headers() == first
+    clock[0] += 0.01
+    second = signer.headers()
+    assert second != first and _signed_headers_verify(second, key)
+    assert second[TIMESTAMP_HEADER] >= first[TIMESTAMP_HEADER]
+    clock[0] -= 1.0  # the clock went back: sign again rather than trust the window
+    third = signer.headers()
+    assert third != second and _signed_headers_verify(third, key)
+
+    # the same headers Flower's own interceptor adds, on a real request
+    def sent(interceptor: object) -> httpx.Headers:
+        from flwr.supercore.protobuf.client import ProtobufRequestContext
+
+        request = httpx.Request("POST", "https://127.0.0.1:1/v1/fleet/pull-messages")
+        from flwr.proto.fleet_pb2 import PullMessagesRequest
+
+        context = ProtobufRequestContext("PullMessages", PullMessagesRequest(), request)
+        return interceptor.intercept(context, lambda c: c.request.headers)  # type: ignore[attr-defined]
+
+    ours, flowers = sent(signer), sent(NodeAuthHttpInterceptor(key, key.public_key()))
+    assert set(ours) == set(flowers)
+    assert _signed_headers_verify(dict(ours), key)
+
+
+def test_the_superlink_remembers_only_the_signatures_it_verified() -> None:
+    """``_VerifiedSignatures`` verifies a (key, timestamp, signature) triple once and accepts
+    that exact triple again; the same timestamp and signature under another key, another
+    timestamp, an altered signature are verified (and refused); refusals are never
+    remembered; at most ``size`` triples are kept, the oldest forgotten first."""
+    from flwr.supercore.primitives.asymmetric import sign_message, verify_signature
+
+    calls: list[bytes] = []
+
+    def verify(public_key: object, message: bytes, signature: bytes) -> bool:
+        calls.append(message)
+        return bool(verify_signature(public_key, message, signature))  # type: ignore[arg-type]
+
+    remembered = flower_adapter._VerifiedSignatures(verify, size=2)
+    one, two = flower_adapter.new_node_key(), flower_adapter.new_node_key()
+    stamp = b"2026-12-01T22:00:00.000001+00:00"
+    signature = sign_message(one, stamp)
+    assert remembered(one.public_key(), stamp, signature) and len(calls) == 1
+    assert remembered(one.public_key(), stamp, signature) and len(calls) == 1
+    assert not remembered(two.public_key(), stamp, signature) and len(calls) == 2
+    assert not remembered(one.public_key(), stamp[:-7] + b"2+00:00", signature)
+    altered = bytearray(signature)
+    altered[-1] ^= 1
+    for _ in range(2):  # a refusal is verified every time
+        assert not remembered(one.public_key(), stamp, bytes(altered))
+    assert len(calls) == 5
+    # two more accepted triples push the first one out
+    for key in (one, two):
+        other = b"2026-12-01T22:00:01+00:00"
+        assert remembered(key.public_key(), other, sign_message(key, other))
+    assert len(calls) == 7
+    assert remembered(one.public_key(), stamp, signature) and len(calls) == 8
+
+
+def test_a_remembered_signature_is_refused_once_its_timestamp_is_too_old(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An attacker holding a node's signed headers (a triple the SuperLink remembers) is
+    refused by Flower's node authentication once their timestamp is out of its window, and
+    under another key: the age and key checks run before and after the remembered answer."""
+    from base64 import b64encode
+
+    from fastapi import HTTPException
+    from flwr.common.constant import TIMESTAMP_HEADER
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest
+    from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+    from flwr.supercore.date import now
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+    from flwr.superlink.routers.fleet import node_auth
+    from starlette.requests import Request
+
+    monkeypatch.setattr(node_auth, "verify_signature", node_auth.verify_signature)  # restored
+    remembered = flower_adapter._remember_verified_signatures()
+    assert node_auth.verify_signature is remembered
+    assert flower_adapter._remember_verified_signatures() is remembered  # installed once
+
+    key, other = flower_adapter.new_node_key(), flower_adapter.new_node_key()
+    public = public_key_to_bytes(key.public_key())
+
+    def authenticate(stamp: str, claimed: bytes = public) -> int:
+        signature = sign_message(key, stamp.encode("ascii"))
+        assert remembered(key.public_key(), stamp.encode("ascii"), signature)  # remembered now
+        headers = {
+            FLEET_HTTP_PUBLIC_KEY_HEADER: b64encode(public).decode(),
+            TIMESTAMP_HEADER: stamp,
+            FLEET_HTTP_SIGNATURE_HEADER: b64encode(signature).decode(),
+        }
+        raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        request = Request({"type": "http", "headers": raw, "path": "/v1/fleet/activate-node"})
+        request.state.protobuf_request = ActivateNodeRequest(public_key=claimed)
+        try:
+            node_auth.authenticate_node(request)
+        except HTTPException as exc:
+            return int(exc.status_code)
+        return 200
+
+    assert authenticate(now().isoformat()) == 200
+    assert authenticate("2020-01-01T00:00:00+00:00") == 401
+    old = (now() - datetime.timedelta(seconds=306)).isoformat()
+    assert authenticate(old) == 401
+    assert authenticate(now().isoformat(), public_key_to_bytes(other.public_key())) == 401

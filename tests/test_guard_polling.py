@@ -458,8 +458,11 @@ def test_node_authentication_holds_on_the_superlinks_lean_middleware_path(tmp_pa
     unsigned, signed by a key no node registered, signed by the node's key over another
     time, or signed by a second admitted node while naming the first one's id are all
     refused; the node's own signed request is answered, its protobuf body read by the
-    translation layer and again by the handler."""
-    from base64 import b64encode
+    translation layer and again by the handler. Once the SuperLink has verified (and
+    remembered, ``flower_adapter._VerifiedSignatures``) a node's signed timestamp, that
+    timestamp and signature are refused under another admitted node's key or id, and
+    with the signature altered."""
+    from base64 import b64decode, b64encode
 
     from cryptography.hazmat.primitives.asymmetric import ec
     from flwr.common.constant import TIMESTAMP_HEADER
@@ -502,11 +505,18 @@ def test_node_authentication_holds_on_the_superlinks_lean_middleware_path(tmp_pa
 
         node_id, own = join("client-1")
 
+        def send(headers: dict[str, str], node: int = node_id) -> int:
+            """A pull-messages request for ``node`` with ``headers``; the HTTP status."""
+            body = PullMessagesRequest(node=Node(node_id=node)).SerializeToString()
+            url = f"https://127.0.0.1:{public}/v1/fleet/pull-messages"
+            headers = {"content-type": "application/protobuf", **headers}
+            return httpx.post(url, content=body, headers=headers, verify=ca, timeout=10).status_code
+
         def pull(
             key: ec.EllipticCurvePrivateKey | None, node: int = node_id, stamp: str = ""
         ) -> int:
             """Flower's signed headers (NodeAuthHttpInterceptor's), from ``key``, over ``stamp``."""
-            headers = {"content-type": "application/protobuf"}
+            headers = {}
             if key is not None:
                 timestamp = now().isoformat()
                 headers[FLEET_HTTP_PUBLIC_KEY_HEADER] = b64encode(
@@ -516,9 +526,7 @@ def test_node_authentication_holds_on_the_superlinks_lean_middleware_path(tmp_pa
                 headers[FLEET_HTTP_SIGNATURE_HEADER] = b64encode(
                     sign_message(key, (stamp or timestamp).encode("ascii"))
                 ).decode()
-            body = PullMessagesRequest(node=Node(node_id=node)).SerializeToString()
-            url = f"https://127.0.0.1:{public}/v1/fleet/pull-messages"
-            return httpx.post(url, content=body, headers=headers, verify=ca, timeout=10).status_code
+            return send(headers, node)
 
         try:
             assert pull(own) == 200
@@ -530,6 +538,25 @@ def test_node_authentication_holds_on_the_superlinks_lean_middleware_path(tmp_pa
             assert other_id != node_id
             assert pull(other_key, other_id) == 200
             assert pull(other_key, node_id) == 401
+            # the headers fedcore's client sends (one signed timestamp for a while): accepted
+            # again and again, and remembered by the SuperLink once verified...
+            signed = flower._NodeAuthInterceptor(own).headers()
+            assert send(signed) == 200
+            assert send(signed) == 200
+            # ...but never for another node: not under client-2's key, nor naming its id
+            other_public = b64encode(public_key_to_bytes(other_key.public_key())).decode()
+            assert send({**signed, FLEET_HTTP_PUBLIC_KEY_HEADER: other_public}, other_id) == 401
+            assert send({**signed, FLEET_HTTP_PUBLIC_KEY_HEADER: other_public}, node_id) == 401
+            assert send(signed, other_id) == 401
+            # nor with the signature altered (its last byte, then a different valid-looking one)
+            sig = bytearray(b64decode(signed[FLEET_HTTP_SIGNATURE_HEADER]))
+            sig[-1] ^= 1
+            altered = b64encode(bytes(sig)).decode()
+            assert send({**signed, FLEET_HTTP_SIGNATURE_HEADER: altered}) == 401
+            resigned = sign_message(own, b"2026-01-01T00:00:00+00:00")
+            forged = {**signed, FLEET_HTTP_SIGNATURE_HEADER: b64encode(resigned).decode()}
+            assert send(forged) == 401
+            assert send(signed) == 200
         finally:
             for session in sessions:
                 session.close()
