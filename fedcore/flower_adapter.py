@@ -25,6 +25,7 @@ if any other module of fedcore or the apps imports a private Flower module.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import sys
 import threading
@@ -41,12 +42,14 @@ __all__ = [
     "SUPERLINK_NODE_ID",
     "SUPPORTED_FLOWER",
     "USER_CODE_ERROR",
+    "Behind",
     "FlowerVersionError",
     "GridBase",
     "activate_node",
     "activation_refused",
     "build_fab",
     "check_flower_version",
+    "confirm_replies_behind",
     "control_client",
     "deactivate_node",
     "empty_run",
@@ -264,6 +267,92 @@ def parse_address(address: str) -> tuple[str, int, bool | None] | None:
     return _parse_address(address)
 
 
+# ------------------------------------------------------------------ confirmations, sent behind
+class Behind:
+    """Calls run in order on one daemon thread while the caller goes on (issue 11).
+
+    A message's receipt is confirmed to the SuperLink (``confirm-message-received``)
+    only so that it can drop the message's objects from its store: nothing waits
+    for the answer. Flower sends it before the received message is handled (a node)
+    or the next reply pulled (the ServerApp), one request on every stage's path per
+    message; sent from here, it no longer is. A failed call is logged (debug) and
+    dropped: the SuperLink keeps those objects until the run ends. Daemon, so a
+    process never waits for it to exit; :meth:`drain` waits for what was submitted.
+    """
+
+    def __init__(self, name: str) -> None:
+        import queue
+
+        self.name = name
+        self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = (
+            queue.SimpleQueue()
+        )
+        self._idle = threading.Condition()
+        self._pending = 0
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Call ``fn(*args)`` on the thread, after everything submitted before."""
+        with self._idle:
+            self._pending += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+        self._queue.put((fn, args))
+
+    def drain(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) until every submitted call has run; whether they had."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def _run(self) -> None:
+        import logging
+
+        while True:
+            fn, args = self._queue.get()
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - nothing waits for it (see above)
+                logging.getLogger("fedcore.flower").debug("%s: %r failed: %s", self.name, fn, exc)
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
+
+
+# ------------------------------------------------------------------ Runtime API (the ServerApp)
+def confirm_replies_behind(grid: Grid) -> bool:
+    """Have Flower's ``HttpGrid`` confirm each pulled reply from a :class:`Behind` thread.
+
+    ``HttpGrid.pull_messages`` confirms every reply right after pulling its objects,
+    before it pulls the next reply (three confirmations one after another in each
+    stage of a round with three clients). Returns whether ``grid`` is an ``HttpGrid``
+    (any other grid is left as it is).
+    """
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    if not isinstance(grid, HttpGrid):
+        return False
+    client = grid._runtime_client  # noqa: SLF001 - pinned Flower: connects (once)
+    if not isinstance(client.ConfirmMessageReceived, _ConfirmBehind):
+        client.ConfirmMessageReceived = _ConfirmBehind(client.ConfirmMessageReceived)
+    return True
+
+
+class _ConfirmBehind:
+    """A Runtime client's ``ConfirmMessageReceived``, sent from a :class:`Behind` thread."""
+
+    def __init__(self, confirm: Callable[[Any], Any]) -> None:
+        self.confirm = confirm
+        self.behind = Behind("fedcore-confirm-replies")
+
+    def __call__(self, request: Any) -> Any:
+        from flwr.proto.message_pb2 import ConfirmMessageReceivedResponse  # pylint: disable=E0611
+
+        self.behind.submit(self.confirm, request)
+        return ConfirmMessageReceivedResponse()
+
+
 # ------------------------------------------------------------------ Fleet API (a node)
 def new_node_key() -> Any:
     """A fresh EC P-384 private key of the kind Flower's node authentication uses."""
@@ -436,8 +525,14 @@ def pull_message(client: Any, node_id: int) -> tuple[Message, Any] | None:
     return message_from_proto(res.messages_list[0]), res.message_object_trees[0]
 
 
-def receive_message(client: Any, node_id: int, run_id: int, tree: Any) -> Message:
-    """Pull the objects of the message ``tree`` describes, confirm receipt; the full Message."""
+def receive_message(
+    client: Any, node_id: int, run_id: int, tree: Any, *, behind: Behind | None = None
+) -> Message:
+    """Pull the objects of the message ``tree`` describes, confirm receipt; the full Message.
+
+    With ``behind``, the receipt is confirmed from its thread while the caller
+    handles the message (:class:`Behind`).
+    """
     from flwr.supercore.inflatable.inflatable_protobuf_utils import (
         make_confirm_message_received_fn_protobuf,
         make_pull_object_fn_protobuf,
@@ -445,10 +540,13 @@ def receive_message(client: Any, node_id: int, run_id: int, tree: Any) -> Messag
     from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 
     node = _node(node_id)
+    confirm = make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, run_id)
+    if behind is not None:
+        confirm = functools.partial(behind.submit, confirm)
     message = pull_and_inflate_object_from_tree(
         tree,
         make_pull_object_fn_protobuf(client.PullObject, node, run_id),
-        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, run_id),
+        confirm,
         return_type=Message,
     )
     set_message_id(message, tree.object_id)

@@ -387,3 +387,106 @@ def test_a_remembered_signature_is_refused_once_its_timestamp_is_too_old(
     old = (now() - datetime.timedelta(seconds=306)).isoformat()
     assert authenticate(old) == 401
     assert authenticate(now().isoformat(), public_key_to_bytes(other.public_key())) == 401
+
+
+# -- receipts confirmed behind the caller (issue 11) --
+def test_behind_runs_calls_in_order_off_the_callers_path_and_survives_a_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``Behind.submit`` returns while the call is still blocked; calls run in order on
+    one other thread; a failing call is logged and the next ones still run; ``drain``
+    says whether everything submitted has run."""
+    import logging
+    import threading
+
+    behind = flower_adapter.Behind("test-behind")
+    gate, ran, threads = threading.Event(), [], set()
+
+    def call(i: int) -> None:
+        threads.add(threading.get_ident())
+        if i == 0:
+            assert gate.wait(10)
+        if i == 2:
+            raise RuntimeError("the SuperLink is gone")
+        ran.append(i)
+
+    for i in range(5):
+        behind.submit(call, i)  # returns although call 0 blocks
+    assert ran == []
+    assert not behind.drain(0.05)  # still blocked
+    gate.set()
+    with caplog.at_level(logging.DEBUG, logger="fedcore.flower"):
+        assert behind.drain(10)
+    assert ran == [0, 1, 3, 4]
+    assert threads and threading.get_ident() not in threads and len(threads) == 1
+    assert "the SuperLink is gone" in caplog.text
+    assert behind.drain(0)  # nothing pending
+
+
+def test_a_received_message_is_confirmed_behind_after_its_objects_are_pulled() -> None:
+    """``receive_message(..., behind=...)`` pulls the message's objects, returns the message,
+    and confirms its receipt (the message's object id, run and node) from the thread."""
+    import threading
+
+    from flwr.proto.message_pb2 import ConfirmMessageReceivedResponse, PullObjectResponse
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+
+    msg = Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=5, message_type="train")
+    flower_adapter.set_message_id(msg, msg.object_id)
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
+    tree = get_object_tree(msg)
+    confirmed: list[tuple[str, int, int, int]] = []
+    gate = threading.Event()
+
+    class Client:
+        def PullObject(self, req: object) -> object:  # noqa: N802 - Flower's name
+            return PullObjectResponse(
+                object_found=True, object_available=True, object_content=contents[req.object_id]
+            )
+
+        def ConfirmMessageReceived(self, req: object) -> object:  # noqa: N802
+            assert gate.wait(10)
+            confirmed.append(
+                (req.message_object_id, req.run_id, req.node.node_id, threading.get_ident())
+            )
+            return ConfirmMessageReceivedResponse()
+
+    behind = flower_adapter.Behind("test-confirm")
+    got = flower_adapter.receive_message(Client(), 5, 7, tree, behind=behind)
+    assert got.metadata.message_id == msg.object_id
+    assert got.content["c"]["x"] == 1
+    assert confirmed == []  # the caller has the message before the receipt is confirmed
+    gate.set()
+    assert behind.drain(10)
+    assert [c[:3] for c in confirmed] == [(msg.object_id, 7, 5)]
+    assert confirmed[0][3] != threading.get_ident()
+
+
+def test_flowers_deployment_grid_confirms_replies_behind_and_other_grids_are_left_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``confirm_replies_behind`` gives an ``HttpGrid``'s Runtime client a confirmation that
+    answers at once and sends the real one from the thread (once, however often called);
+    any other grid is not touched."""
+    import threading
+
+    from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    grid = HttpGrid("127.0.0.1:1", insecure=True, token="t")  # connects lazily, sends nothing
+    sent: list[tuple[str, int]] = []
+    client = grid._runtime_client
+    monkeypatch.setattr(
+        client,
+        "ConfirmMessageReceived",
+        lambda req: sent.append((req.message_object_id, threading.get_ident())),
+    )
+    assert flower_adapter.confirm_replies_behind(grid)
+    wrapped = client.ConfirmMessageReceived
+    assert flower_adapter.confirm_replies_behind(grid)  # installed once
+    assert client.ConfirmMessageReceived is wrapped
+    res = wrapped(ConfirmMessageReceivedRequest(message_object_id="abc", run_id=1))
+    assert type(res).__name__ == "ConfirmMessageReceivedResponse"
+    assert wrapped.behind.drain(10)
+    assert [s[0] for s in sent] == ["abc"] and sent[0][1] != threading.get_ident()
+    assert not flower_adapter.confirm_replies_behind(object())  # type: ignore[arg-type]

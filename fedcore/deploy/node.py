@@ -134,6 +134,8 @@ def load_client_kit(path: str | Path) -> ClientKit:
 #: counts a killed client as gone after 2 x 10 s instead of Flower's default 2 x 30 s
 #: (its HeartbeatSender has a fixed 30 s schedule; :class:`_Heartbeat` sends every 5 s).
 HEARTBEAT_INTERVAL = 10.0
+#: At most this long, a leaving node waits for its receipts still being confirmed.
+CONFIRM_DRAIN_S = 2.0
 
 
 class _Heartbeat:
@@ -286,6 +288,8 @@ class FleetSession:
         )
         self.node_id: int | None = None
         self._heartbeat: Any = None
+        #: receipts confirmed while the message is handled (flower_adapter.Behind)
+        self._confirms = flower.Behind("fedcore-confirm-received")
         self.lost = threading.Event()  # set when the server stops recognising us
 
     # -- connection -----------------------------------------------------------
@@ -377,6 +381,7 @@ class FleetSession:
         """Deactivate the node and close the connection (best effort)."""
         if self._heartbeat is not None and self._heartbeat.is_running:
             self._heartbeat.stop()
+        self._confirms.drain(CONFIRM_DRAIN_S)
         if self.node_id is not None:
             try:
                 flower.deactivate_node(self.client, self.node_id)
@@ -391,7 +396,9 @@ class FleetSession:
 
     def receive(self, tree: Any, run_id: int) -> Any:
         """Pull the message's objects, confirm receipt and return the full Message."""
-        return flower.receive_message(self.client, self._node(), run_id, tree)
+        return flower.receive_message(
+            self.client, self._node(), run_id, tree, behind=self._confirms
+        )
 
     def send(self, reply: Any, runtime: float) -> None:
         """Push a reply and its objects (Flower's two-step object transfer)."""

@@ -16,6 +16,10 @@ of several arrays travels as one object (:mod:`fedcore.core.packing`: 20 objects
 become 6 for a train message of the default CNN, each one an HTTPS request to
 the SuperLink), and packed replies are unpacked before anyone reads them; a reply
 whose packed arrays are malformed becomes an error reply from its client.
+
+Under deployment each reply's receipt is confirmed to the SuperLink from a
+background thread (:func:`fedcore.flower_adapter.confirm_replies_behind`): nothing
+waits for that answer, and Flower's grid sent it before pulling the next reply.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedcore.core.packing import PackingError, pack_content, unpack_content
-from fedcore.flower_adapter import GridBase, replace_with_error
+from fedcore.flower_adapter import GridBase, confirm_replies_behind, replace_with_error
 
 __all__ = ["PollingGrid"]
 
@@ -56,6 +60,7 @@ class PollingGrid(GridBase):
         self._inner = inner
         self.interval = interval
         self.pack = pack
+        confirm_replies_behind(inner)  # Flower's HttpGrid: receipts off the replies' path
 
     # -- delegation -----------------------------------------------------------
     @property
