@@ -79,14 +79,16 @@ def test_strategy_arrays_round_trip(tmp_path):
     assert sorted(back.arrays.keys()) == ["w"]  # the strategy's arrays stay apart
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="save_checkpoint passes strategy arrays through np.ascontiguousarray, which "
-    "makes a 0-d array 1-d (numpy_to_array avoids it for the model's arrays); reported",
-)
 def test_a_scalar_strategy_array_keeps_its_shape(tmp_path):
-    save_checkpoint(tmp_path, _state(strategy_arrays={"step": np.array(4)}))
-    assert load_checkpoint(tmp_path).strategy_arrays["step"].shape == ()
+    """A 0-d strategy array (an optimizer's step count) comes back 0-d, and a strided
+    (non-contiguous) one with its values: save_checkpoint no longer passes them through
+    np.ascontiguousarray, which made a 0-d array 1-d."""
+    strided = np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]
+    assert not strided.flags.c_contiguous
+    save_checkpoint(tmp_path, _state(strategy_arrays={"step": np.array(4), "m": strided}))
+    back = load_checkpoint(tmp_path).strategy_arrays
+    assert back["step"].shape == () and back["step"].tolist() == 4
+    assert back["m"].shape == (3, 2) and np.array_equal(back["m"], strided)
 
 
 def test_a_changed_strategy_array_is_detected(tmp_path):

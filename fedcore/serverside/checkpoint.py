@@ -154,9 +154,9 @@ def _spec_json(spec: Mapping[str, ArraySpec]) -> dict[str, list[Any]]:
 
 def save_checkpoint(run_dir: Path, state: ServerState) -> None:
     """Atomically replace ``run_dir/checkpoint.safetensors`` with ``state``."""
-    strategy = ArrayRecord(
-        {k: numpy_to_array(np.ascontiguousarray(v)) for k, v in state.strategy_arrays.items()}
-    )
+    # numpy_to_array makes a C-contiguous copy where needed and, unlike
+    # np.ascontiguousarray, keeps a 0-d array (an optimizer's step count) 0-d
+    strategy = ArrayRecord({k: numpy_to_array(v) for k, v in state.strategy_arrays.items()})
     meta = {
         "version": FORMAT_VERSION,
         "round": state.round,
