@@ -30,7 +30,9 @@ message: waited (since its last reply), receive, app, send.
 (``FEDCORE_GUARD_STATS``, :mod:`fedcore.deploy.superlink`) and prints, per API
 route, the requests per round and the asks of the app per round (a held pull asks
 again when woken), with their median seconds, over rounds 2..N (JSON key
-``*_requests_per_round``).
+``*_requests_per_round``), and the median stage trip: from one ServerApp
+``push-messages`` to the next (``*_stage_trip_median_ms``; a secure round is 10
+trips, a plain one 2).
 
 Last line: one JSON object with ``fedcore_round_s``, ``fedcore_secagg_round_s``
 and ``flower_round_s`` (means; ``*_median_s`` and each round beside them).
@@ -187,6 +189,25 @@ def request_table(path: Path, rounds: list[float]) -> dict[str, dict[str, float]
         if entry:
             table[route] = entry
     return table
+
+
+def stage_trips_ms(path: Path, rounds: list[float]) -> list[float]:
+    """Milliseconds from each ServerApp ``push-messages`` to the next, over ``rounds``.
+
+    A stage trip: the ServerApp pushes a stage's messages, the clients answer, it
+    pulls the replies and pushes the next stage (a secure round is 10 of them, a plain
+    one 2). Same window as :func:`request_table`.
+    """
+    lines = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+    rows = [(float(t), route, kind, float(sec)) for t, route, kind, sec in lines]
+    end = max(t for t, route, _, _ in rows if route == "/v1/fleet/push-messages")
+    start = end - sum(rounds)
+    pushes = sorted(
+        t - sec
+        for t, route, kind, sec in rows
+        if route == "/v1/runtime/push-messages" and kind == "request" and start < t <= end
+    )
+    return [1000 * (b - a) for a, b in zip(pushes, pushes[1:], strict=False)]
 
 
 def _flower_fab(cfg: Config) -> bytes:
@@ -397,9 +418,18 @@ def main() -> None:
                 stats_file = base / "logs" / f"{_tag(arm == 'secure')}-requests.txt"
                 table = request_table(stats_file, rounds)
                 out[f"{key}_requests_per_round"] = table
+                trips = stage_trips_ms(stats_file, rounds)
+                if trips:
+                    out[f"{key}_stage_trip_median_ms"] = round(statistics.median(trips), 1)
                 print(f"{key}: SuperLink requests per round (rounds 2..{n}):", flush=True)
                 for route, entry in table.items():
                     print(f"  {route:40s} {entry}", flush=True)
+                if trips:
+                    print(
+                        f"{key}: {len(trips)} stage trips, median "
+                        f"{statistics.median(trips):.0f} ms",
+                        flush=True,
+                    )
     finally:
         if keep:
             print(f"work directory kept: {base}")
