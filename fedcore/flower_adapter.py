@@ -7,12 +7,17 @@ here, so a Flower upgrade touches this file and no other:
 - messages: their protobuf wire form (the embedded engine's pipes), setting a
   message id, error replies, the process's ``TaskIdentity``, an empty ``Run``,
   and :class:`GridBase` (the deprecated abstract ``Grid.create_message``);
-- the Fleet API a node speaks (``fedcore client``): a signed HTTPS client,
-  activation, heartbeats, Flower's two-step object transfer, the run config;
+- the Fleet API a node speaks (``fedcore client``): a signed HTTPS client (one
+  signed timestamp per :data:`SIGNATURE_REUSE_S`), activation, heartbeats, Flower's
+  two-step object transfer with receipts confirmed behind (:class:`Behind`), the
+  run config;
+- the ServerApp's Runtime client: its receipts confirmed behind too
+  (:func:`confirm_replies_behind`);
 - the Control API ``fedcore server`` drives: node keys, starting and following
   a run, building a Flower App Bundle;
-- the SuperLink app ``python -m fedcore.deploy.superlink`` serves, its Fleet API
-  routes and its log config.
+- the SuperLink app ``python -m fedcore.deploy.superlink`` serves (Flower's
+  middleware layers without their per-request tasks, node signatures verified once),
+  its Fleet API routes and its log config.
 
 Importing this module checks ``flwr.__version__`` (:func:`check_flower_version`):
 another Flower than :data:`SUPPORTED_FLOWER`.x raises :class:`FlowerVersionError`
