@@ -348,14 +348,15 @@ class _ConfirmBehind:
     """A Runtime client's ``ConfirmMessageReceived``, sent from a :class:`Behind` thread."""
 
     def __init__(self, confirm: Callable[[Any], Any]) -> None:
-        self.confirm = confirm
-        self.behind = Behind("fedcore-confirm-replies")
-
-    def __call__(self, request: Any) -> Any:
         from flwr.proto.message_pb2 import ConfirmMessageReceivedResponse  # pylint: disable=E0611
 
+        self.confirm = confirm
+        self.behind = Behind("fedcore-confirm-replies")
+        self._response = ConfirmMessageReceivedResponse
+
+    def __call__(self, request: Any) -> Any:
         self.behind.submit(self.confirm, request)
-        return ConfirmMessageReceivedResponse()
+        return self._response()
 
 
 # ------------------------------------------------------------------ Fleet API (a node)
@@ -393,10 +394,19 @@ class _NodeAuthInterceptor:
         reuse_s: float = SIGNATURE_REUSE_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+        from flwr.common.constant import TIMESTAMP_HEADER
+        from flwr.supercore.constant import (
+            FLEET_HTTP_PUBLIC_KEY_HEADER,
+            FLEET_HTTP_SIGNATURE_HEADER,
+        )
+        from flwr.supercore.date import now
+        from flwr.supercore.interceptors.http.utils import add_headers
+        from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
 
         self._private_key = private_key
         self._public = base64.b64encode(public_key_to_bytes(private_key.public_key())).decode()
+        self._names = (FLEET_HTTP_PUBLIC_KEY_HEADER, TIMESTAMP_HEADER, FLEET_HTTP_SIGNATURE_HEADER)
+        self._now, self._sign, self._add = now, sign_message, add_headers  # (looked up once)
         self._reuse_s = reuse_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -405,31 +415,22 @@ class _NodeAuthInterceptor:
 
     def headers(self) -> dict[str, str]:
         """The signed headers to send now (a copy)."""
-        from flwr.common.constant import TIMESTAMP_HEADER
-        from flwr.supercore.constant import (
-            FLEET_HTTP_PUBLIC_KEY_HEADER,
-            FLEET_HTTP_SIGNATURE_HEADER,
-        )
-        from flwr.supercore.date import now
-        from flwr.supercore.primitives.asymmetric import sign_message
-
         with self._lock:
             t = self._clock()
             if self._headers is None or not 0.0 <= t - self._signed_at < self._reuse_s:
-                timestamp = now().isoformat()
-                signature = sign_message(self._private_key, timestamp.encode("ascii"))
+                timestamp = self._now().isoformat()
+                signature = self._sign(self._private_key, timestamp.encode("ascii"))
+                public, stamp, signed = self._names
                 self._headers = {
-                    FLEET_HTTP_PUBLIC_KEY_HEADER: self._public,
-                    TIMESTAMP_HEADER: timestamp,
-                    FLEET_HTTP_SIGNATURE_HEADER: base64.b64encode(signature).decode("ascii"),
+                    public: self._public,
+                    stamp: timestamp,
+                    signed: base64.b64encode(signature).decode("ascii"),
                 }
                 self._signed_at = t
             return dict(self._headers)
 
     def intercept(self, context: Any, call_next: Any) -> Any:
-        from flwr.supercore.interceptors.http.utils import add_headers
-
-        add_headers(context.request, self.headers())
+        self._add(context.request, self.headers())
         return call_next(context)
 
 
@@ -747,16 +748,17 @@ class _VerifiedSignatures:
     """
 
     def __init__(self, verify: Callable[[Any, bytes, bytes], bool], size: int) -> None:
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
         self.verify = verify
         self._size = size
+        self._point = (Encoding.X962, PublicFormat.UncompressedPoint)
         self._seen: OrderedDict[tuple[str, bytes, bytes, bytes], None] = OrderedDict()
         self._lock = threading.Lock()
 
     def __call__(self, public_key: Any, message: bytes, signature: bytes) -> bool:
-        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-        point = public_key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
-        key = (public_key.curve.name, bytes(point), bytes(message), bytes(signature))
+        point = public_key.public_bytes(*self._point)
+        key = (public_key.curve.name, point, bytes(message), bytes(signature))
         with self._lock:
             if key in self._seen:
                 self._seen.move_to_end(key)

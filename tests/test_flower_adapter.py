@@ -293,11 +293,10 @@ def test_a_node_signs_one_timestamp_per_reuse_window_with_flowers_headers() -> N
 
     # the same headers Flower's own interceptor adds, on a real request
     def sent(interceptor: object) -> httpx.Headers:
+        from flwr.proto.fleet_pb2 import PullMessagesRequest
         from flwr.supercore.protobuf.client import ProtobufRequestContext
 
         request = httpx.Request("POST", "https://127.0.0.1:1/v1/fleet/pull-messages")
-        from flwr.proto.fleet_pb2 import PullMessagesRequest
-
         context = ProtobufRequestContext("PullMessages", PullMessagesRequest(), request)
         return interceptor.intercept(context, lambda c: c.request.headers)  # type: ignore[attr-defined]
 
