@@ -52,7 +52,13 @@ __all__ = [
     "GridBase",
     "activate_node",
     "activation_refused",
+    "BUNDLED_PULL",
+    "BUNDLED_PUSH",
+    "BUNDLE_MAX_BYTES",
+    "BUNDLE_MAX_FRAMES",
     "build_fab",
+    "bundled_object_pushes",
+    "bundled_object_requests",
     "check_flower_version",
     "confirm_replies_behind",
     "control_client",
@@ -70,6 +76,9 @@ __all__ = [
     "no_messages",
     "no_task",
     "object_not_uploaded",
+    "object_pulled",
+    "object_stored",
+    "pack_frames",
     "parse_address",
     "pull_message",
     "push_reply",
@@ -84,6 +93,7 @@ __all__ = [
     "start_run",
     "stop_run",
     "superlink_app",
+    "unpack_frames",
     "unregister_node",
     "uvicorn_log_config",
 ]
@@ -522,13 +532,34 @@ def deactivate_node(client: Any, node_id: int) -> None:
 
 
 def pull_message(client: Any, node_id: int) -> tuple[Message, Any] | None:
-    """The next message for ``node_id`` as ``(metadata-only Message, object tree)``, or None."""
-    from flwr.proto.fleet_pb2 import PullMessagesRequest  # pylint: disable=E0611
+    """The next message for ``node_id`` as ``(metadata-only Message, object tree)``, or None.
 
-    res = client.PullMessages(PullMessagesRequest(node=_node(node_id)))
+    From a fedcore server the message comes with its objects in the same answer
+    (:data:`BUNDLED_PULL`); :func:`receive_message` then takes them from there.
+    """
+    from flwr.proto.fleet_pb2 import (  # pylint: disable=E0611
+        PullMessagesRequest,
+        PullMessagesResponse,
+    )
+
+    req = PullMessagesRequest(node=_node(node_id))
+    prefetched = _prefetched(client)
+    prefetched.clear()  # one message at a time: nothing older is still wanted
+    raw = _bundled(client, BUNDLED_PULL, req, "/flwr.proto.Fleet/PullMessages")
+    if raw is None:
+        res = client.PullMessages(req)
+        frames: list[bytes] = []
+    else:
+        frames = unpack_frames(raw)
+        if not frames:
+            raise ValueError("empty bundled pull-messages answer")
+        res = PullMessagesResponse.FromString(frames[0])
     if not res.messages_list:
         return None
-    return message_from_proto(res.messages_list[0]), res.message_object_trees[0]
+    tree = res.message_object_trees[0]
+    if frames:
+        prefetched[tree.object_id] = _inlined_objects(tree, frames[1:])
+    return message_from_proto(res.messages_list[0]), tree
 
 
 def receive_message(
@@ -536,6 +567,7 @@ def receive_message(
 ) -> Message:
     """Pull the objects of the message ``tree`` describes, confirm receipt; the full Message.
 
+    Objects that came with the message (:func:`pull_message`) are not pulled again.
     With ``behind``, the receipt is confirmed from its thread while the caller
     handles the message (:class:`Behind`).
     """
@@ -549,47 +581,288 @@ def receive_message(
     confirm = make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, run_id)
     if behind is not None:
         confirm = functools.partial(behind.submit, confirm)
-    message = pull_and_inflate_object_from_tree(
-        tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, run_id),
-        confirm,
-        return_type=Message,
-    )
+    pull = make_pull_object_fn_protobuf(client.PullObject, node, run_id)
+    inlined = _prefetched(client).pop(tree.object_id, {})
+    if inlined:
+        pull = functools.partial(_pull_inlined, inlined, pull)
+    message = pull_and_inflate_object_from_tree(tree, pull, confirm, return_type=Message)
     set_message_id(message, tree.object_id)
     return message
 
 
 def push_reply(client: Any, node_id: int, reply: Message, *, runtime: float) -> None:
-    """Push ``reply`` and its objects (Flower's two-step object transfer)."""
+    """Push ``reply`` and its objects (Flower's two-step object transfer).
+
+    To a fedcore server the message and its objects (up to :data:`BUNDLE_MAX_BYTES`)
+    go in one request (:data:`BUNDLED_PUSH`); whatever else the SuperLink asks for
+    is pushed object by object, as Flower does.
+    """
     from flwr.app.message import remove_content_from_message
-    from flwr.proto.fleet_pb2 import PushMessagesRequest  # pylint: disable=E0611
+    from flwr.proto.fleet_pb2 import (  # pylint: disable=E0611
+        PushMessagesRequest,
+        PushMessagesResponse,
+    )
+    from flwr.proto.message_pb2 import (  # pylint: disable=E0611
+        PushObjectRequest,
+        PushObjectResponse,
+    )
     from flwr.supercore.inflatable.inflatable_object import (
         get_all_nested_objects,
         get_object_tree,
         no_object_id_recompute,
     )
     from flwr.supercore.inflatable.inflatable_protobuf_utils import make_push_object_fn_protobuf
-    from flwr.supercore.inflatable.inflatable_utils import push_objects
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPushError, push_objects
 
     node = _node(node_id)
+    run_id = reply.metadata.run_id
     set_message_id(reply, reply.object_id)
     with no_object_id_recompute():
         tree = get_object_tree(reply)
-        res = client.PushMessages(
-            PushMessagesRequest(
-                node=node,
-                messages_list=[message_to_proto(remove_content_from_message(reply))],
-                message_object_trees=[tree],
-                clientapp_runtime_list=[runtime],
+        req = PushMessagesRequest(
+            node=node,
+            messages_list=[message_to_proto(remove_content_from_message(reply))],
+            message_object_trees=[tree],
+            clientapp_runtime_list=[runtime],
+        )
+        objects = get_all_nested_objects(reply)
+        offered: list[tuple[str, bytes]] = []
+        size = 0
+        if _bundles(client):
+            for oid in list(objects):
+                content = objects[oid].deflate()
+                if size + len(content) > BUNDLE_MAX_BYTES:
+                    break
+                size += len(content)
+                offered.append((oid, content))
+        raw = None
+        if offered:
+            body = [req.SerializeToString(deterministic=True)] + [
+                PushObjectRequest(
+                    node=node, run_id=run_id, object_id=oid, object_content=content
+                ).SerializeToString(deterministic=True)
+                for oid, content in offered
+            ]
+            raw = _bundled(client, BUNDLED_PUSH, req, "/flwr.proto.Fleet/PushMessages", body)
+        if raw is None:
+            res = client.PushMessages(req)
+            left = set(res.objects_to_push)
+        else:
+            frames = unpack_frames(raw)
+            if not frames:
+                raise ValueError("empty bundled push-messages answer")
+            res = PushMessagesResponse.FromString(frames[0])
+            wanted = set(res.objects_to_push)
+            pushed = [oid for oid, _ in offered if oid in wanted]
+            if len(frames) - 1 != len(pushed):
+                raise ValueError(
+                    f"the bundled push stored {len(frames) - 1} of {len(pushed)} objects"
+                )
+            for oid, frame in zip(pushed, frames[1:], strict=True):
+                if not PushObjectResponse.FromString(frame).stored:
+                    raise ObjectPushError(oid, run_id, res.session_id)
+            left = wanted - set(pushed)
+        if left:
+            push_objects(
+                objects,
+                make_push_object_fn_protobuf(client.PushObject, node, run_id, res.session_id),
+                object_ids_to_push=left,
             )
-        )
-        push_objects(
-            get_all_nested_objects(reply),
-            make_push_object_fn_protobuf(
-                client.PushObject, node, reply.metadata.run_id, res.session_id
-            ),
-            object_ids_to_push=set(res.objects_to_push),
-        )
+
+
+# -- bundled transfers: a fedcore client and a fedcore server (issue 11) ------------
+#: Route of the listener guard (fedcore.deploy.guard) answering a node's pull for
+#: messages with the message and all its objects in one response.
+BUNDLED_PULL = "/fedcore/v1/fleet/pull-messages"
+#: Route taking a node's reply and its objects in one request.
+BUNDLED_PUSH = "/fedcore/v1/fleet/push-messages"
+#: Most frames one bundle may hold (a message and its objects).
+BUNDLE_MAX_FRAMES = 4096
+#: Most object bytes a node puts in one bundled push (the rest go one by one).
+BUNDLE_MAX_BYTES = 16 * 1024 * 1024
+_FRAME = 4  # bytes of a frame's big-endian length
+
+
+def pack_frames(parts: Sequence[bytes]) -> bytes:
+    """``parts`` as one body: each a 4-byte big-endian length, then its bytes."""
+    out = bytearray()
+    for part in parts:
+        out += len(part).to_bytes(_FRAME, "big")
+        out += part
+    return bytes(out)
+
+
+def unpack_frames(data: bytes, *, limit: int = BUNDLE_MAX_FRAMES) -> list[bytes]:
+    """The parts :func:`pack_frames` joined; ``ValueError`` naming what is wrong."""
+    view = memoryview(data)
+    parts: list[bytes] = []
+    pos = 0
+    while pos < len(view):
+        if len(parts) == limit:
+            raise ValueError(f"more than {limit} frames in one bundle")
+        if pos + _FRAME > len(view):
+            raise ValueError(f"a truncated frame header at byte {pos}")
+        size = int.from_bytes(view[pos : pos + _FRAME], "big")
+        pos += _FRAME
+        if pos + size > len(view):
+            raise ValueError(f"a frame of {size} bytes at byte {pos} runs past the end")
+        parts.append(bytes(view[pos : pos + size]))
+        pos += size
+    return parts
+
+
+def _tree_ids(tree: Any) -> list[str]:
+    """The object ids of an ``ObjectTree`` in the order Flower pulls them (children first)."""
+    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+
+    return [t.object_id for t in iterate_object_tree(tree)]
+
+
+def bundled_object_requests(pull_request: bytes, pull_response: bytes) -> list[bytes]:
+    """The ``pull-object`` request bodies for every object of a ``PullMessagesResponse``.
+
+    The node is the one that asked (``pull_request``); the run is each message's. The
+    order is :func:`_tree_ids`', message after message: the order of the frames a
+    bundled pull answers with. Empty if either body is not what it should be.
+    """
+    from flwr.proto.fleet_pb2 import (  # pylint: disable=E0611
+        PullMessagesRequest,
+        PullMessagesResponse,
+    )
+    from flwr.proto.message_pb2 import PullObjectRequest  # pylint: disable=E0611
+
+    req = _parsed(PullMessagesRequest, pull_request)
+    res = _parsed(PullMessagesResponse, pull_response)
+    if req is None or res is None:
+        return []
+    out = []
+    for msg, tree in zip(res.messages_list, res.message_object_trees, strict=False):
+        for oid in _tree_ids(tree):
+            out.append(
+                PullObjectRequest(
+                    node=req.node, run_id=msg.metadata.run_id, object_id=oid
+                ).SerializeToString(deterministic=True)
+            )
+    return out
+
+
+def object_pulled(content: bytes) -> bool:
+    """Whether a ``PullObjectResponse`` (bytes) carries its object."""
+    from flwr.proto.message_pb2 import PullObjectResponse  # pylint: disable=E0611
+
+    res = _parsed(PullObjectResponse, content)
+    return res is not None and res.object_found and res.object_available
+
+
+def bundled_object_pushes(
+    push_response: bytes, offered: Sequence[bytes]
+) -> list[tuple[str, bytes]]:
+    """What a bundled push stores: ``(object id, push-object body)`` per object to store.
+
+    Those are the offered objects the SuperLink asked for (``objects_to_push`` of its
+    ``PushMessagesResponse``), in the offered order, each with the answer's ``session_id``.
+
+    Raises ``ValueError`` if an offered frame is not a ``PushObjectRequest``.
+    """
+    from flwr.proto.fleet_pb2 import PushMessagesResponse  # pylint: disable=E0611
+    from flwr.proto.message_pb2 import PushObjectRequest  # pylint: disable=E0611
+
+    res = _parsed(PushMessagesResponse, push_response)
+    if res is None:
+        return []
+    wanted = set(res.objects_to_push)
+    out = []
+    for i, frame in enumerate(offered):
+        req = _parsed(PushObjectRequest, frame)
+        if req is None or not req.object_id:
+            raise ValueError(f"frame {i + 1} is not a push-object request")
+        if req.object_id in wanted:
+            wanted.discard(req.object_id)  # (an object offered twice is stored once)
+            req.session_id = res.session_id
+            out.append((req.object_id, req.SerializeToString(deterministic=True)))
+    return out
+
+
+def object_stored(content: bytes) -> bool:
+    """Whether a ``PushObjectResponse`` (bytes) says the object was stored."""
+    from flwr.proto.message_pb2 import PushObjectResponse  # pylint: disable=E0611
+
+    res = _parsed(PushObjectResponse, content)
+    return res is not None and res.stored
+
+
+def _bundles(client: Any) -> bool:
+    """Whether ``client``'s server may take bundled transfers (until it answers it has none)."""
+    return bool(getattr(client, "fedcore_bundles", True))
+
+
+def _prefetched(client: Any) -> dict[str, dict[str, bytes]]:
+    """Objects that came with the last message pulled: message id -> object id -> bytes."""
+    got = getattr(client, "fedcore_prefetched", None)
+    if got is None:
+        got = {}
+        client.fedcore_prefetched = got
+    return got
+
+
+def _bundled(
+    client: Any, path: str, message: Any, rpc_method: str, frames: Sequence[bytes] | None = None
+) -> bytes | None:
+    """POST to a bundled route through ``client``'s interceptors (signed like every request).
+
+    The body is ``message`` or, with ``frames``, the frames packed. Returns the answer's
+    body; None when the server has no such route (403/404/405: not a fedcore server, or
+    an older one), and the client then uses Flower's routes for good.
+    """
+    from flwr.supercore.protobuf.client import ProtobufRequestContext
+
+    if not _bundles(client):
+        return None
+    content = (
+        message.SerializeToString(deterministic=True) if frames is None else pack_frames(frames)
+    )
+    http = client._client  # noqa: SLF001 - Flower's httpx client (Flower 1.42)
+    request = http.build_request(
+        method="POST",
+        url=f"{client._base_url}{path}",  # noqa: SLF001
+        content=content,
+        headers={"content-type": "application/octet-stream"},
+    )
+    response = client._send(  # noqa: SLF001 - through the signing interceptors
+        ProtobufRequestContext(rpc_method=rpc_method, message=message, request=request)
+    )
+    if response.status_code in (403, 404, 405):
+        client.fedcore_bundles = False
+        return None
+    response.raise_for_status()
+    return bytes(response.content)
+
+
+def _inlined_objects(tree: Any, frames: Sequence[bytes]) -> dict[str, bytes]:
+    """Object id -> content of the objects a bundled pull answered with (in tree order).
+
+    Each content is checked against its id (the SHA-256 Flower names objects by); the
+    objects the guard could not add are left out (they are pulled one by one).
+    """
+    from flwr.proto.message_pb2 import PullObjectResponse  # pylint: disable=E0611
+    from flwr.supercore.inflatable.inflatable_object import get_object_id
+
+    out: dict[str, bytes] = {}
+    for oid, frame in zip(_tree_ids(tree), frames, strict=False):
+        res = PullObjectResponse.FromString(frame)
+        if not (res.object_found and res.object_available):
+            break
+        content = bytes(res.object_content)
+        if get_object_id(content) != oid:
+            raise ValueError(f"a bundled object's content does not match its id {oid}")
+        out[oid] = content
+    return out
+
+
+def _pull_inlined(inlined: dict[str, bytes], pull: Callable[[str], bytes], object_id: str) -> bytes:
+    """An object from the bundled answer if it came with it, else pulled as Flower does."""
+    content = inlined.pop(object_id, None)
+    return pull(object_id) if content is None else content
 
 
 def get_run(client: Any, node_id: int, run_id: int) -> Run:

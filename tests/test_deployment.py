@@ -54,7 +54,7 @@ pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="process checks read /proc"),
 ]
 
-ROUNDS = 6
+ROUNDS = 9  # the intruders (~15 s) must all come while the federation trains
 CLI = [sys.executable, "-m", "fedcore.cli"]
 
 

@@ -466,7 +466,8 @@ def test_node_authentication_holds_on_the_superlinks_lean_middleware_path(tmp_pa
 
     from cryptography.hazmat.primitives.asymmetric import ec
     from flwr.common.constant import TIMESTAMP_HEADER
-    from flwr.proto.fleet_pb2 import PullMessagesRequest
+    from flwr.proto.fleet_pb2 import PullMessagesRequest, PushMessagesRequest
+    from flwr.proto.message_pb2 import PushObjectRequest
     from flwr.proto.node_pb2 import Node
     from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
     from flwr.supercore.date import now
@@ -505,10 +506,20 @@ def test_node_authentication_holds_on_the_superlinks_lean_middleware_path(tmp_pa
 
         node_id, own = join("client-1")
 
-        def send(headers: dict[str, str], node: int = node_id) -> int:
-            """A pull-messages request for ``node`` with ``headers``; the HTTP status."""
+        def send(
+            headers: dict[str, str], node: int = node_id, path: str = "/v1/fleet/pull-messages"
+        ) -> int:
+            """A pull-messages request for ``node`` with ``headers``; the HTTP status.
+
+            ``path`` may be fedcore's bundled pull, or its bundled push (a push-messages
+            request for ``node`` and one object, framed).
+            """
             body = PullMessagesRequest(node=Node(node_id=node)).SerializeToString()
-            url = f"https://127.0.0.1:{public}/v1/fleet/pull-messages"
+            if path == flower.BUNDLED_PUSH:
+                obj = PushObjectRequest(node=Node(node_id=node), object_id="0" * 64)
+                head = PushMessagesRequest(node=Node(node_id=node))
+                body = flower.pack_frames([head.SerializeToString(), obj.SerializeToString()])
+            url = f"https://127.0.0.1:{public}{path}"
             headers = {"content-type": "application/protobuf", **headers}
             return httpx.post(url, content=body, headers=headers, verify=ca, timeout=10).status_code
 
@@ -557,6 +568,16 @@ def test_node_authentication_holds_on_the_superlinks_lean_middleware_path(tmp_pa
             forged = {**signed, FLEET_HTTP_SIGNATURE_HEADER: b64encode(resigned).decode()}
             assert send(forged) == 401
             assert send(signed) == 200
+            # fedcore's bundled routes ask the app Flower's requests with the caller's
+            # headers: each attack is refused there too, before anything is pulled or stored
+            for path in (flower.BUNDLED_PULL, flower.BUNDLED_PUSH):
+                assert send({}, path=path) == 401, path
+                rekeyed = {**signed, FLEET_HTTP_PUBLIC_KEY_HEADER: other_public}
+                assert send(rekeyed, path=path) == 401, path
+                assert send(signed, other_id, path=path) == 401, path
+                assert send({**signed, FLEET_HTTP_SIGNATURE_HEADER: altered}, path=path) == 401
+                assert send(forged, path=path) == 401, path
+            assert send(signed, path=flower.BUNDLED_PULL) == 200
         finally:
             for session in sessions:
                 session.close()

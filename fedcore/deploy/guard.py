@@ -83,13 +83,22 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from fedcore.flower_adapter import (
+    BUNDLE_MAX_FRAMES,
+    BUNDLED_PULL,
+    BUNDLED_PUSH,
+    bundled_object_pushes,
+    bundled_object_requests,
     fleet_routes,
     no_app_messages,
     no_messages,
     no_task,
     object_not_uploaded,
+    object_pulled,
+    object_stored,
+    pack_frames,
     pushed_object_id,
     requested_object_id,
+    unpack_frames,
 )
 
 __all__ = [
@@ -140,6 +149,11 @@ _FLEET_PULL = "/v1/fleet/pull-messages"
 _RUNTIME_PULL = "/v1/runtime/pull-messages"
 _PULL_OBJECTS = ("/v1/fleet/pull-object", "/v1/runtime/pull-object")
 _PUSH_OBJECTS = ("/v1/fleet/push-object", "/v1/runtime/push-object")
+_FLEET_PUSH = "/v1/fleet/push-messages"
+_FLEET_PULL_OBJECT = "/v1/fleet/pull-object"
+_FLEET_PUSH_OBJECT = "/v1/fleet/push-object"
+#: fedcore's bundled Fleet routes (a fedcore client's message or reply with its objects)
+BUNDLED_PATHS = frozenset({BUNDLED_PULL, BUNDLED_PUSH})
 
 log = logging.getLogger("fedcore.guard")
 
@@ -304,7 +318,7 @@ class ListenerGuard:
         if (
             scope.get("type") == "http"
             and scope.get("method") == "POST"
-            and scope.get("path") in self.public_paths
+            and (scope.get("path") in self.public_paths or scope.get("path") in BUNDLED_PATHS)
         ):
             return True, ""
         return False, "the public listener serves the Fleet API only"
@@ -397,6 +411,9 @@ class ListenerGuard:
                         wake.fire()
             await send(message)
 
+        if path in BUNDLED_PATHS and scope.get("method") == "POST":
+            await self._bundled(scope, capped_receive, guarded_send)
+            return
         hold = self._holds.get(scope.get("path", "")) if scope.get("method") == "POST" else None
         if hold is None:
             await self.app(scope, capped_receive, guarded_send)
@@ -411,22 +428,29 @@ class ListenerGuard:
         hold: tuple[float, _Signal, Callable[[bytes], bool], Callable[[], float]],
     ) -> None:
         """Serve a pull, asking the app again while its answer is empty (module docstring)."""
+        body = await _read_body(receive)
+        if body is None:
+            return  # the peer left (or the body was refused with 413)
+        answer = await self._held_answer(scope, body, receive, hold)
+        for message in answer or ():
+            await send(message)
+
+    async def _held_answer(
+        self,
+        scope: Scope,
+        body: bytes,
+        receive: Receive,
+        hold: tuple[float, _Signal, Callable[[bytes], bool], Callable[[], float]],
+    ) -> list[Any] | None:
+        """The app's answer to the pull ``body``, held while empty; None if the peer left."""
         longest, wake, empty, recheck = hold
-        body = bytearray()
-        while True:  # the whole request first: each retry replays it
-            message = await receive()
-            if message.get("type") != "http.request":
-                return  # the peer left (or the body was refused with 413)
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
-        oid = requested_object_id(bytes(body)) if scope.get("path") in _PULL_OBJECTS else None
+        oid = requested_object_id(body) if scope.get("path") in _PULL_OBJECTS else None
         if oid is not None:  # woken only by that object's push (not by every push-object)
             signal, held = self._object_waits.get(oid, (_Signal(), 0))
             self._object_waits[oid] = (signal, held + 1)
             wake = signal
         try:
-            await self._hold(scope, send, bytes(body), receive, longest, wake, empty, recheck())
+            return await self._hold(scope, body, receive, longest, wake, empty, recheck())
         finally:
             if oid is not None:
                 signal, held = self._object_waits[oid]
@@ -434,6 +458,77 @@ class ListenerGuard:
                     self._object_waits[oid] = (signal, held - 1)
                 else:
                     del self._object_waits[oid]
+
+    async def _bundled(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A bundled pull or push (:data:`BUNDLED_PATHS`): Flower's requests, asked in turn.
+
+        Each part is asked of the app as the request Flower's own client would send
+        (same signed headers, so the app authenticates every one); the first answer that
+        is not a success is the answer.
+
+        - pull: the held ``pull-messages``, then a held ``pull-object`` for every object
+          of the message; the answer is the frames of those answers (objects it could
+          not get are left out, and the node pulls them itself);
+        - push: ``push-messages`` (the first frame), then a ``push-object`` for each
+          offered object the SuperLink asks for, with its session id; the answer is the
+          frames of those answers. The ServerApp's held pulls are woken once every
+          object is stored, so a reply is never pulled before its objects.
+        """
+        body = await _read_body(receive)
+        if body is None:
+            return
+        if scope["path"] == BUNDLED_PULL:
+            answer = await self._held_answer(
+                _part(scope, _FLEET_PULL, body), body, receive, self._holds[_FLEET_PULL]
+            )
+            if answer is None:
+                return
+            if _status(answer) != 200:
+                await _send_all(send, answer)
+                return
+            frames = [_content(answer)]
+            hold = self._holds[_FLEET_PULL_OBJECT]
+            for req in bundled_object_requests(body, frames[0]):
+                got = await self._held_answer(
+                    _part(scope, _FLEET_PULL_OBJECT, req), req, receive, hold
+                )
+                if got is None:
+                    return
+                if _status(got) != 200 or not object_pulled(_content(got)):
+                    break  # the node pulls the rest itself
+                frames.append(_content(got))
+            await _respond_bytes(send, pack_frames(frames))
+            return
+        try:
+            parts = unpack_frames(body, limit=BUNDLE_MAX_FRAMES)
+            if not parts:
+                raise ValueError("no push-messages request")
+        except ValueError as exc:
+            await _respond(send, 400, {"detail": f"malformed bundle: {exc}"})
+            return
+        never = asyncio.Event()
+        answer = await self._ask(_part(scope, _FLEET_PUSH, parts[0]), parts[0], never)
+        if _status(answer) != 200:
+            await _send_all(send, answer)
+            return
+        frames = [_content(answer)]
+        try:
+            pushes = bundled_object_pushes(frames[0], parts[1:])
+        except ValueError as exc:
+            await _respond(send, 400, {"detail": f"malformed bundle: {exc}"})
+            return
+        try:
+            for oid, req in pushes:
+                got = await self._ask(_part(scope, _FLEET_PUSH_OBJECT, req), req, never)
+                if _status(got) != 200:
+                    await _send_all(send, got)
+                    return
+                frames.append(_content(got))
+                if object_stored(frames[-1]):
+                    self._object_pushed(oid)
+        finally:
+            self._wakes[_FLEET_PUSH].fire()  # the reply (and what of it is stored)
+        await _respond_bytes(send, pack_frames(frames))
 
     def _object_pushed(self, oid: str | None) -> None:
         """Wake the pulls held for ``oid`` (every held object pull if it is unknown)."""
@@ -446,15 +541,14 @@ class ListenerGuard:
     async def _hold(
         self,
         scope: Scope,
-        send: Send,
         body: bytes,
         receive: Receive,
         longest: float,
         wake: _Signal,
         empty: Callable[[bytes], bool],
         recheck: float,
-    ) -> None:
-        """Ask the app until its answer is not empty, the hold ends or the peer leaves."""
+    ) -> list[Any] | None:
+        """Ask the app until its answer is not empty or the hold ends; None if the peer left."""
         gone = asyncio.Event()
 
         async def watch() -> None:
@@ -469,14 +563,12 @@ class ListenerGuard:
                 woken = wake.armed()
                 answer = await self._ask(scope, body, gone)
                 left = deadline - time.monotonic()
-                status = int(answer[0].get("status", 0)) if answer else 0
-                content = b"".join(m.get("body", b"") for m in answer[1:])
-                if left <= 0 or gone.is_set() or status != 200 or not empty(content):
+                if left <= 0 or gone.is_set() or _status(answer) != 200:
+                    break
+                if not empty(_content(answer)):
                     break
                 await woken.wait_for(min(left, recheck), gone)
-            if not gone.is_set():
-                for message in answer:
-                    await send(message)
+            return None if gone.is_set() else answer
         finally:
             watcher.cancel()
 
@@ -570,6 +662,59 @@ async def _respond(send: Send, status: int, obj: object) -> None:
             "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body; None if the peer left (or the body was refused with 413)."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message.get("type") != "http.request":
+            return None
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            return bytes(body)
+
+
+def _part(scope: Scope, path: str, body: bytes) -> Scope:
+    """``scope`` as Flower's request to ``path`` with ``body`` (a bundle's part)."""
+    headers = [
+        (n, v)
+        for n, v in scope.get("headers") or ()
+        if bytes(n).lower() not in (b"content-length", b"content-type")
+    ]
+    headers += [
+        (b"content-type", b"application/protobuf"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    return {**scope, "path": path, "raw_path": path.encode(), "headers": headers}
+
+
+def _status(answer: list[Any] | None) -> int:
+    return int(answer[0].get("status", 0)) if answer else 0
+
+
+def _content(answer: list[Any]) -> bytes:
+    return b"".join(m.get("body", b"") for m in answer[1:])
+
+
+async def _send_all(send: Send, answer: list[Any]) -> None:
+    for message in answer:
+        await send(message)
+
+
+async def _respond_bytes(send: Send, body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/octet-stream"),
                 (b"content-length", str(len(body)).encode()),
             ],
         }
