@@ -48,6 +48,7 @@ __all__ = [
     "SUPPORTED_FLOWER",
     "USER_CODE_ERROR",
     "Behind",
+    "FleetObjects",
     "FlowerVersionError",
     "GridBase",
     "activate_node",
@@ -755,21 +756,26 @@ def object_pulled(content: bytes) -> bool:
 
 
 def bundled_object_pushes(
-    push_response: bytes, offered: Sequence[bytes]
+    push_request: bytes, push_response: bytes, offered: Sequence[bytes]
 ) -> list[tuple[str, bytes]]:
     """What a bundled push stores: ``(object id, push-object body)`` per object to store.
 
     Those are the offered objects the SuperLink asked for (``objects_to_push`` of its
-    ``PushMessagesResponse``), in the offered order, each with the answer's ``session_id``.
+    ``PushMessagesResponse``), in the offered order, each with the answer's ``session_id``
+    and the node of the ``push_request`` the SuperLink authenticated.
 
     Raises ``ValueError`` if an offered frame is not a ``PushObjectRequest``.
     """
-    from flwr.proto.fleet_pb2 import PushMessagesResponse  # pylint: disable=E0611
+    from flwr.proto.fleet_pb2 import (  # pylint: disable=E0611
+        PushMessagesRequest,
+        PushMessagesResponse,
+    )
     from flwr.proto.message_pb2 import PushObjectRequest  # pylint: disable=E0611
 
+    head = _parsed(PushMessagesRequest, push_request)
     res = _parsed(PushMessagesResponse, push_response)
-    if res is None:
-        return []
+    if head is None or res is None:
+        raise ValueError("the first frame and its answer are not push-messages ones")
     wanted = set(res.objects_to_push)
     out = []
     for i, frame in enumerate(offered):
@@ -779,8 +785,61 @@ def bundled_object_pushes(
         if req.object_id in wanted:
             wanted.discard(req.object_id)  # (an object offered twice is stored once)
             req.session_id = res.session_id
+            req.node.CopyFrom(head.node)
             out.append((req.object_id, req.SerializeToString(deterministic=True)))
     return out
+
+
+class FleetObjects:
+    """Flower's Fleet object handlers on the SuperLink's own state: a bundle's object parts.
+
+    ``pull-object`` and ``push-object`` are called directly, not through the app.
+
+    The bundle's first part (``pull-messages`` / ``push-messages``) went through the
+    whole app, node authentication included; its object parts are the objects of the
+    message that answer delivered to that node, or those the answer asked the node to
+    push in its session, so they skip the middleware layers (about 2 ms of the
+    SuperLink's CPU each, docs/benchmarks.md) but not the handler: the run-status check,
+    the session and content-hash checks of ``store_object``, the traffic records.
+    Each method returns the handler's answer (bytes), or None when the handler refused
+    (the guard then asks the whole app, whose answer is Flower's own error).
+    """
+
+    def __init__(self, app: Any) -> None:
+        from flwr.proto.message_pb2 import (  # pylint: disable=E0611
+            PullObjectRequest,
+            PushObjectRequest,
+        )
+        from flwr.superlink.servicer.fleet import fleet_handlers
+
+        self._app = app
+        self._pull_request = PullObjectRequest
+        self._push_request = PushObjectRequest
+        self._pull = fleet_handlers.pull_object
+        self._push = fleet_handlers.push_object
+
+    @classmethod
+    def of(cls, app: Any) -> FleetObjects | None:
+        """The handlers of ``app`` once its lifespan has made its state; else None."""
+        state = getattr(app, "state", None)
+        if getattr(state, "linkstate_factory", None) is None:
+            return None
+        return cls(app)
+
+    def _call(self, handler: Callable[..., Any], request: Any) -> bytes | None:
+        try:
+            state = self._app.state.linkstate_factory.state()
+            return bytes(handler(request, state).SerializeToString(deterministic=True))
+        except Exception:  # noqa: BLE001 - Flower's app answers the same request with its error
+            return None
+
+    def pull(self, body: bytes) -> bytes | None:
+        """``pull-object`` for the request ``body``: the ``PullObjectResponse`` bytes."""
+        return self._call(self._pull, self._pull_request.FromString(body))
+
+    def push(self, body: bytes) -> bytes | None:
+        """``push-object`` for the request ``body``: the ``PushObjectResponse`` bytes."""
+        return self._call(self._push, self._push_request.FromString(body))
 
 
 def object_stored(content: bytes) -> bool:

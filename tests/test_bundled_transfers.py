@@ -77,6 +77,7 @@ class Link:
         self.refuse: set[str] = set()  # paths answered 401
         self.stored: dict[str, tuple[bytes, str]] = {}
         self.wanted = [REC_A[0], RDICT[0]]
+        self.nodes: list[int] = []  # the node each push-object request names
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         path = scope["path"]
@@ -107,6 +108,7 @@ class Link:
         elif path == "/v1/fleet/push-object":
             req = PushObjectRequest.FromString(body)
             self.stored[req.object_id] = (req.object_content, req.session_id)
+            self.nodes.append(req.node.node_id)
             out = PushObjectResponse(stored=True).SerializeToString()
         await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": out})
@@ -124,6 +126,7 @@ def _post(guard: ListenerGuard, path: str, body: bytes) -> tuple[int, bytes]:
 
 
 PULL = PullMessagesRequest(node=Node(node_id=NODE)).SerializeToString()
+HEAD = PushMessagesRequest(node=Node(node_id=NODE)).SerializeToString()
 
 
 def test_frames_round_trip_and_malformed_bundles_name_what_is_wrong() -> None:
@@ -172,7 +175,7 @@ def test_a_refused_part_is_the_bundled_answer_and_nothing_more_is_asked() -> Non
 
     link = Link()
     link.refuse = {"/v1/fleet/push-messages"}
-    bundle = flower.pack_frames([b"push", _push_object(REC_A)])
+    bundle = flower.pack_frames([HEAD, _push_object(REC_A)])
     assert _post(_guard(link), flower.BUNDLED_PUSH, bundle)[0] == 401
     assert link.paths() == ["/v1/fleet/push-messages"] and not link.stored
 
@@ -208,16 +211,17 @@ def test_a_bundled_object_whose_content_is_not_its_id_is_refused_by_the_node() -
         flower._inlined_objects(tree, [wrong.SerializeToString()])
 
 
-def _push_object(obj: tuple[str, bytes]) -> bytes:
+def _push_object(obj: tuple[str, bytes], node: int = NODE) -> bytes:
     return PushObjectRequest(
-        node=Node(node_id=NODE), run_id=RUN, object_id=obj[0], object_content=obj[1]
+        node=Node(node_id=node), run_id=RUN, object_id=obj[0], object_content=obj[1]
     ).SerializeToString()
 
 
 def test_a_bundled_push_stores_what_the_superlink_asks_for_with_its_session() -> None:
     link = Link()
     head = PushMessagesRequest(node=Node(node_id=NODE)).SerializeToString()
-    offered = [_push_object(o) for o in (REC_A, REC_B, RDICT)]
+    # (one names another node: the objects are stored as the authenticated node's)
+    offered = [_push_object(REC_A, node=99), _push_object(REC_B), _push_object(RDICT)]
     status, body = _post(_guard(link), flower.BUNDLED_PUSH, flower.pack_frames([head, *offered]))
     assert status == 200
     frames = flower.unpack_frames(body)
@@ -226,6 +230,7 @@ def test_a_bundled_push_stores_what_the_superlink_asks_for_with_its_session() ->
     # only the objects asked for (REC_B is not), each with the session id the answer gave
     assert link.stored == {REC_A[0]: (REC_A[1], "sess-1"), RDICT[0]: (RDICT[1], "sess-1")}
     assert link.paths() == ["/v1/fleet/push-messages"] + ["/v1/fleet/push-object"] * 2
+    assert link.nodes == [NODE, NODE]
     assert link.asked[0][1] == head  # the push-messages request, unchanged
 
 
@@ -234,7 +239,7 @@ def test_a_bundled_push_stores_what_the_superlink_asks_for_with_its_session() ->
     [
         pytest.param(None, id="truncated"),
         pytest.param([], id="empty"),
-        pytest.param([b"head", b"\x08\x01not a push-object"], id="not-a-push-object"),
+        pytest.param([HEAD, b"\x08\x01not a push-object"], id="not-a-push-object"),
     ],
 )
 def test_a_malformed_push_bundle_gets_400_and_stores_nothing(frames: list[bytes] | None) -> None:

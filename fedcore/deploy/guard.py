@@ -86,6 +86,7 @@ from fedcore.flower_adapter import (
     BUNDLE_MAX_FRAMES,
     BUNDLED_PULL,
     BUNDLED_PUSH,
+    FleetObjects,
     bundled_object_pushes,
     bundled_object_requests,
     fleet_routes,
@@ -466,13 +467,20 @@ class ListenerGuard:
         (same signed headers, so the app authenticates every one); the first answer that
         is not a success is the answer.
 
-        - pull: the held ``pull-messages``, then a held ``pull-object`` for every object
-          of the message; the answer is the frames of those answers (objects it could
-          not get are left out, and the node pulls them itself);
-        - push: ``push-messages`` (the first frame), then a ``push-object`` for each
-          offered object the SuperLink asks for, with its session id; the answer is the
-          frames of those answers. The ServerApp's held pulls are woken once every
-          object is stored, so a reply is never pulled before its objects.
+        - pull: the held ``pull-messages``, then ``pull-object`` for every object of the
+          message (held while one is not uploaded yet); the answer is the frames of
+          those answers (objects it could not get are left out, and the node pulls
+          them itself);
+        - push: ``push-messages`` (the first frame), then ``push-object`` for each
+          offered object the SuperLink asks for, with its session id and the
+          authenticated node; the answer is the frames of those answers. The
+          ServerApp's held pulls are woken once every object is stored, so a reply is
+          never pulled before its objects.
+
+        On the real SuperLink the object parts call Flower's handlers directly
+        (:class:`~fedcore.flower_adapter.FleetObjects`): the first part authenticated
+        the node, and they are that part's message's objects, or those its answer asked
+        for in its session.
         """
         body = await _read_body(receive)
         if body is None:
@@ -488,15 +496,19 @@ class ListenerGuard:
                 return
             frames = [_content(answer)]
             hold = self._holds[_FLEET_PULL_OBJECT]
+            direct = FleetObjects.of(self.app)
             for req in bundled_object_requests(body, frames[0]):
-                got = await self._held_answer(
-                    _part(scope, _FLEET_PULL_OBJECT, req), req, receive, hold
-                )
-                if got is None:
-                    return
-                if _status(got) != 200 or not object_pulled(_content(got)):
-                    break  # the node pulls the rest itself
-                frames.append(_content(got))
+                content = direct.pull(req) if direct is not None else None
+                if content is None or not object_pulled(content):  # not uploaded yet: held
+                    got = await self._held_answer(
+                        _part(scope, _FLEET_PULL_OBJECT, req), req, receive, hold
+                    )
+                    if got is None:
+                        return
+                    if _status(got) != 200 or not object_pulled(_content(got)):
+                        break  # the node pulls the rest itself
+                    content = _content(got)
+                frames.append(content)
             await _respond_bytes(send, pack_frames(frames))
             return
         try:
@@ -513,18 +525,22 @@ class ListenerGuard:
             return
         frames = [_content(answer)]
         try:
-            pushes = bundled_object_pushes(frames[0], parts[1:])
+            pushes = bundled_object_pushes(parts[0], frames[0], parts[1:])
         except ValueError as exc:
             await _respond(send, 400, {"detail": f"malformed bundle: {exc}"})
             return
+        direct = FleetObjects.of(self.app)
         try:
             for oid, req in pushes:
-                got = await self._ask(_part(scope, _FLEET_PUSH_OBJECT, req), req, never)
-                if _status(got) != 200:
-                    await _send_all(send, got)
-                    return
-                frames.append(_content(got))
-                if object_stored(frames[-1]):
+                content = direct.push(req) if direct is not None else None
+                if content is None:  # (or refused: the app's own answer says why)
+                    got = await self._ask(_part(scope, _FLEET_PUSH_OBJECT, req), req, never)
+                    if _status(got) != 200:
+                        await _send_all(send, got)
+                        return
+                    content = _content(got)
+                frames.append(content)
+                if object_stored(content):
                     self._object_pushed(oid)
         finally:
             self._wakes[_FLEET_PUSH].fire()  # the reply (and what of it is stored)
