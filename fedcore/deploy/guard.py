@@ -74,12 +74,13 @@ with proxy headers off), not anything the peer sends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 
 from fedcore.flower_adapter import (
@@ -446,19 +447,46 @@ class ListenerGuard:
         """The app's answer to the pull ``body``, held while empty; None if the peer left."""
         longest, wake, empty, recheck = hold
         oid = requested_object_id(body) if scope.get("path") in _PULL_OBJECTS else None
-        if oid is not None:  # woken only by that object's push (not by every push-object)
-            signal, held = self._object_waits.get(oid, (_Signal(), 0))
-            self._object_waits[oid] = (signal, held + 1)
-            wake = signal
-        try:
+        if oid is None:
             return await self._hold(scope, body, receive, longest, wake, empty, recheck())
+        with self._waiting_for(oid) as signal:  # woken only by that object's push
+            return await self._hold(scope, body, receive, longest, signal, empty, recheck())
+
+    @contextlib.contextmanager
+    def _waiting_for(self, oid: str) -> Iterator[_Signal]:
+        """The signal a push of object ``oid`` fires, while the caller waits for it."""
+        signal, held = self._object_waits.get(oid, (_Signal(), 0))
+        self._object_waits[oid] = (signal, held + 1)
+        try:
+            yield signal
         finally:
-            if oid is not None:
-                signal, held = self._object_waits[oid]
-                if held > 1:
-                    self._object_waits[oid] = (signal, held - 1)
-                else:
-                    del self._object_waits[oid]
+            signal, held = self._object_waits[oid]
+            if held > 1:
+                self._object_waits[oid] = (signal, held - 1)
+            else:
+                del self._object_waits[oid]
+
+    async def _direct_pull(self, direct: FleetObjects, body: bytes) -> bytes | None:
+        """Flower's ``pull-object`` handler's answer for ``body``; None if it refused.
+
+        While the object is announced but not uploaded, the handler is asked again when
+        the object's push wakes it (or every :data:`RECHECK_S`), for up to
+        :data:`HOLD_OBJECT_S`.
+        """
+        content = direct.pull(body)
+        oid = requested_object_id(body)
+        if content is None or oid is None or not object_not_uploaded(content):
+            return content
+        never = asyncio.Event()
+        deadline = time.monotonic() + HOLD_OBJECT_S
+        with self._waiting_for(oid) as signal:
+            while True:
+                woken = signal.armed()
+                content = direct.pull(body)
+                left = deadline - time.monotonic()
+                if content is None or not object_not_uploaded(content) or left <= 0:
+                    return content
+                await woken.wait_for(min(left, RECHECK_S), never)
 
     async def _bundled(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A bundled pull or push (:data:`BUNDLED_PATHS`): Flower's requests, asked in turn.
@@ -498,8 +526,8 @@ class ListenerGuard:
             hold = self._holds[_FLEET_PULL_OBJECT]
             direct = FleetObjects.of(self.app)
             for req in bundled_object_requests(body, frames[0]):
-                content = direct.pull(req) if direct is not None else None
-                if content is None or not object_pulled(content):  # not uploaded yet: held
+                content = await self._direct_pull(direct, req) if direct is not None else None
+                if content is None or not object_pulled(content):  # the app's own answer
                     got = await self._held_answer(
                         _part(scope, _FLEET_PULL_OBJECT, req), req, receive, hold
                     )
