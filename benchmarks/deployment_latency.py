@@ -191,12 +191,17 @@ def request_table(path: Path, rounds: list[float]) -> dict[str, dict[str, float]
     return table
 
 
+#: The ServerApp's push of a stage: Flower's request, or fedcore's bundled one (issue 11).
+STAGE_PUSHES = ("/v1/runtime/push-messages", "/fedcore/v1/runtime/push-messages")
+
+
 def stage_trips_ms(path: Path, rounds: list[float]) -> list[float]:
     """Milliseconds from each ServerApp ``push-messages`` to the next, over ``rounds``.
 
     A stage trip: the ServerApp pushes a stage's messages, the clients answer, it
     pulls the replies and pushes the next stage (a secure round is 10 of them, a plain
-    one 2). Same window as :func:`request_table`.
+    one 2). Same window as :func:`request_table` (which ends at the last Fleet
+    ``push-messages``, asked of the SuperLink app by a bundled push too).
     """
     lines = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
     rows = [(float(t), route, kind, float(sec)) for t, route, kind, sec in lines]
@@ -205,7 +210,7 @@ def stage_trips_ms(path: Path, rounds: list[float]) -> list[float]:
     pushes = sorted(
         t - sec
         for t, route, kind, sec in rows
-        if route == "/v1/runtime/push-messages" and kind == "request" and start < t <= end
+        if route in STAGE_PUSHES and kind == "request" and start < t <= end
     )
     return [1000 * (b - a) for a, b in zip(pushes, pushes[1:], strict=False)]
 

@@ -46,6 +46,7 @@ from fedcore.core.errors import EngineError
 __all__ = [
     "SUPERLINK_NODE_ID",
     "SUPPORTED_FLOWER",
+    "RuntimeObjects",
     "USER_CODE_ERROR",
     "Behind",
     "FleetObjects",
@@ -55,9 +56,12 @@ __all__ = [
     "activation_refused",
     "BUNDLED_PULL",
     "BUNDLED_PUSH",
+    "BUNDLED_RUNTIME_PULL",
+    "BUNDLED_RUNTIME_PUSH",
     "BUNDLE_MAX_BYTES",
     "BUNDLE_MAX_FRAMES",
     "build_fab",
+    "bundle_runtime_transfers",
     "bundled_object_pushes",
     "bundled_object_requests",
     "check_flower_version",
@@ -677,6 +681,9 @@ def push_reply(client: Any, node_id: int, reply: Message, *, runtime: float) -> 
 BUNDLED_PULL = "/fedcore/v1/fleet/pull-messages"
 #: Route taking a node's reply and its objects in one request.
 BUNDLED_PUSH = "/fedcore/v1/fleet/push-messages"
+#: The same two for the ServerApp's Runtime API (the local listener only).
+BUNDLED_RUNTIME_PULL = "/fedcore/v1/runtime/pull-messages"
+BUNDLED_RUNTIME_PUSH = "/fedcore/v1/runtime/push-messages"
 #: Most frames one bundle may hold (a message and its objects).
 BUNDLE_MAX_FRAMES = 4096
 #: Most object bytes a node puts in one bundled push (the rest go one by one).
@@ -719,29 +726,39 @@ def _tree_ids(tree: Any) -> list[str]:
     return [t.object_id for t in iterate_object_tree(tree)]
 
 
-def bundled_object_requests(pull_request: bytes, pull_response: bytes) -> list[bytes]:
-    """The ``pull-object`` request bodies for every object of a ``PullMessagesResponse``.
+def bundled_object_requests(
+    pull_request: bytes, pull_response: bytes, *, runtime: bool = False
+) -> list[bytes]:
+    """The ``pull-object`` request bodies for every object of a pull-messages answer.
 
-    The node is the one that asked (``pull_request``); the run is each message's. The
-    order is :func:`_tree_ids`', message after message: the order of the frames a
-    bundled pull answers with. Empty if either body is not what it should be.
+    Fleet (a node's ``PullMessagesResponse``): the node is the one that asked
+    (``pull_request``). Runtime (the ServerApp's ``PullAppMessagesResponse``): the
+    SuperLink's node, as Flower's grid names it. The run is each message's; the order
+    is :func:`_tree_ids`', message after message: the order of the frames a bundled
+    pull answers with. Empty if either body is not what it should be.
     """
     from flwr.proto.fleet_pb2 import (  # pylint: disable=E0611
         PullMessagesRequest,
         PullMessagesResponse,
     )
     from flwr.proto.message_pb2 import PullObjectRequest  # pylint: disable=E0611
+    from flwr.proto.runtime_pb2 import PullAppMessagesResponse  # pylint: disable=E0611
 
-    req = _parsed(PullMessagesRequest, pull_request)
-    res = _parsed(PullMessagesResponse, pull_response)
-    if req is None or res is None:
+    if runtime:
+        node = _node(_SUPERLINK_NODE_ID)
+        res = _parsed(PullAppMessagesResponse, pull_response)
+    else:
+        req = _parsed(PullMessagesRequest, pull_request)
+        node = None if req is None else req.node
+        res = _parsed(PullMessagesResponse, pull_response)
+    if node is None or res is None:
         return []
     out = []
     for msg, tree in zip(res.messages_list, res.message_object_trees, strict=False):
         for oid in _tree_ids(tree):
             out.append(
                 PullObjectRequest(
-                    node=req.node, run_id=msg.metadata.run_id, object_id=oid
+                    node=node, run_id=msg.metadata.run_id, object_id=oid
                 ).SerializeToString(deterministic=True)
             )
     return out
@@ -756,13 +773,14 @@ def object_pulled(content: bytes) -> bool:
 
 
 def bundled_object_pushes(
-    push_request: bytes, push_response: bytes, offered: Sequence[bytes]
+    push_request: bytes, push_response: bytes, offered: Sequence[bytes], *, runtime: bool = False
 ) -> list[tuple[str, bytes]]:
     """What a bundled push stores: ``(object id, push-object body)`` per object to store.
 
     Those are the offered objects the SuperLink asked for (``objects_to_push`` of its
-    ``PushMessagesResponse``), in the offered order, each with the answer's ``session_id``
-    and the node of the ``push_request`` the SuperLink authenticated.
+    push-messages answer), in the offered order, each with the answer's ``session_id``
+    and the node of the ``push_request`` the SuperLink authenticated (Runtime: the
+    SuperLink's node, as Flower's grid names it).
 
     Raises ``ValueError`` if an offered frame is not a ``PushObjectRequest``.
     """
@@ -771,10 +789,20 @@ def bundled_object_pushes(
         PushMessagesResponse,
     )
     from flwr.proto.message_pb2 import PushObjectRequest  # pylint: disable=E0611
+    from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+        PushAppMessagesRequest,
+        PushAppMessagesResponse,
+    )
 
-    head = _parsed(PushMessagesRequest, push_request)
-    res = _parsed(PushMessagesResponse, push_response)
-    if head is None or res is None:
+    if runtime:
+        head = _parsed(PushAppMessagesRequest, push_request)
+        res = _parsed(PushAppMessagesResponse, push_response)
+        node = _node(_SUPERLINK_NODE_ID)
+    else:
+        head = _parsed(PushMessagesRequest, push_request)
+        res = _parsed(PushMessagesResponse, push_response)
+        node = None if head is None else head.node
+    if head is None or res is None or node is None:
         raise ValueError("the first frame and its answer are not push-messages ones")
     wanted = set(res.objects_to_push)
     out = []
@@ -785,7 +813,7 @@ def bundled_object_pushes(
         if req.object_id in wanted:
             wanted.discard(req.object_id)  # (an object offered twice is stored once)
             req.session_id = res.session_id
-            req.node.CopyFrom(head.node)
+            req.node.CopyFrom(node)
             out.append((req.object_id, req.SerializeToString(deterministic=True)))
     return out
 
@@ -842,6 +870,62 @@ class FleetObjects:
         return self._call(self._push, self._push_request.FromString(body))
 
 
+class RuntimeObjects:
+    """Flower's Runtime object handlers on the SuperLink's own state: a bundle's object parts.
+
+    As :class:`FleetObjects`, for the ServerApp's bundled transfers: the task is the one
+    whose token the bundle's headers carry (looked up as Flower's ``authenticate_task``
+    does, after the bundle's first part went through the whole app), and
+    ``pull-object`` / ``push-object`` are the app's own Runtime handlers for it.
+    """
+
+    def __init__(self, state: Any, handlers: Any, task: Any) -> None:
+        from flwr.proto.message_pb2 import (  # pylint: disable=E0611
+            PullObjectRequest,
+            PushObjectRequest,
+        )
+
+        self._state = state
+        self._handlers = handlers
+        self._task = task
+        self._pull_request = PullObjectRequest
+        self._push_request = PushObjectRequest
+
+    @classmethod
+    def of(cls, app: Any, headers: Sequence[tuple[bytes, bytes]]) -> RuntimeObjects | None:
+        """The handlers for the task whose one token ``headers`` carry; else None."""
+        from flwr.supercore.constant import TASK_TOKEN_HEADER
+
+        name = TASK_TOKEN_HEADER.encode()
+        tokens = [bytes(v) for n, v in headers if bytes(n).lower() == name]
+        app_state = getattr(app, "state", None)
+        factory = getattr(app_state, "runtime_state_factory", None)
+        handlers = getattr(app_state, "runtime_handlers", None)
+        if len(tokens) != 1 or not tokens[0] or factory is None or handlers is None:
+            return None
+        try:
+            state = factory.state()
+            task = state.get_task_by_token(tokens[0].decode("ascii"))
+        except Exception:  # noqa: BLE001 - the app answers the same request with its error
+            return None
+        return None if task is None else cls(state, handlers, task)
+
+    def _call(self, handler: Callable[..., Any], request: Any) -> bytes | None:
+        try:
+            answer = handler(request, self._state, self._task)
+            return bytes(answer.SerializeToString(deterministic=True))
+        except Exception:  # noqa: BLE001 - Flower's app answers the same request with its error
+            return None
+
+    def pull(self, body: bytes) -> bytes | None:
+        """``pull-object`` for the request ``body``: the ``PullObjectResponse`` bytes."""
+        return self._call(self._handlers.pull_object, self._pull_request.FromString(body))
+
+    def push(self, body: bytes) -> bytes | None:
+        """``push-object`` for the request ``body``: the ``PushObjectResponse`` bytes."""
+        return self._call(self._handlers.push_object, self._push_request.FromString(body))
+
+
 def object_stored(content: bytes) -> bool:
     """Whether a ``PushObjectResponse`` (bytes) says the object was stored."""
     from flwr.proto.message_pb2 import PushObjectResponse  # pylint: disable=E0611
@@ -887,9 +971,14 @@ def _bundled(
         content=content,
         headers={"content-type": "application/octet-stream"},
     )
-    response = client._send(  # noqa: SLF001 - through the signing interceptors
-        ProtobufRequestContext(rpc_method=rpc_method, message=message, request=request)
-    )
+
+    def send() -> Any:
+        return client._send(  # noqa: SLF001 - through the signing (or token) interceptors
+            ProtobufRequestContext(rpc_method=rpc_method, message=message, request=request)
+        )
+
+    invoker = getattr(client, "_retry_invoker", None)  # (Flower's grid retries its requests)
+    response = invoker.invoke(send) if invoker is not None else send()
     if response.status_code in (403, 404, 405):
         client.fedcore_bundles = False
         return None
@@ -898,7 +987,12 @@ def _bundled(
 
 
 def _inlined_objects(tree: Any, frames: Sequence[bytes]) -> dict[str, bytes]:
-    """Object id -> content of the objects a bundled pull answered with (in tree order).
+    """Object id -> content of the objects a bundled pull answered with (in tree order)."""
+    return _checked_objects(_tree_ids(tree), frames)
+
+
+def _checked_objects(ids: Sequence[str], frames: Sequence[bytes]) -> dict[str, bytes]:
+    """Object id -> content for the ``PullObjectResponse`` frames of the objects ``ids``.
 
     Each content is checked against its id (the SHA-256 Flower names objects by); the
     objects the guard could not add are left out (they are pulled one by one).
@@ -907,7 +1001,7 @@ def _inlined_objects(tree: Any, frames: Sequence[bytes]) -> dict[str, bytes]:
     from flwr.supercore.inflatable.inflatable_object import get_object_id
 
     out: dict[str, bytes] = {}
-    for oid, frame in zip(_tree_ids(tree), frames, strict=False):
+    for oid, frame in zip(ids, frames, strict=False):
         res = PullObjectResponse.FromString(frame)
         if not (res.object_found and res.object_available):
             break
@@ -916,6 +1010,143 @@ def _inlined_objects(tree: Any, frames: Sequence[bytes]) -> dict[str, bytes]:
             raise ValueError(f"a bundled object's content does not match its id {oid}")
         out[oid] = content
     return out
+
+
+def bundle_runtime_transfers(grid: Grid) -> bool:
+    """Have Flower's ``HttpGrid`` push and pull through the guard's bundled Runtime routes.
+
+    A stage's messages go with their objects in one request (:data:`BUNDLED_RUNTIME_PUSH`),
+    and replies come with theirs in one answer (:data:`BUNDLED_RUNTIME_PULL`), where
+    Flower's grid makes one request per object. Against a SuperLink without the routes
+    the grid uses Flower's requests (the first refusal switches them off). Returns
+    whether ``grid`` is an ``HttpGrid`` (any other grid is left as it is).
+    """
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    if not isinstance(grid, HttpGrid):
+        return False
+    client = grid._runtime_client  # noqa: SLF001 - pinned Flower: connects (once)
+    if isinstance(client.PullObject, _InlinedObjects):
+        return True
+    inlined = _InlinedObjects(client)
+    client.PullMessages = inlined.pull_messages
+    client.PullObject = inlined
+    original = grid._try_push_messages  # noqa: SLF001
+    grid._try_push_messages = functools.partial(_push_app_messages, grid, original)  # noqa: SLF001
+    return True
+
+
+class _InlinedObjects:
+    """A Runtime client's ``PullMessages`` and ``PullObject`` over the bundled route.
+
+    ``PullObject`` is answered from the last bundle, else sent as Flower does.
+    """
+
+    def __init__(self, client: Any) -> None:
+        from flwr.proto.message_pb2 import PullObjectResponse  # pylint: disable=E0611
+        from flwr.proto.runtime_pb2 import PullAppMessagesResponse  # pylint: disable=E0611
+
+        self.client = client
+        self._pull_messages = client.PullMessages
+        self._pull_object = client.PullObject
+        self._response = PullObjectResponse
+        self._messages = PullAppMessagesResponse
+        #: the objects of the replies the last pull answered with (until the next pull)
+        self.objects: dict[str, bytes] = {}
+
+    def pull_messages(self, request: Any) -> Any:
+        raw = _bundled(
+            self.client, BUNDLED_RUNTIME_PULL, request, "/flwr.proto.Runtime/PullMessages"
+        )
+        if raw is None:
+            return self._pull_messages(request)
+        frames = unpack_frames(raw)
+        if not frames:
+            raise ValueError("empty bundled pull-messages answer")
+        res = self._messages.FromString(frames[0])
+        ids = [oid for tree in res.message_object_trees for oid in _tree_ids(tree)]
+        self.objects = _checked_objects(ids, frames[1:])
+        return res
+
+    def __call__(self, request: Any) -> Any:
+        content = self.objects.get(request.object_id)
+        if content is None:
+            return self._pull_object(request)
+        return self._response(object_found=True, object_available=True, object_content=content)
+
+
+def _push_app_messages(
+    grid: Any, original: Callable[[int, Any], list[str]], run_id: int, messages: Any
+) -> list[str]:
+    """``HttpGrid._try_push_messages`` (Flower 1.42), the objects in the same request.
+
+    The messages go with their objects (up to :data:`BUNDLE_MAX_BYTES`) in one request;
+    whatever else the SuperLink asks for is pushed object by object, as Flower does.
+    """
+    from flwr.app.message import remove_content_from_message
+    from flwr.proto.message_pb2 import (  # pylint: disable=E0611
+        PushObjectRequest,
+        PushObjectResponse,
+    )
+    from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+        PushAppMessagesRequest,
+        PushAppMessagesResponse,
+    )
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_all_nested_objects,
+        get_object_tree,
+    )
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_push_object_fn_protobuf
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPushError, push_objects
+
+    client = grid._runtime_client  # noqa: SLF001
+    messages = list(messages)
+    if not _bundles(client):
+        return original(run_id, messages)
+    proto_messages = []
+    trees = []
+    objects: dict[str, Any] = {}
+    for msg in messages:
+        proto_messages.append(message_to_proto(remove_content_from_message(msg)))
+        objects.update(get_all_nested_objects(msg))
+        trees.append(get_object_tree(msg))
+    req = PushAppMessagesRequest(messages_list=proto_messages, message_object_trees=trees)
+    offered: list[tuple[str, bytes]] = []
+    size = 0
+    for oid in list(objects):
+        content = objects[oid].deflate()
+        if size + len(content) > BUNDLE_MAX_BYTES:
+            break
+        size += len(content)
+        offered.append((oid, content))
+    body = [req.SerializeToString(deterministic=True)] + [
+        PushObjectRequest(
+            node=grid.node, run_id=run_id, object_id=oid, object_content=content
+        ).SerializeToString(deterministic=True)
+        for oid, content in offered
+    ]
+    raw = _bundled(client, BUNDLED_RUNTIME_PUSH, req, "/flwr.proto.Runtime/PushMessages", body)
+    if raw is None:
+        return original(run_id, messages)
+    frames = unpack_frames(raw)
+    if not frames:
+        raise ValueError("empty bundled push-messages answer")
+    res = PushAppMessagesResponse.FromString(frames[0])
+    wanted = set(res.objects_to_push)
+    pushed = [oid for oid, _ in offered if oid in wanted]
+    if len(frames) - 1 != len(pushed):
+        raise ValueError(f"the bundled push stored {len(frames) - 1} of {len(pushed)} objects")
+    for oid, frame in zip(pushed, frames[1:], strict=True):
+        if not PushObjectResponse.FromString(frame).stored:
+            raise ObjectPushError(oid, run_id, res.session_id)
+    left = wanted - set(pushed)
+    if left:
+        push_objects(
+            objects,
+            make_push_object_fn_protobuf(client.PushObject, grid.node, run_id, res.session_id),
+            object_ids_to_push=left,
+        )
+    return list(res.message_ids)
 
 
 def _pull_inlined(inlined: dict[str, bytes], pull: Callable[[str], bytes], object_id: str) -> bytes:

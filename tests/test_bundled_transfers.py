@@ -349,3 +349,144 @@ def test_a_node_falls_back_to_flowers_routes_when_the_server_has_no_bundles() ->
         assert flower.pull_message(client, NODE) is None
         assert flower.pull_message(client, NODE) is None
         assert seen == [flower.BUNDLED_PULL, "/v1/fleet/pull-messages", "/v1/fleet/pull-messages"]
+
+
+# -- the ServerApp's Runtime API ------------------------------------------------------
+LOCAL = ("127.0.0.1", 9093)
+LOOPBACK_PEER = ("127.0.0.1", 50000)
+TOKEN = [(b"flwr-task-token", b"the task's token")]
+
+
+class RuntimeLink(Link):
+    """Link's Runtime side: replies to pull, stage messages pushed."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope["path"]
+        if path == "/v1/runtime/pull-messages":
+            from flwr.proto.runtime_pb2 import PullAppMessagesResponse
+
+            await receive()
+            self.asked.append((path, b"", {bytes(n): bytes(v) for n, v in scope["headers"]}))
+            res = PullAppMessagesResponse()
+            src = _tree()
+            res.messages_list.extend(src.messages_list)
+            res.message_object_trees.extend(src.message_object_trees)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": res.SerializeToString()})
+            return
+        if path == "/v1/runtime/push-messages":
+            from flwr.proto.runtime_pb2 import PushAppMessagesResponse
+
+            await receive()
+            self.asked.append((path, b"", {}))
+            res = PushAppMessagesResponse(
+                message_ids=["m1"], objects_to_push=self.wanted, session_id="sess-2"
+            )
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": res.SerializeToString()})
+            return
+        scope = {**scope, "path": path.replace("/v1/runtime/", "/v1/fleet/")}
+        await super().__call__(scope, receive, send)
+
+
+def _local(guard: ListenerGuard, path: str, body: bytes) -> tuple[int, bytes]:
+    return asyncio.run(post(guard, path, body, server=LOCAL, client=LOOPBACK_PEER, headers=TOKEN))
+
+
+def test_the_runtime_bundles_are_served_on_the_local_listener_only() -> None:
+    guard = _guard(Link())
+    for path in (flower.BUNDLED_RUNTIME_PULL, flower.BUNDLED_RUNTIME_PUSH):
+        scope = {"type": "http", "method": "POST", "path": path}
+        ok, why = guard.allows({**scope, "server": PUBLIC, "client": PEER})
+        assert not ok and "Fleet API only" in why, path
+        ok, _ = guard.allows({**scope, "server": PUBLIC, "client": LOOPBACK_PEER})
+        assert not ok, path  # a loopback peer on the public listener neither
+        ok, _ = guard.allows({**scope, "server": LOCAL, "client": LOOPBACK_PEER})
+        assert ok, path
+    status, _ = _post(guard, flower.BUNDLED_RUNTIME_PULL, b"")
+    assert status == 403
+
+
+def test_a_bundled_runtime_pull_names_the_superlinks_node_and_carries_the_token() -> None:
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullAppMessagesResponse
+
+    link = RuntimeLink()
+    body = PullAppMessagesRequest(message_ids=["m1"]).SerializeToString()
+    status, answer = _local(_guard(link), flower.BUNDLED_RUNTIME_PULL, body)
+    assert status == 200
+    frames = flower.unpack_frames(answer)
+    res = PullAppMessagesResponse.FromString(frames[0])
+    ids = [oid for t in res.message_object_trees for oid in flower._tree_ids(t)]
+    assert flower._checked_objects(ids, frames[1:]) == dict([REC_A, REC_B, RDICT, MSG])
+    assert link.paths() == ["/v1/runtime/pull-messages"] + ["/v1/fleet/pull-object"] * 4
+    for _, req, headers in link.asked[1:]:
+        assert PullObjectRequest.FromString(req).node.node_id == flower.SUPERLINK_NODE_ID
+        assert headers[b"flwr-task-token"] == b"the task's token"
+
+
+def test_a_bundled_runtime_push_stores_objects_as_the_superlinks_and_wakes_the_nodes(
+    monkeypatch: Any,
+) -> None:
+    """A stage's messages wake the nodes' held pulls once their objects are stored."""
+    from flwr.proto.runtime_pb2 import PushAppMessagesRequest
+
+    monkeypatch.setattr(guard_module, "RECHECK_WOKEN_S", 30.0)
+    link = RuntimeLink()
+    link.messages = 0  # the node's pull is empty until the push
+    guard = _guard(link)
+    head = PushAppMessagesRequest().SerializeToString()
+    bundle = flower.pack_frames([head, _push_object(REC_A, node=99), _push_object(RDICT)])
+
+    async def scenario() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+        held = asyncio.ensure_future(
+            post(guard, "/v1/fleet/pull-messages", PULL, server=PUBLIC, client=PEER)
+        )
+        await asyncio.sleep(0.05)
+        assert not held.done()
+        link.messages = 1
+        pushed = await post(
+            guard, flower.BUNDLED_RUNTIME_PUSH, bundle, server=LOCAL, client=LOOPBACK_PEER
+        )
+        return pushed, await asyncio.wait_for(held, timeout=5)
+
+    (status, answer), (pull_status, _) = asyncio.run(scenario())
+    assert status == 200 and pull_status == 200
+    assert link.stored == {REC_A[0]: (REC_A[1], "sess-2"), RDICT[0]: (RDICT[1], "sess-2")}
+    assert link.nodes == [flower.SUPERLINK_NODE_ID] * 2
+    order = link.paths()
+    assert order.index("/v1/fleet/pull-messages", 1) > max(
+        i for i, p in enumerate(order) if p == "/v1/fleet/push-object"
+    ), order  # the node's held pull was asked again only after both objects were stored
+
+
+def test_the_serverapps_grid_falls_back_to_flowers_requests_without_bundled_routes() -> None:
+    """Flower's HttpGrid with fedcore's bundled transfers, against a SuperLink without
+    the routes: its requests are Flower's own, from the first refusal on."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.proto.runtime_pb2 import PullAppMessagesResponse, PushAppMessagesResponse
+    from flwr.supercore.run import Run
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if request.url.path.startswith("/fedcore/"):
+            return httpx.Response(404, text="not here")
+        if request.url.path.endswith("/push-messages"):
+            res = PushAppMessagesResponse(message_ids=["m"], session_id="s")
+            return httpx.Response(200, content=res.SerializeToString())
+        return httpx.Response(200, content=PullAppMessagesResponse().SerializeToString())
+
+    grid = HttpGrid("127.0.0.1:1", insecure=True, token="t")
+    grid._runtime_client._client = httpx.Client(transport=httpx.MockTransport(handler))
+    grid.set_run(Run.create_empty(run_id=5))
+    assert flower.bundle_runtime_transfers(grid) and flower.bundle_runtime_transfers(grid)
+    msg = Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=2, message_type="train")
+    assert list(grid.push_messages([msg])) == ["m"]
+    assert list(grid.pull_messages(["m"])) == []
+    assert seen == [
+        flower.BUNDLED_RUNTIME_PUSH,
+        "/v1/runtime/push-messages",
+        "/v1/runtime/pull-messages",
+    ]

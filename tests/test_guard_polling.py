@@ -578,6 +578,30 @@ def test_node_authentication_holds_on_the_superlinks_lean_middleware_path(tmp_pa
                 assert send({**signed, FLEET_HTTP_SIGNATURE_HEADER: altered}, path=path) == 401
                 assert send(forged, path=path) == 401, path
             assert send(signed, path=flower.BUNDLED_PULL) == 200
+            # the ServerApp's bundled Runtime routes: refused on the public listener, and on
+            # the local one without the task's token (Flower's token check, first part)
+            from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PushAppMessagesRequest
+
+            pull_app = PullAppMessagesRequest(message_ids=["0" * 64]).SerializeToString()
+            app_head = PushAppMessagesRequest().SerializeToString()
+            push_app = flower.pack_frames([app_head, PushObjectRequest().SerializeToString()])
+            for path, body in (
+                (flower.BUNDLED_RUNTIME_PULL, pull_app),
+                (flower.BUNDLED_RUNTIME_PUSH, push_app),
+            ):
+                for port, headers, refusal in (
+                    (public, {}, 403),
+                    (sl["local"], {}, 401),
+                    (sl["local"], {"flwr-task-token": "f" * 64}, 401),
+                ):
+                    status = httpx.post(
+                        f"https://127.0.0.1:{port}{path}",
+                        content=body,
+                        headers={"content-type": "application/octet-stream", **headers},
+                        verify=ca,
+                        timeout=10,
+                    ).status_code
+                    assert status == refusal, (path, port, headers, status)
         finally:
             for session in sessions:
                 session.close()

@@ -87,7 +87,10 @@ from fedcore.flower_adapter import (
     BUNDLE_MAX_FRAMES,
     BUNDLED_PULL,
     BUNDLED_PUSH,
+    BUNDLED_RUNTIME_PULL,
+    BUNDLED_RUNTIME_PUSH,
     FleetObjects,
+    RuntimeObjects,
     bundled_object_pushes,
     bundled_object_requests,
     fleet_routes,
@@ -151,11 +154,17 @@ _FLEET_PULL = "/v1/fleet/pull-messages"
 _RUNTIME_PULL = "/v1/runtime/pull-messages"
 _PULL_OBJECTS = ("/v1/fleet/pull-object", "/v1/runtime/pull-object")
 _PUSH_OBJECTS = ("/v1/fleet/push-object", "/v1/runtime/push-object")
-_FLEET_PUSH = "/v1/fleet/push-messages"
-_FLEET_PULL_OBJECT = "/v1/fleet/pull-object"
-_FLEET_PUSH_OBJECT = "/v1/fleet/push-object"
 #: fedcore's bundled Fleet routes (a fedcore client's message or reply with its objects)
-BUNDLED_PATHS = frozenset({BUNDLED_PULL, BUNDLED_PUSH})
+BUNDLED_FLEET_PATHS = frozenset({BUNDLED_PULL, BUNDLED_PUSH})
+#: ... and every bundled route: the Runtime ones (the ServerApp's) on the local listener
+BUNDLED_PATHS = BUNDLED_FLEET_PATHS | {BUNDLED_RUNTIME_PULL, BUNDLED_RUNTIME_PUSH}
+#: bundled route -> (the messages part's path, the object parts' path, Runtime API)
+_BUNDLES = {
+    BUNDLED_PULL: (_FLEET_PULL, "/v1/fleet/pull-object", False),
+    BUNDLED_PUSH: ("/v1/fleet/push-messages", "/v1/fleet/push-object", False),
+    BUNDLED_RUNTIME_PULL: (_RUNTIME_PULL, "/v1/runtime/pull-object", True),
+    BUNDLED_RUNTIME_PUSH: ("/v1/runtime/push-messages", "/v1/runtime/push-object", True),
+}
 
 log = logging.getLogger("fedcore.guard")
 
@@ -320,7 +329,7 @@ class ListenerGuard:
         if (
             scope.get("type") == "http"
             and scope.get("method") == "POST"
-            and (scope.get("path") in self.public_paths or scope.get("path") in BUNDLED_PATHS)
+            and (scope.get("path") in self.public_paths or scope.get("path") in BUNDLED_FLEET_PATHS)
         ):
             return True, ""
         return False, "the public listener serves the Fleet API only"
@@ -513,9 +522,11 @@ class ListenerGuard:
         body = await _read_body(receive)
         if body is None:
             return
-        if scope["path"] == BUNDLED_PULL:
+        messages_path, objects_path, runtime = _BUNDLES[scope["path"]]
+        direct: FleetObjects | RuntimeObjects | None = None
+        if scope["path"] in (BUNDLED_PULL, BUNDLED_RUNTIME_PULL):
             answer = await self._held_answer(
-                _part(scope, _FLEET_PULL, body), body, receive, self._holds[_FLEET_PULL]
+                _part(scope, messages_path, body), body, receive, self._holds[messages_path]
             )
             if answer is None:
                 return
@@ -523,18 +534,18 @@ class ListenerGuard:
                 await _send_all(send, answer)
                 return
             frames = [_content(answer)]
-            hold = self._holds[_FLEET_PULL_OBJECT]
-            direct = FleetObjects.of(self.app)
-            for req in bundled_object_requests(body, frames[0]):
+            hold = self._holds[objects_path]
+            direct = self._direct(scope, runtime)
+            for req in bundled_object_requests(body, frames[0], runtime=runtime):
                 content = await self._direct_pull(direct, req) if direct is not None else None
                 if content is None or not object_pulled(content):  # the app's own answer
                     got = await self._held_answer(
-                        _part(scope, _FLEET_PULL_OBJECT, req), req, receive, hold
+                        _part(scope, objects_path, req), req, receive, hold
                     )
                     if got is None:
                         return
                     if _status(got) != 200 or not object_pulled(_content(got)):
-                        break  # the node pulls the rest itself
+                        break  # the caller pulls the rest itself
                     content = _content(got)
                 frames.append(content)
             await _respond_bytes(send, pack_frames(frames))
@@ -547,22 +558,22 @@ class ListenerGuard:
             await _respond(send, 400, {"detail": f"malformed bundle: {exc}"})
             return
         never = asyncio.Event()
-        answer = await self._ask(_part(scope, _FLEET_PUSH, parts[0]), parts[0], never)
+        answer = await self._ask(_part(scope, messages_path, parts[0]), parts[0], never)
         if _status(answer) != 200:
             await _send_all(send, answer)
             return
         frames = [_content(answer)]
         try:
-            pushes = bundled_object_pushes(parts[0], frames[0], parts[1:])
+            pushes = bundled_object_pushes(parts[0], frames[0], parts[1:], runtime=runtime)
         except ValueError as exc:
             await _respond(send, 400, {"detail": f"malformed bundle: {exc}"})
             return
-        direct = FleetObjects.of(self.app)
+        direct = self._direct(scope, runtime)
         try:
             for oid, req in pushes:
                 content = direct.push(req) if direct is not None else None
                 if content is None:  # (or refused: the app's own answer says why)
-                    got = await self._ask(_part(scope, _FLEET_PUSH_OBJECT, req), req, never)
+                    got = await self._ask(_part(scope, objects_path, req), req, never)
                     if _status(got) != 200:
                         await _send_all(send, got)
                         return
@@ -571,8 +582,16 @@ class ListenerGuard:
                 if object_stored(content):
                     self._object_pushed(oid)
         finally:
-            self._wakes[_FLEET_PUSH].fire()  # the reply (and what of it is stored)
+            # the messages (and what of their objects is stored): their pulls wake now,
+            # so a message is never pulled before its objects
+            self._wakes[messages_path].fire()
         await _respond_bytes(send, pack_frames(frames))
+
+    def _direct(self, scope: Scope, runtime: bool) -> FleetObjects | RuntimeObjects | None:
+        """Flower's object handlers for a bundle's object parts (None: ask the app)."""
+        if runtime:
+            return RuntimeObjects.of(self.app, scope.get("headers") or ())
+        return FleetObjects.of(self.app)
 
     def _object_pushed(self, oid: str | None) -> None:
         """Wake the pulls held for ``oid`` (every held object pull if it is unknown)."""

@@ -32,7 +32,12 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedcore.core.packing import PackingError, pack_content, unpack_content
-from fedcore.flower_adapter import GridBase, confirm_replies_behind, replace_with_error
+from fedcore.flower_adapter import (
+    GridBase,
+    bundle_runtime_transfers,
+    confirm_replies_behind,
+    replace_with_error,
+)
 
 __all__ = ["PollingGrid"]
 
@@ -61,6 +66,7 @@ class PollingGrid(GridBase):
         self.interval = interval
         self.pack = pack
         confirm_replies_behind(inner)  # Flower's HttpGrid: receipts off the replies' path
+        bundle_runtime_transfers(inner)  # ... and each message or reply with its objects
 
     # -- delegation -----------------------------------------------------------
     @property
