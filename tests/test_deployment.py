@@ -54,7 +54,7 @@ pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="process checks read /proc"),
 ]
 
-ROUNDS = 9  # the intruders (~15 s) must all come while the federation trains
+ROUNDS = 30  # ~1 s a round: the intruders (~15-20 s) must all come while the federation trains
 CLI = [sys.executable, "-m", "fedcore.cli"]
 
 
