@@ -10,14 +10,19 @@ here, so a Flower upgrade touches this file and no other:
 - the Fleet API a node speaks (``fedcore client``): a signed HTTPS client (one
   signed timestamp per :data:`SIGNATURE_REUSE_S`), activation, heartbeats, Flower's
   two-step object transfer with receipts confirmed behind (:class:`Behind`), the
-  run config;
+  run config; from a fedcore server, a message with its objects in one answer and a
+  reply with its objects in one request (:data:`BUNDLED_PULL`, :data:`BUNDLED_PUSH`);
 - the ServerApp's Runtime client: its receipts confirmed behind too
-  (:func:`confirm_replies_behind`);
+  (:func:`confirm_replies_behind`), and its messages and replies bundled with their
+  objects the same way (:func:`bundle_runtime_transfers`);
 - the Control API ``fedcore server`` drives: node keys, starting and following
   a run, building a Flower App Bundle;
 - the SuperLink app ``python -m fedcore.deploy.superlink`` serves (Flower's
   middleware layers without their per-request tasks, node signatures verified once),
-  its Fleet API routes and its log config.
+  its Fleet API routes and its log config, and what the listener guard needs to
+  serve a bundle: the frames, the object requests of a pull-messages answer, the
+  object pushes a push-messages answer asks for, and Flower's object handlers on the
+  SuperLink's own state (:class:`FleetObjects`, :class:`RuntimeObjects`).
 
 Importing this module checks ``flwr.__version__`` (:func:`check_flower_version`):
 another Flower than :data:`SUPPORTED_FLOWER`.x raises :class:`FlowerVersionError`

@@ -60,6 +60,28 @@ Each retry replays the same request (same body, same signed headers) to the
 app, so authentication and every other check run again; the answer the client
 gets is the app's own. A peer that disconnects stops its hold.
 
+**Bundled transfers** (issue 11). Flower moves a message in 2 + one request per
+object (its object tree: the message, its record dict, each record), each through
+the whole app (TLS, uvicorn, twelve middleware layers). fedcore's client and
+ServerApp grid use four routes of this guard instead, each one request:
+
+- ``/fedcore/v1/fleet/pull-messages`` (public listener): a node's held pull, and
+  the objects of the message it got;
+- ``/fedcore/v1/fleet/push-messages`` (public): a node's reply and its objects
+  (frames: the ``push-messages`` request, then ``push-object`` requests);
+- ``/fedcore/v1/runtime/pull-messages`` and ``.../push-messages`` (local listener
+  only): the ServerApp's held pull for replies with their objects, and a stage's
+  messages with theirs.
+
+The first part goes through the whole app with the caller's headers (node
+authentication, the task token), exactly as Flower's own request; the object parts
+are that answer's objects (pull) or those it asked for in its session (push, stored
+as the authenticated node's), served by Flower's object handlers on the SuperLink's
+own state (:class:`~fedcore.flower_adapter.FleetObjects`,
+:class:`~fedcore.flower_adapter.RuntimeObjects`). A pushed stage (or reply) wakes the
+pulls held for it only once its objects are stored. A refusal of the first part is
+the bundle's answer; a malformed bundle gets 400.
+
 **Request statistics** (``stats``; ``fedcore server`` passes one when its
 environment has ``FEDCORE_GUARD_STATS=FILE``): each request served is reported as
 ``(path, "request", seconds)`` and, for the held routes, each time the app is asked
