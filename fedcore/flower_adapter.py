@@ -960,7 +960,10 @@ def _bundled(
 
     The body is ``message`` or, with ``frames``, the frames packed. Returns the answer's
     body; None when the server has no such route (403/404/405: not a fedcore server, or
-    an older one), and the client then uses Flower's routes for good.
+    an older one), and the client then uses Flower's routes for good; None too when the
+    bundle is larger than the server takes (413, refused before anything is stored):
+    that transfer goes Flower's way. Other errors raise as Flower's own requests do
+    (a Runtime client's retries included).
     """
     from flwr.supercore.protobuf.client import ProtobufRequestContext
 
@@ -969,25 +972,28 @@ def _bundled(
     content = (
         message.SerializeToString(deterministic=True) if frames is None else pack_frames(frames)
     )
-    http = client._client  # noqa: SLF001 - Flower's httpx client (Flower 1.42)
-    request = http.build_request(
-        method="POST",
-        url=f"{client._base_url}{path}",  # noqa: SLF001
-        content=content,
-        headers={"content-type": "application/octet-stream"},
-    )
 
     def send() -> Any:
-        return client._send(  # noqa: SLF001 - through the signing (or token) interceptors
+        request = client._client.build_request(  # noqa: SLF001 - Flower's httpx client
+            method="POST",
+            url=f"{client._base_url}{path}",  # noqa: SLF001
+            content=content,
+            headers={"content-type": "application/octet-stream"},
+        )  # (a fresh request for every attempt, as Flower builds them)
+        response = client._send(  # noqa: SLF001 - through the signing (or token) interceptors
             ProtobufRequestContext(rpc_method=rpc_method, message=message, request=request)
         )
+        if response.status_code not in (403, 404, 405, 413):
+            response.raise_for_status()
+        return response
 
     invoker = getattr(client, "_retry_invoker", None)  # (Flower's grid retries its requests)
     response = invoker.invoke(send) if invoker is not None else send()
+    if response.status_code == 413:
+        return None
     if response.status_code in (403, 404, 405):
         client.fedcore_bundles = False
         return None
-    response.raise_for_status()
     return bytes(response.content)
 
 

@@ -490,3 +490,35 @@ def test_the_serverapps_grid_falls_back_to_flowers_requests_without_bundled_rout
         "/v1/runtime/push-messages",
         "/v1/runtime/pull-messages",
     ]
+
+
+def test_a_push_bundle_larger_than_the_server_takes_goes_flowers_way_that_once() -> None:
+    """413 (the guard refuses a body over ``--max-request-mb`` before storing anything):
+    the reply goes with Flower's requests, object by object, and the next one is
+    bundled again."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if request.url.path == flower.BUNDLED_PUSH:
+            return httpx.Response(413, text="too large")
+        if request.url.path == "/v1/fleet/push-messages":
+            req = PushMessagesRequest.FromString(request.content)
+            ids = flower._tree_ids(req.message_object_trees[0])
+            res = PushMessagesResponse(objects_to_push=ids, session_id="s")
+            return httpx.Response(200, content=res.SerializeToString())
+        return httpx.Response(200, content=PushObjectResponse(stored=True).SerializeToString())
+
+    client = FleetHttpClient("http://test")
+    client._client = httpx.Client(transport=httpx.MockTransport(handler))
+    ins = Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=NODE, message_type="train")
+    flower.set_message_id(ins, ins.object_id)
+    for _ in range(2):
+        reply = Message(RecordDict({"r": ConfigRecord({"y": 2})}), reply_to=ins)
+        flower.push_reply(client, NODE, reply, runtime=0.1)
+    assert seen[0] == flower.BUNDLED_PUSH and seen[1] == "/v1/fleet/push-messages"
+    second = seen.index(flower.BUNDLED_PUSH, 1)  # bundled again: no route was refused
+    assert set(seen[2:second]) == {"/v1/fleet/push-object"} and len(seen[2:second]) == 3

@@ -520,11 +520,11 @@ class ListenerGuard:
                 await woken.wait_for(min(left, RECHECK_S), never)
 
     async def _bundled(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """A bundled pull or push (:data:`BUNDLED_PATHS`): Flower's requests, asked in turn.
+        """A bundled pull or push (:data:`BUNDLED_PATHS`): Flower's requests, in turn.
 
-        Each part is asked of the app as the request Flower's own client would send
-        (same signed headers, so the app authenticates every one); the first answer that
-        is not a success is the answer.
+        The first part is asked of the whole app as the request Flower's own client
+        would send (the caller's headers: the app authenticates it); an answer that is
+        not a success is the bundle's answer.
 
         - pull: the held ``pull-messages``, then ``pull-object`` for every object of the
           message (held while one is not uploaded yet); the answer is the frames of
