@@ -612,17 +612,11 @@ def push_reply(client: Any, node_id: int, reply: Message, *, runtime: float) -> 
         PushMessagesRequest,
         PushMessagesResponse,
     )
-    from flwr.proto.message_pb2 import (  # pylint: disable=E0611
-        PushObjectRequest,
-        PushObjectResponse,
-    )
     from flwr.supercore.inflatable.inflatable_object import (
         get_all_nested_objects,
         get_object_tree,
         no_object_id_recompute,
     )
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_push_object_fn_protobuf
-    from flwr.supercore.inflatable.inflatable_utils import ObjectPushError, push_objects
 
     node = _node(node_id)
     run_id = reply.metadata.run_id
@@ -636,48 +630,87 @@ def push_reply(client: Any, node_id: int, reply: Message, *, runtime: float) -> 
             clientapp_runtime_list=[runtime],
         )
         objects = get_all_nested_objects(reply)
-        offered: list[tuple[str, bytes]] = []
-        size = 0
-        if _bundles(client):
-            for oid in list(objects):
-                content = objects[oid].deflate()
-                if size + len(content) > BUNDLE_MAX_BYTES:
-                    break
-                size += len(content)
-                offered.append((oid, content))
-        raw = None
-        if offered:
-            body = [req.SerializeToString(deterministic=True)] + [
-                PushObjectRequest(
-                    node=node, run_id=run_id, object_id=oid, object_content=content
-                ).SerializeToString(deterministic=True)
-                for oid, content in offered
-            ]
-            raw = _bundled(client, BUNDLED_PUSH, req, "/flwr.proto.Fleet/PushMessages", body)
-        if raw is None:
+        got = _push_bundled(
+            client, BUNDLED_PUSH, req, PushMessagesResponse, objects, node=node, run_id=run_id
+        )
+        if got is None:
             res = client.PushMessages(req)
-            left = set(res.objects_to_push)
-        else:
-            frames = unpack_frames(raw)
-            if not frames:
-                raise ValueError("empty bundled push-messages answer")
-            res = PushMessagesResponse.FromString(frames[0])
-            wanted = set(res.objects_to_push)
-            pushed = [oid for oid, _ in offered if oid in wanted]
-            if len(frames) - 1 != len(pushed):
-                raise ValueError(
-                    f"the bundled push stored {len(frames) - 1} of {len(pushed)} objects"
-                )
-            for oid, frame in zip(pushed, frames[1:], strict=True):
-                if not PushObjectResponse.FromString(frame).stored:
-                    raise ObjectPushError(oid, run_id, res.session_id)
-            left = wanted - set(pushed)
-        if left:
-            push_objects(
-                objects,
-                make_push_object_fn_protobuf(client.PushObject, node, run_id, res.session_id),
-                object_ids_to_push=left,
-            )
+            got = res, set(res.objects_to_push)
+        _push_left(client, objects, *got, node=node, run_id=run_id)
+
+
+def _push_bundled(
+    client: Any,
+    path: str,
+    request: Any,
+    response_type: Any,
+    objects: dict[str, Any],
+    *,
+    node: Any,
+    run_id: int,
+) -> tuple[Any, set[str]] | None:
+    """Push-messages ``request`` with ``objects`` in one request to the bundled ``path``.
+
+    Objects go in up to :data:`BUNDLE_MAX_BYTES`. Returns ``(the answer, the ids it asked
+    for that are still to push)``, or None when the server takes no bundle (then push
+    Flower's way).
+    """
+    from flwr.proto.message_pb2 import (  # pylint: disable=E0611
+        PushObjectRequest,
+        PushObjectResponse,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
+
+    if not _bundles(client):
+        return None
+    offered: list[tuple[str, bytes]] = []
+    size = 0
+    for oid in list(objects):
+        content = objects[oid].deflate()
+        if size + len(content) > BUNDLE_MAX_BYTES:
+            break
+        size += len(content)
+        offered.append((oid, content))
+    if not offered:
+        return None
+    body = [request.SerializeToString(deterministic=True)] + [
+        PushObjectRequest(
+            node=node, run_id=run_id, object_id=oid, object_content=content
+        ).SerializeToString(deterministic=True)
+        for oid, content in offered
+    ]
+    api = "Runtime" if path == BUNDLED_RUNTIME_PUSH else "Fleet"
+    rpc = f"/flwr.proto.{api}/PushMessages"
+    raw = _bundled(client, path, request, rpc, body)
+    if raw is None:
+        return None
+    frames = unpack_frames(raw)
+    if not frames:
+        raise ValueError("empty bundled push-messages answer")
+    res = response_type.FromString(frames[0])
+    wanted = set(res.objects_to_push)
+    pushed = [oid for oid, _ in offered if oid in wanted]
+    if len(frames) - 1 != len(pushed):
+        raise ValueError(f"the bundled push stored {len(frames) - 1} of {len(pushed)} objects")
+    for oid, frame in zip(pushed, frames[1:], strict=True):
+        if not PushObjectResponse.FromString(frame).stored:
+            raise ObjectPushError(oid, run_id, res.session_id)
+    return res, wanted - set(pushed)
+
+
+def _push_left(
+    client: Any, objects: dict[str, Any], res: Any, left: set[str], *, node: Any, run_id: int
+) -> None:
+    """Push the objects ``left`` one by one, as Flower does, in ``res``'s session."""
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_push_object_fn_protobuf
+    from flwr.supercore.inflatable.inflatable_utils import push_objects
+
+    if left:
+        push_objects(
+            objects,
+            make_push_object_fn_protobuf(client.PushObject, node, run_id, res.session_id),
+            object_ids_to_push=left,
+        )
 
 
 # -- bundled transfers: a fedcore client and a fedcore server (issue 11) ------------
@@ -1095,10 +1128,6 @@ def _push_app_messages(
     whatever else the SuperLink asks for is pushed object by object, as Flower does.
     """
     from flwr.app.message import remove_content_from_message
-    from flwr.proto.message_pb2 import (  # pylint: disable=E0611
-        PushObjectRequest,
-        PushObjectResponse,
-    )
     from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
         PushAppMessagesRequest,
         PushAppMessagesResponse,
@@ -1107,8 +1136,6 @@ def _push_app_messages(
         get_all_nested_objects,
         get_object_tree,
     )
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_push_object_fn_protobuf
-    from flwr.supercore.inflatable.inflatable_utils import ObjectPushError, push_objects
 
     client = grid._runtime_client  # noqa: SLF001
     messages = list(messages)
@@ -1122,42 +1149,19 @@ def _push_app_messages(
         objects.update(get_all_nested_objects(msg))
         trees.append(get_object_tree(msg))
     req = PushAppMessagesRequest(messages_list=proto_messages, message_object_trees=trees)
-    offered: list[tuple[str, bytes]] = []
-    size = 0
-    for oid in list(objects):
-        content = objects[oid].deflate()
-        if size + len(content) > BUNDLE_MAX_BYTES:
-            break
-        size += len(content)
-        offered.append((oid, content))
-    body = [req.SerializeToString(deterministic=True)] + [
-        PushObjectRequest(
-            node=grid.node, run_id=run_id, object_id=oid, object_content=content
-        ).SerializeToString(deterministic=True)
-        for oid, content in offered
-    ]
-    raw = _bundled(client, BUNDLED_RUNTIME_PUSH, req, "/flwr.proto.Runtime/PushMessages", body)
-    if raw is None:
+    got = _push_bundled(
+        client,
+        BUNDLED_RUNTIME_PUSH,
+        req,
+        PushAppMessagesResponse,
+        objects,
+        node=grid.node,
+        run_id=run_id,
+    )
+    if got is None:
         return original(run_id, messages)
-    frames = unpack_frames(raw)
-    if not frames:
-        raise ValueError("empty bundled push-messages answer")
-    res = PushAppMessagesResponse.FromString(frames[0])
-    wanted = set(res.objects_to_push)
-    pushed = [oid for oid, _ in offered if oid in wanted]
-    if len(frames) - 1 != len(pushed):
-        raise ValueError(f"the bundled push stored {len(frames) - 1} of {len(pushed)} objects")
-    for oid, frame in zip(pushed, frames[1:], strict=True):
-        if not PushObjectResponse.FromString(frame).stored:
-            raise ObjectPushError(oid, run_id, res.session_id)
-    left = wanted - set(pushed)
-    if left:
-        push_objects(
-            objects,
-            make_push_object_fn_protobuf(client.PushObject, grid.node, run_id, res.session_id),
-            object_ids_to_push=left,
-        )
-    return list(res.message_ids)
+    _push_left(client, objects, *got, node=grid.node, run_id=run_id)
+    return list(got[0].message_ids)
 
 
 def _pull_inlined(inlined: dict[str, bytes], pull: Callable[[str], bytes], object_id: str) -> bytes:
